@@ -1,0 +1,198 @@
+"""The wire protocol between the portal and the engine daemons, over Redis.
+
+Pure Python: both sides import this module and nothing else to talk. Every message carries
+``v`` (the protocol version); a reader refuses a version it does not know rather than guess.
+
+Keys:
+
+- ``lf:req:<base model>``            stream of requests, read by the engines in one consumer group
+- ``lf:dead:<base model>``           dead-letter stream: requests that failed too many deliveries
+- ``lf:resp:<request id>``           stream of one request's response events, expires after a while
+- ``lf:control``                     stream of control events (adapter staged / deleted, cancel)
+- ``lf:engine:<engine id>``          heartbeat hash of one live engine, with a TTL
+- ``lf:engines``                     sorted set engine id → last heartbeat time, for discovery
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar
+
+PROTOCOL_VERSION = 1
+CONSUMER_GROUP = "lf:engines"
+CONTROL_STREAM = "lf:control"
+ENGINES_KEY = "lf:engines"
+RESPONSE_TTL_SECONDS = 600
+HEARTBEAT_TTL_SECONDS = 5
+
+
+def request_stream(base_model: str) -> str:
+    return f"lf:req:{base_model}"
+
+
+def dead_letter_stream(base_model: str) -> str:
+    return f"lf:dead:{base_model}"
+
+
+def response_stream(request_id: str) -> str:
+    return f"lf:resp:{request_id}"
+
+
+def heartbeat_key(engine_id: str) -> str:
+    return f"lf:engine:{engine_id}"
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow this protocol (wrong version, missing field, bad JSON)."""
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes | bytearray) else str(value)
+
+
+def _decode_fields(raw: dict[Any, Any]) -> dict[str, str]:
+    return {_text(k): _text(v) for k, v in raw.items()}
+
+
+class _Message:
+    """Messages travel as one stream entry: {"v": version, "type": kind, "body": JSON}."""
+
+    kind: ClassVar[str]
+
+    def to_redis(self) -> dict[str, str]:
+        return {"v": str(PROTOCOL_VERSION), "type": self.kind, "body": json.dumps(asdict(self))}
+
+    @classmethod
+    def _from_body(cls, body: dict[str, Any]) -> Any:
+        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        missing = [f.name for f in fields(cls) if f.name not in body and _required(f)]  # type: ignore[arg-type]
+        if missing:
+            raise ProtocolError(f"{cls.kind} message lacks {missing}")
+        return cls(**{k: v for k, v in body.items() if k in names})
+
+
+def _required(f: Any) -> bool:
+    from dataclasses import MISSING
+
+    return f.default is MISSING and f.default_factory is MISSING
+
+
+def _parse(raw: dict[Any, Any], registry: dict[str, type[_Message]]) -> Any:
+    entry = _decode_fields(raw)
+    version = entry.get("v")
+    if version != str(PROTOCOL_VERSION):
+        raise ProtocolError(f"protocol version {version!r} is not {PROTOCOL_VERSION}")
+    kind = entry.get("type", "")
+    if kind not in registry:
+        raise ProtocolError(f"unknown message type {kind!r}")
+    try:
+        body = json.loads(entry.get("body", ""))
+    except ValueError as exc:
+        raise ProtocolError(f"{kind} message body is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ProtocolError(f"{kind} message body must be an object")
+    return registry[kind]._from_body(body)
+
+
+@dataclass
+class SamplingSpec:
+    """The sampling parameters a client may set (the engine's SamplingParams mirrors these)."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: bool = False
+
+
+@dataclass
+class InferenceRequest(_Message):
+    """One completion request, as the portal enqueues it on the base model's request stream."""
+
+    kind: ClassVar[str] = "request"
+    request_id: str
+    tenant_id: str
+    base_model: str
+    # Exactly one of messages (chat) or prompt (plain completion); the engine owns tokenization.
+    messages: list[dict[str, Any]] | None = None
+    prompt: str | None = None
+    adapter: str | None = None  # display name, e.g. "support-bot@3"
+    adapter_sha256: str | None = None  # the staged version in the adapter cache; None = base model
+    sampling: dict[str, Any] = field(default_factory=dict)
+    deadline: float | None = None  # unix time after which the client no longer waits
+    created: float = 0.0
+    key_id: str | None = None
+
+    def sampling_spec(self) -> SamplingSpec:
+        return SamplingSpec(**self.sampling)
+
+    @classmethod
+    def from_redis(cls, raw: dict[Any, Any]) -> InferenceRequest:
+        return _parse(raw, {cls.kind: cls})
+
+
+@dataclass
+class DeltaEvent(_Message):
+    """New text for one request from one engine step."""
+
+    kind: ClassVar[str] = "delta"
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] | None = None
+
+
+@dataclass
+class DoneEvent(_Message):
+    kind: ClassVar[str] = "done"
+    finish_reason: str  # "stop" | "length" | "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+    time_to_first_token: float | None = None
+    engine_id: str | None = None
+
+
+@dataclass
+class ErrorEvent(_Message):
+    kind: ClassVar[str] = "error"
+    code: str  # e.g. "prompt_too_long", "adapter_unavailable", "deadline_exceeded", "too_many_deliveries"
+    message: str
+
+
+RESPONSE_EVENTS: dict[str, type[_Message]] = {c.kind: c for c in (DeltaEvent, DoneEvent, ErrorEvent)}
+
+
+def response_event_from_redis(raw: dict[Any, Any]) -> DeltaEvent | DoneEvent | ErrorEvent:
+    return _parse(raw, RESPONSE_EVENTS)
+
+
+@dataclass
+class ControlEvent(_Message):
+    """Fan-out notices to every engine: an adapter version was staged or deleted, a request was cancelled."""
+
+    kind: ClassVar[str] = "control"
+    action: str  # one of CONTROL_ACTIONS
+    sha256: str | None = None
+    adapter: str | None = None
+    tenant_id: str | None = None
+    base_model: str | None = None
+    request_id: str | None = None
+
+    ADAPTER_STAGED: ClassVar[str] = "adapter-staged"
+    ADAPTER_DELETED: ClassVar[str] = "adapter-deleted"
+    CANCEL: ClassVar[str] = "cancel"
+
+    def __post_init__(self) -> None:
+        if self.action not in CONTROL_ACTIONS:
+            raise ProtocolError(f"unknown control action {self.action!r}")
+
+    @classmethod
+    def from_redis(cls, raw: dict[Any, Any]) -> ControlEvent:
+        return _parse(raw, {cls.kind: cls})
+
+
+CONTROL_ACTIONS = (ControlEvent.ADAPTER_STAGED, ControlEvent.ADAPTER_DELETED, ControlEvent.CANCEL)
