@@ -1,0 +1,117 @@
+"""Per-step bookkeeping for the multi-LoRA kernels.
+
+`LoraMeta.build` runs once per engine step; every layer and projection then reuses it,
+so all sorting, segmenting and the single host sync happen here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Tokens per Triton tile. A tile never crosses a segment boundary, so a weight tile is
+# loaded once per (segment, 16 tokens) instead of once per token.
+TILE_M = 16
+
+
+@dataclass(frozen=True, eq=False)
+class LoraMeta:
+    """Token -> adapter-slot mapping of one batch, grouped into per-slot segments.
+
+    Tokens with an adapter are sorted by slot (stably); `sorted_token_ids[start:end]` of a
+    segment are the batch rows of one slot. Tokens with slot -1 appear in no segment.
+    """
+
+    num_tokens: int
+    # Host side, used by the torch twins without any sync: (start, end, slot, rank, scaling).
+    segments: tuple[tuple[int, int, int, int, float], ...]
+    active_slots: tuple[int, ...]
+    max_rank: int
+    num_slots: int
+    # Device side, used by the Triton kernels.
+    sorted_token_ids: torch.Tensor  # int64 [N], N = tokens that use an adapter
+    tiles: torch.Tensor  # int32 [num_tiles, 3]: (slot, start, end) into sorted_token_ids
+    ranks: torch.Tensor  # int32 [S] on the compute device
+    scalings: torch.Tensor  # float32 [S] on the compute device
+    # True when sorted_token_ids == arange(num_tokens): the twins can use views, not gathers.
+    identity_order: bool = False
+    num_lora_tokens: int = 0
+
+    @property
+    def has_lora(self) -> bool:
+        """False when no token of the batch uses an adapter: callers skip LoRA work."""
+        return bool(self.segments)
+
+    @property
+    def num_tiles(self) -> int:
+        return self.tiles.shape[0]
+
+    @classmethod
+    def build(
+        cls,
+        token_slots: torch.Tensor,
+        ranks: torch.Tensor,
+        scalings: torch.Tensor,
+    ) -> LoraMeta:
+        """Sort tokens by slot and segment them; one host sync (for the segment sizes)."""
+        if token_slots.dim() != 1:
+            raise ValueError(f"token_slots must be 1-D [T], got shape {tuple(token_slots.shape)}")
+        if ranks.dim() != 1 or scalings.shape != ranks.shape:
+            raise ValueError(
+                f"ranks and scalings must both be [S]; got {tuple(ranks.shape)} and {tuple(scalings.shape)}"
+            )
+        device = token_slots.device
+        num_tokens = token_slots.numel()
+        num_slots = ranks.numel()
+        slots = token_slots.to(torch.int64)
+
+        # Stable sort puts the -1 tokens first, then each slot's tokens in batch order.
+        _, order = torch.sort(slots, stable=True)
+        # counts[0] = tokens without adapter, counts[s + 1] = tokens of slot s; the minimum
+        # rides along so that validation costs no second sync.
+        counts = torch.bincount((slots + 1).clamp_min(0), minlength=num_slots + 1)
+        lowest = slots.min().reshape(1) if num_tokens else slots.new_zeros(1)
+        *counts_host, lowest_slot = torch.cat([counts, lowest]).tolist()
+        if lowest_slot < -1:
+            raise ValueError("token_slots entries must be -1 (no adapter) or a slot index >= 0")
+        if len(counts_host) > num_slots + 1:
+            raise ValueError(
+                f"token_slots refers to slot {len(counts_host) - 2} but only {num_slots} slots exist"
+            )
+
+        ranks_host = [int(r) for r in ranks.tolist()]
+        scalings_host = [float(s) for s in scalings.tolist()]
+        num_skipped = counts_host[0]
+        segments: list[tuple[int, int, int, int, float]] = []
+        tiles: list[tuple[int, int, int]] = []
+        start = 0
+        for slot in range(num_slots):
+            count = counts_host[slot + 1]
+            if count == 0:
+                continue
+            end = start + count
+            rank = ranks_host[slot]
+            # A rank-0 slot contributes nothing; leaving it out keeps both paths trivially equal.
+            if rank > 0:
+                segments.append((start, end, slot, rank, scalings_host[slot]))
+                tiles.extend((slot, t, min(t + TILE_M, end)) for t in range(start, end, TILE_M))
+            start = end
+        # Keep positions in sorted_token_ids consistent with the segments above (rank-0
+        # segments keep their place; they are simply never read).
+        sorted_token_ids = order[num_skipped:]
+        # One slot for every token: the sort is the identity (the usual single-tenant prefill).
+        identity_order = len(segments) == 1 and segments[0][:2] == (0, num_tokens)
+        return cls(
+            num_tokens=num_tokens,
+            segments=tuple(segments),
+            active_slots=tuple(s[2] for s in segments),
+            max_rank=max((s[3] for s in segments), default=0),
+            num_slots=num_slots,
+            sorted_token_ids=sorted_token_ids,
+            tiles=torch.tensor(tiles, dtype=torch.int32).reshape(-1, 3).to(device),
+            ranks=ranks.to(device=device, dtype=torch.int32),
+            scalings=scalings.to(device=device, dtype=torch.float32),
+            identity_order=identity_order,
+            num_lora_tokens=sum(s[1] - s[0] for s in segments),
+        )
