@@ -1,0 +1,238 @@
+"""Multi-LoRA shrink/expand: the torch twin against a naive per-token loop, and the Triton
+kernels (interpreted on CPU, compiled on CUDA) against the twin, on awkward batches."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kernels
+from kernels import reference
+
+NUM_SLOTS = 16
+MAX_RANK = 64
+IN_FEATURES = 100  # not a multiple of any BLOCK_K
+OUT_FEATURES = 70  # not a multiple of BLOCK_N
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def slot_pattern(kind: str, num_tokens: int, generator: torch.Generator) -> torch.Tensor:
+    if kind == "mixed":  # decode-like: singleton segments with -1 interleaved
+        return torch.randint(-1, NUM_SLOTS, (num_tokens,), generator=generator)
+    if kind == "runs":  # prefill-like: long runs, a slot coming back later, -1 runs between
+        slots: list[int] = []
+        choices = [3, -1, 11, 3, 0, -1, 15]
+        while len(slots) < num_tokens:
+            slots += [choices[len(slots) % len(choices)]] * (1 + len(slots) % 9)
+        return torch.tensor(slots[:num_tokens])
+    if kind == "one":  # a single adapter for the whole batch (the twin's identity fast path)
+        return torch.full((num_tokens,), 7)
+    if kind == "none":
+        return torch.full((num_tokens,), -1)
+    raise ValueError(kind)
+
+
+def make_case(num_tokens: int, kind: str, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed * 1000 + num_tokens)
+    token_slots = slot_pattern(kind, num_tokens, generator).to(torch.int32)
+    ranks = torch.tensor([(1, 8, 64)[s % 3] for s in range(NUM_SLOTS)], dtype=torch.int32)
+    ranks[7] = 16
+    scalings = torch.rand(NUM_SLOTS, generator=generator) * 2
+    x = torch.randn(num_tokens, IN_FEATURES, generator=generator)
+    lora_a = torch.randn(NUM_SLOTS, MAX_RANK, IN_FEATURES, generator=generator) / math.sqrt(IN_FEATURES)
+    lora_b = torch.randn(NUM_SLOTS, OUT_FEATURES, MAX_RANK, generator=generator) / math.sqrt(MAX_RANK)
+    base = torch.randn(num_tokens, OUT_FEATURES, generator=generator)
+    # Garbage past each slot's rank must never reach the result.
+    for slot, rank in enumerate(ranks.tolist()):
+        lora_a[slot, rank:] = float("nan")
+        lora_b[slot, :, rank:] = float("nan")
+    # Rows of tokens without an adapter must be left untouched, NaN included.
+    base[token_slots == -1] = float("nan")
+    to = dict(device=device, dtype=dtype)
+    return (
+        token_slots.to(device),
+        ranks.to(device),
+        scalings.to(device),
+        x.to(**to),
+        lora_a.to(**to),
+        lora_b.to(**to),
+        base.to(**to),
+    )
+
+
+def naive_lora(x, lora_a, lora_b, token_slots, ranks, scalings, base):
+    """The obviously correct per-token loop nobody optimised."""
+    y = torch.zeros(x.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)
+    out = base.clone()
+    for t, slot in enumerate(token_slots.tolist()):
+        if slot < 0:
+            continue
+        rank = int(ranks[slot])
+        y[t, :rank] = lora_a[slot, :rank].float() @ x[t].float()
+        delta = float(scalings[slot]) * (lora_b[slot, :, :rank].float() @ y[t, :rank])
+        out[t] = (base[t].float() + delta).to(base.dtype)
+    return y, out
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor, rows: torch.Tensor) -> float:
+    """‖actual − expected‖ / ‖expected‖ over the given rows (NaN-poisoned rows are excluded)."""
+    a, e = actual[rows].double(), expected[rows].double()
+    if e.numel() == 0:
+        return 0.0
+    return float((a - e).norm() / e.norm().clamp_min(1e-30))
+
+
+def poisoned_y(y: torch.Tensor, token_slots: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    """y as expand might receive it from elsewhere: garbage past the rank and in -1 rows."""
+    y = y.clone()
+    for t, slot in enumerate(token_slots.tolist()):
+        y[t, int(ranks[slot]) if slot >= 0 else 0 :] = float("nan")
+    return y
+
+
+def check_lora(impl: str, num_tokens: int, kind: str, dtype: torch.dtype, device: torch.device, **tuning):
+    token_slots, ranks, scalings, x, lora_a, lora_b, base = make_case(num_tokens, kind, dtype, device)
+    meta = kernels.LoraMeta.build(token_slots, ranks, scalings)
+    want_y, want_out = naive_lora(x, lora_a, lora_b, token_slots, ranks, scalings, base)
+    adapter_rows = token_slots >= 0
+
+    if impl == "torch":
+        y = reference.lora_shrink(x, lora_a, meta)
+        out = reference.lora_expand(poisoned_y(y, token_slots, ranks), lora_b, meta, base.clone())
+    else:
+        from kernels import lora
+
+        y = lora.lora_shrink(x, lora_a, meta, **tuning.get("shrink", {}))
+        out = lora.lora_expand(
+            poisoned_y(y, token_slots, ranks), lora_b, meta, base.clone(), **tuning.get("expand", {})
+        )
+
+    assert y.dtype == torch.float32 and y.shape == (num_tokens, MAX_RANK)
+    assert out.dtype == dtype
+    tolerance = TOLERANCE[dtype]
+    assert relative_error(y, want_y, adapter_rows) <= tolerance
+    assert relative_error(out, want_out, adapter_rows) <= tolerance
+    # Exact zeros past each token's rank and in rows without an adapter.
+    for t, slot in enumerate(token_slots.tolist()):
+        rank = int(ranks[slot]) if slot >= 0 else 0
+        assert torch.all(y[t, rank:] == 0), f"token {t}: y past rank {rank} is not zero"
+    # -1 rows untouched: still exactly the NaN they were poisoned with.
+    assert torch.isnan(out[~adapter_rows].float()).all()
+    assert not torch.isnan(out[adapter_rows].float()).any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["mixed", "runs", "one", "none"])
+@pytest.mark.parametrize("num_tokens", [0, 1, 7, 33])
+def test_torch_twin_matches_naive_loop(num_tokens, kind, dtype):
+    check_lora("torch", num_tokens, kind, dtype, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["mixed", "runs", "one", "none"])
+@pytest.mark.parametrize("num_tokens", [0, 1, 7, 33])
+def test_triton_matches_twin(num_tokens, kind, dtype, device):
+    check_lora("triton", num_tokens, kind, dtype, device)
+
+
+@pytest.mark.parametrize(
+    "tuning",
+    [
+        {"shrink": {"split_k": 3, "block_k": 16}, "expand": {"block_n": 16}},  # atomics + many K/N tiles
+        {"shrink": {"split_k": 1, "block_k": 128}, "expand": {"block_n": 128}},  # one tile covers it all
+    ],
+    ids=["split_k", "single_tile"],
+)
+def test_triton_tuning_knobs_do_not_change_results(tuning, device):
+    check_lora("triton", 33, "mixed", torch.float32, device, **tuning)
+    check_lora("triton", 33, "runs", torch.float16, device, **tuning)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_strided_inputs(impl, device):
+    """Activations are often views (a slice of a fused projection): strides must be honoured."""
+    token_slots, ranks, scalings, x, lora_a, lora_b, base = make_case(7, "mixed", torch.float32, device)
+    wide = torch.randn(7, IN_FEATURES + 13, device=device)
+    wide[:, 5 : 5 + IN_FEATURES] = x
+    meta = kernels.LoraMeta.build(token_slots, ranks, scalings)
+    view = wide[:, 5 : 5 + IN_FEATURES]
+    y = kernels.lora_shrink(view, lora_a, meta, impl=impl)
+    want = kernels.lora_shrink(x.contiguous(), lora_a, meta, impl="torch")
+    assert torch.allclose(y, want, rtol=1e-5, atol=1e-6)
+    wide_base = torch.randn(7, OUT_FEATURES * 2, device=device)
+    out_view = wide_base[:, ::2]
+    expected = kernels.lora_expand(y, lora_b, meta, out_view.clone(), impl="torch")
+    kernels.lora_expand(y, lora_b, meta, out_view, impl=impl)
+    assert torch.allclose(wide_base[:, ::2], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_meta_groups_tokens_by_slot_stably():
+    token_slots = torch.tensor([2, -1, 0, 2, 2, -1, 0, 5], dtype=torch.int32)
+    ranks = torch.tensor([4, 8, 2, 8, 8, 0], dtype=torch.int32)  # slot 5 has rank 0: no work
+    scalings = torch.tensor([0.5, 1.0, 2.0, 1.0, 1.0, 1.0])
+    meta = kernels.LoraMeta.build(token_slots, ranks, scalings)
+    assert meta.has_lora and meta.num_tokens == 8 and meta.num_lora_tokens == 5
+    assert meta.active_slots == (0, 2)
+    assert meta.segments == ((0, 2, 0, 4, 0.5), (2, 5, 2, 2, 2.0))
+    assert meta.sorted_token_ids[:5].tolist() == [2, 6, 0, 3, 4]
+    assert meta.max_rank == 4 and not meta.identity_order
+    assert meta.tiles.tolist() == [[0, 0, 2], [2, 2, 5]]
+
+
+def test_meta_splits_long_segments_into_tiles():
+    meta = kernels.LoraMeta.build(
+        torch.full((40,), 1, dtype=torch.int32), torch.tensor([8, 8]), torch.ones(2)
+    )
+    assert meta.identity_order
+    assert meta.tiles.tolist() == [[1, 0, 16], [1, 16, 32], [1, 32, 40]]
+
+
+@pytest.mark.parametrize("slots", [[], [-1, -1, -1]], ids=["empty", "no_adapter"])
+def test_meta_without_adapter_tokens(slots):
+    meta = kernels.LoraMeta.build(torch.tensor(slots, dtype=torch.int32), torch.tensor([8]), torch.ones(1))
+    assert not meta.has_lora and meta.num_lora_tokens == 0 and meta.segments == ()
+    x = torch.randn(len(slots), 12)
+    y = kernels.lora_shrink(x, torch.randn(1, 8, 12), meta)
+    assert y.shape == (len(slots), 8) and not y.any()
+
+
+def test_meta_rejects_bad_slots():
+    with pytest.raises(ValueError, match="only 2 slots"):
+        kernels.LoraMeta.build(torch.tensor([0, 2], dtype=torch.int32), torch.tensor([8, 8]), torch.ones(2))
+    with pytest.raises(ValueError, match="-1"):
+        kernels.LoraMeta.build(torch.tensor([0, -3], dtype=torch.int32), torch.tensor([8, 8]), torch.ones(2))
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_rank_above_stacked_rank_is_rejected(impl):
+    meta = kernels.LoraMeta.build(torch.tensor([0], dtype=torch.int32), torch.tensor([32]), torch.ones(1))
+    with pytest.raises(ValueError, match="rank 32"):
+        kernels.lora_shrink(torch.randn(1, 8), torch.randn(1, 16, 8), meta, impl=impl)
+
+
+def test_auto_dispatch_uses_torch_on_cpu_and_rejects_unknown_impl():
+    meta = kernels.LoraMeta.build(torch.tensor([0], dtype=torch.int32), torch.tensor([4]), torch.ones(1))
+    x, lora_a = torch.randn(1, 8), torch.randn(1, 4, 8)
+    assert torch.equal(kernels.lora_shrink(x, lora_a, meta), reference.lora_shrink(x, lora_a, meta))
+    with pytest.raises(ValueError, match="impl must be"):
+        kernels.lora_shrink(x, lora_a, meta, impl="cuda")
+
+
+def test_torch_path_works_without_triton():
+    """Importing kernels and running the twins must not need a working triton."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, kernels\n"
+        "assert not kernels.triton_available()\n"
+        "m = kernels.LoraMeta.build(torch.tensor([0, -1], dtype=torch.int32), torch.tensor([2]), torch.ones(1))\n"
+        "y = kernels.lora_shrink(torch.randn(2, 4), torch.randn(1, 2, 4), m)\n"
+        "kernels.lora_expand(y, torch.randn(1, 3, 2), m, torch.zeros(2, 3))\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root, timeout=120)
