@@ -131,11 +131,14 @@ def paged_attention(
         rows = torch.tensor(decode, device=q.device)
         length = max(lens[b] for b in decode)
         slots = _gather_slots(block_tables[rows], block_size, length)  # [Bd, L]
-        keys = k_flat[slots].permute(0, 2, 1, 3).float()  # [Bd, Hkv, L, D]
-        values = v_flat[slots].permute(0, 2, 1, 3).float()
+        valid = torch.arange(length, device=q.device) < seq_lens[rows].unsqueeze(1).to(q.device)
+        # Padding positions read whatever the cache holds there (even NaN): zero them, since
+        # a masked score still multiplies its value row (0 * NaN = NaN).
+        keep = valid[:, :, None, None]
+        keys = torch.where(keep, k_flat[slots].float(), 0.0).permute(0, 2, 1, 3)  # [Bd, Hkv, L, D]
+        values = torch.where(keep, v_flat[slots].float(), 0.0).permute(0, 2, 1, 3)
         q_rows = torch.tensor([starts[b] for b in decode], device=q.device)
         queries = q[q_rows].float().unsqueeze(2)  # [Bd, H, 1, D]
-        valid = torch.arange(length, device=q.device) < seq_lens[rows].unsqueeze(1).to(q.device)
         o = F.scaled_dot_product_attention(
             queries, keys, values, attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=True
         )

@@ -1,0 +1,165 @@
+"""Paged attention and store_kv: the torch twin against dense causal attention on K/V
+gathered position by position, and the Triton kernels against the twin."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import kernels
+from kernels import reference
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# (context length including this step, query length): decode has q_len 1, a fresh prefill
+# has q_len == context, a chunked prefill attends to a paged prefix as well.
+BATCHES = {
+    "mixed": [(37, 1), (23, 23), (50, 13), (1, 1), (16, 1), (9, 4)],
+    "decode": [(5, 1), (33, 1), (17, 1), (1, 1), (48, 1)],
+    "prefill": [(29, 29)],
+    "chunked": [(41, 7), (12, 12)],
+}
+
+
+def make_paged_batch(spec, block_size, n_kv_heads, group, head_dim, dtype, device, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    needed = [math.ceil(length / block_size) for length, _ in spec]
+    num_blocks = sum(needed) * 2 + 3  # unused blocks are holes between the used ones
+    physical = torch.randperm(num_blocks, generator=generator)  # shuffled block order
+    max_blocks = max(needed, default=0) + 2
+    block_tables = torch.empty(len(spec), max_blocks, dtype=torch.int32)
+    for b in range(len(spec)):
+        block_tables[b] = -1 if b % 2 else 0  # unused entries hold anything
+    shape = (num_blocks, block_size, n_kv_heads, head_dim)
+    k_cache = torch.full(shape, float("nan"))  # everything not part of a context is poison
+    v_cache = torch.full(shape, float("nan"))
+    used = 0
+    for b, (length, _) in enumerate(spec):
+        blocks = physical[used : used + 2 * needed[b] : 2]  # every other block: holes
+        used += 2 * needed[b]
+        block_tables[b, : needed[b]] = blocks.to(torch.int32)
+        for p in range(length):
+            block, offset = int(blocks[p // block_size]), p % block_size
+            k_cache[block, offset] = torch.randn(n_kv_heads, head_dim, generator=generator)
+            v_cache[block, offset] = torch.randn(n_kv_heads, head_dim, generator=generator)
+    q_lens = [q_len for _, q_len in spec]
+    query_start_loc = torch.tensor(
+        [0, *torch.tensor(q_lens, dtype=torch.int64).cumsum(0).tolist()], dtype=torch.int32
+    )
+    q = torch.randn(sum(q_lens), n_kv_heads * group, head_dim, generator=generator)
+    seq_lens = torch.tensor([length for length, _ in spec], dtype=torch.int32)
+    to = dict(device=device, dtype=dtype)
+    return (
+        q.to(**to),
+        k_cache.to(**to),
+        v_cache.to(**to),
+        block_tables.to(device),
+        seq_lens.to(device),
+        query_start_loc.to(device),
+    )
+
+
+def dense_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale):
+    """Gather each sequence's K/V one position at a time, then plain causal softmax attention."""
+    out = torch.zeros(q.shape, dtype=torch.float32)
+    block_size = k_cache.shape[1]
+    group = q.shape[1] // k_cache.shape[2]
+    starts = query_start_loc.tolist()
+    for b, length in enumerate(seq_lens.tolist()):
+        rows = [(int(block_tables[b, p // block_size]), p % block_size) for p in range(length)]
+        keys = torch.stack([k_cache[blk, off] for blk, off in rows]).float().repeat_interleave(group, dim=1)
+        values = torch.stack([v_cache[blk, off] for blk, off in rows]).float().repeat_interleave(group, dim=1)
+        queries = q[starts[b] : starts[b + 1]].float()
+        q_len = queries.shape[0]
+        scores = torch.einsum("qhd,khd->hqk", queries.cpu(), keys.cpu()) * scale
+        q_pos = torch.arange(q_len) + length - q_len
+        scores = scores.masked_fill(torch.arange(length)[None, :] > q_pos[:, None], float("-inf"))
+        out[starts[b] : starts[b + 1]] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), values.cpu())
+    return out
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    a, e = actual.double().cpu(), expected.double().cpu()
+    return float((a - e).norm() / e.norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("group", [1, 3, 8])
+@pytest.mark.parametrize("batch", sorted(BATCHES))
+def test_paged_attention(batch, group, dtype, device):
+    block_size, n_kv_heads, head_dim = 16 if group == 3 else 5, 2, 24
+    inputs = make_paged_batch(BATCHES[batch], block_size, n_kv_heads, group, head_dim, dtype, device)
+    scale = head_dim**-0.5
+    want = dense_attention(*inputs, scale)
+    twin = reference.paged_attention(*inputs, scale)
+    from kernels import attention
+
+    fast = attention.paged_attention(*inputs, scale)
+    for out in (twin, fast):
+        assert out.dtype == dtype and out.shape == inputs[0].shape
+        assert not torch.isnan(out).any()
+    tolerance = TOLERANCE[dtype]
+    assert relative_error(twin, want) <= tolerance
+    assert relative_error(fast, twin) <= tolerance
+    assert relative_error(fast, want) <= tolerance
+
+
+@pytest.mark.parametrize("block_m,block_n", [(16, 16), (32, 64)])
+def test_paged_attention_tile_sizes(block_m, block_n, device):
+    inputs = make_paged_batch(BATCHES["mixed"], 8, 2, 3, 20, torch.float32, device, seed=1)
+    from kernels import attention
+
+    fast = attention.paged_attention(*inputs, 0.3, block_m=block_m, block_n=block_n)
+    assert relative_error(fast, dense_attention(*inputs, 0.3)) <= 1e-5
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_paged_attention_empty_batch(impl, device):
+    q = torch.empty(0, 4, 16, device=device)
+    cache = torch.zeros(3, 16, 2, 16, device=device)
+    empty = torch.empty(0, 4, dtype=torch.int32, device=device)
+    no_seqs = torch.empty(0, dtype=torch.int32, device=device)
+    zero = torch.zeros(1, dtype=torch.int32, device=device)
+    out = kernels.paged_attention(q, cache, cache, empty, no_seqs, zero, 0.25, impl=impl)
+    assert out.shape == (0, 4, 16)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_store_kv_then_attend(impl, device):
+    """store_kv writes where the block table says; padding slots (-1) are skipped."""
+    num_blocks, block_size, n_kv_heads, head_dim = 6, 4, 2, 12
+    k_cache = torch.zeros(num_blocks, block_size, n_kv_heads, head_dim, device=device)
+    v_cache = torch.zeros_like(k_cache)
+    # k and v as views of one fused projection output, as the model produces them.
+    fused = torch.randn(7, 3, n_kv_heads, head_dim, device=device)
+    k, v = fused[:, 1], fused[:, 2]
+    slot_mapping = torch.tensor([5 * 4 + 1, 2 * 4 + 3, -1, 0, 5 * 4 + 2, 3 * 4 + 0, -1], device=device)
+    kernels.store_kv(k, v, k_cache, v_cache, slot_mapping, impl=impl)
+    want_k = torch.zeros_like(k_cache)
+    want_v = torch.zeros_like(v_cache)
+    for t, slot in enumerate(slot_mapping.tolist()):
+        if slot >= 0:
+            want_k[slot // block_size, slot % block_size] = k[t]
+            want_v[slot // block_size, slot % block_size] = v[t]
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+
+
+@pytest.mark.parametrize(
+    "dtype,cache_dtype",
+    [(torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float16)],
+    ids=str,
+)
+def test_store_kv_half_cache(dtype, cache_dtype, device):
+    # (fp32 -> bf16 is left out: the interpreter truncates where CUDA rounds to nearest.)
+    k = torch.randn(5, 2, 16, device=device).to(dtype)
+    cache = [torch.zeros(4, 8, 2, 16, dtype=cache_dtype, device=device) for _ in range(4)]
+    slots = torch.tensor([3, 9, 17, 30, 31], device=device)
+    reference.store_kv(k, -k, cache[0], cache[1], slots)
+    from kernels import attention
+
+    attention.store_kv(k, -k, cache[2], cache[3], slots)
+    assert torch.equal(cache[0], cache[2]) and torch.equal(cache[1], cache[3])
+    assert torch.equal(cache[0].view(-1, 2, 16)[slots], k.to(cache_dtype))
