@@ -1,0 +1,539 @@
+"""``Engine``: the step loop (schedule → forward → sample → postprocess) and the offline API."""
+
+from __future__ import annotations
+
+import itertools
+import time
+import uuid
+from collections import deque
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+import kernels
+from engine_daemon import detokenizer
+from engine_daemon.adapters import AdapterResidency
+from engine_daemon.kv_cache import KVCache
+from engine_daemon.loader import load_weights
+from engine_daemon.model import AttentionMetadata, LlamaModel, LoraBatch, ModelConfig
+from engine_daemon.model_source import SUPPORTED_ARCHITECTURES, resolve_model
+from engine_daemon.peft_format import AdapterError, descriptor_from_config
+from engine_daemon.sampling import Sampler, SamplingParams, make_generator
+from engine_daemon.scheduler import ScheduledSeq, Scheduler
+from engine_daemon.sequence import Sequence, Status
+from engine_daemon.tokenizer import load_tokenizer
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class RequestError(ValueError):
+    """A request the engine cannot take (prompt too long, unknown adapter, no tokenizer for text)."""
+
+    def __init__(self, message: str, code: str = "invalid_request") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class EngineConfig:
+    model: str = "smollm2-135m-instruct"
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    dtype: str = "auto"  # "auto" (bfloat16 on CUDA, float32 on CPU) | "float32" | "float16" | "bfloat16"
+    max_loras: int = 8  # adapter slots on the device, i.e. distinct adapters per step
+    max_cpu_loras: int = 64  # adapters kept in host RAM
+    max_lora_rank: int = 64
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # default: the model's context length
+    block_size: int = 16
+    kv_cache_bytes: int | None = None  # CPU KV budget; default: enough for max_num_seqs full contexts, ≤ 2 GiB
+    gpu_memory_utilization: float = 0.90  # CUDA: share of device memory the engine may fill
+    seed: int = 0
+
+
+@dataclass
+class StepOutput:
+    """What one step produced for one request (the daemon streams these)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[float]
+    new_text: str
+    finished: bool
+    finish_reason: str | None = None
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    logprobs: list[float] | None = None
+    error: str | None = None
+    time_to_first_token: float | None = None
+
+
+@dataclass
+class StepRecord:
+    at: float  # wall-clock time
+    seconds: float
+    num_tokens: int
+    num_seqs: int
+    num_adapters: int
+    num_sampled: int
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    max_adapters_in_step: int = 0
+    multi_adapter_steps: int = 0
+    recent: deque[StepRecord] = field(default_factory=lambda: deque(maxlen=2048))
+
+
+class Engine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = _resolve_device(config.device)
+        self.dtype = _resolve_dtype(config.dtype, self.device)
+        source = resolve_model(config.model)
+        architecture = (source.config.get("architectures") or ["LlamaForCausalLM"])[0]
+        if architecture not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(f"architecture {architecture} is not served; supported: {SUPPORTED_ARCHITECTURES}")
+        self.model_name = source.name
+        self.model_config = ModelConfig.from_hf(source.config)
+        self.descriptor = descriptor_from_config(source.name, source.config)
+        self.tokenizer = load_tokenizer(source)
+        torch.manual_seed(config.seed)
+        weights = load_weights(source, self.model_config, self.device, self.dtype)
+        self.model = LlamaModel(self.model_config, weights, self.device)
+        self.max_model_len = min(config.max_model_len or 10**9, self.model_config.max_position_embeddings)
+        self.residency = AdapterResidency(
+            self.model_config,
+            self.descriptor,
+            max_loras=config.max_loras,
+            max_cpu_loras=config.max_cpu_loras,
+            max_lora_rank=config.max_lora_rank,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        self.kv = self._allocate_kv_cache()
+        self.scheduler = Scheduler(
+            self.kv.blocks,
+            self.residency,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+        )
+        self.sampler = Sampler(self.device)
+        self.eos_token_ids = set(self.tokenizer.eos_token_ids if self.tokenizer else self.model_config.eos_token_ids)
+        self.sequences: dict[str, Sequence] = {}
+        self.stats = EngineStats()
+        self.started = time.time()
+
+    # ---- set-up ---------------------------------------------------------------------------
+
+    def _allocate_kv_cache(self) -> KVCache:
+        cfg = self.model_config
+        per_block = KVCache.bytes_per_block(cfg.num_layers, self.config.block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype)
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = int(total * self.config.gpu_memory_utilization) - (total - free)
+            budget -= 256 * 1024 * 1024  # headroom for activations of the largest step
+        else:
+            wanted = self.config.max_num_seqs * min(self.max_model_len, 4096) * per_block // self.config.block_size
+            budget = self.config.kv_cache_bytes or min(wanted, 2 * 1024**3)
+        num_blocks = max(0, budget // per_block)
+        if num_blocks < 1:
+            raise RuntimeError(
+                "no memory is left for the KV cache; lower max_loras / max_lora_rank or raise gpu_memory_utilization"
+            )
+        return KVCache(cfg.num_layers, num_blocks, self.config.block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device)
+
+    # ---- adapters --------------------------------------------------------------------------
+
+    def add_adapter(self, name: str, path: str) -> None:
+        """Register a PEFT LoRA folder under `name`; AdapterError names what is wrong with it."""
+        self.residency.add(name, path)
+
+    def remove_adapter(self, name: str) -> None:
+        self.residency.remove(name)
+
+    def pin_adapter(self, name: str, pinned: bool = True) -> None:
+        """A pinned adapter, once in a slot, is never evicted."""
+        self.residency.set_pinned(name, pinned)
+
+    def has_adapter(self, name: str) -> bool:
+        return name in self.residency.records
+
+    # ---- requests --------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt: str | list[int] | None = None,
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+        adapter: str | None = None,
+        tenant: str = "default",
+        messages: list[dict[str, Any]] | None = None,
+    ) -> str:
+        """Queue one request; raises RequestError or AdapterError for this request alone."""
+        params = params or SamplingParams()
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self.sequences:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        prompt_ids = self._encode(prompt, messages)
+        if not prompt_ids:
+            raise RequestError("the prompt is empty")
+        if any(not 0 <= t < self.model_config.vocab_size for t in prompt_ids):
+            raise RequestError(f"prompt token ids must lie in [0, {self.model_config.vocab_size})")
+        if len(prompt_ids) >= self.max_model_len:
+            raise RequestError(
+                f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.max_model_len} tokens, "
+                "including at least one generated token; shorten the prompt",
+                code="context_length_exceeded",
+            )
+        if self.kv.blocks.blocks_for(len(prompt_ids) + 1) > self.kv.blocks.num_blocks:
+            raise RequestError(
+                f"the prompt has {len(prompt_ids)} tokens, more than this engine's KV cache can hold; shorten it",
+                code="context_length_exceeded",
+            )
+        if adapter is not None:
+            record = self.residency.get(adapter)
+            if record.error:
+                raise AdapterError(record.error)
+        seq = Sequence(
+            request_id,
+            prompt_ids,
+            params,
+            adapter=adapter,
+            tenant=tenant,
+            generator=make_generator(params.seed, self.device),
+        )
+        self.sequences[request_id] = seq
+        self.scheduler.add(seq)
+        return request_id
+
+    def _encode(self, prompt: str | list[int] | None, messages: list[dict[str, Any]] | None) -> list[int]:
+        if messages is not None:
+            if self.tokenizer is None:
+                raise RequestError(f"{self.model_name} ships no tokenizer; send token ids")
+            try:
+                return self.tokenizer.encode_chat(messages)
+            except Exception as exc:  # a template error is the caller's bad messages
+                raise RequestError(f"the messages do not fit the model's chat template: {exc}") from None
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError(f"{self.model_name} ships no tokenizer; send token ids")
+            return self.tokenizer.encode(prompt)
+        if prompt is None:
+            raise RequestError("give a prompt or messages")
+        return [int(t) for t in prompt]
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request at once: its KV blocks and adapter hold are freed before this returns."""
+        seq = self.sequences.pop(request_id, None)
+        if seq is None:
+            return False
+        if seq.status is not Status.FINISHED:
+            self.scheduler.remove(seq)
+        seq.finish_reason = seq.finish_reason or "abort"
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the step ---------------------------------------------------------------------------
+
+    def step(self) -> list[StepOutput]:
+        started = time.perf_counter()
+        outputs = self._fail_adapter_errors()
+        batch = self.scheduler.schedule()
+        outputs += self._collect_failed()
+        if not batch:
+            return outputs
+        sampled = [item for item in batch if item.samples]
+        logits = self._forward(batch, sampled)
+        for item in batch:
+            item.seq.num_computed += item.num_tokens
+        if sampled:
+            params = [item.seq.params for item in sampled]
+            tokens, logprobs = self.sampler.sample(logits, params, [item.seq.generator for item in sampled])
+            for item, token, logprob in zip(sampled, tokens.tolist(), logprobs.tolist(), strict=True):
+                outputs.append(self._append_token(item.seq, token, logprob))
+        self._record_step(batch, len(sampled), time.perf_counter() - started)
+        return outputs
+
+    def _forward(self, batch: list[ScheduledSeq], sampled: list[ScheduledSeq]) -> torch.Tensor:
+        block_size = self.config.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        lengths: list[int] = []
+        seq_lens: list[int] = []
+        token_slots: list[int] = []
+        logits_rows: list[int] = []
+        for item in batch:
+            seq, start = item.seq, item.seq.num_computed
+            end = start + item.num_tokens
+            ids += seq.tokens(start, end)
+            positions += range(start, end)
+            lengths.append(item.num_tokens)
+            seq_lens.append(end)
+            token_slots += [seq.slot] * item.num_tokens
+            if item.samples:
+                logits_rows.append(len(ids) - 1)
+        device = self.device
+        widest = max(len(item.seq.block_table) for item in batch)
+        tables = torch.tensor(
+            [item.seq.block_table + [0] * (widest - len(item.seq.block_table)) for item in batch], dtype=torch.int32
+        )
+        pos = torch.tensor(positions, dtype=torch.int64)
+        owner = torch.repeat_interleave(torch.arange(len(batch)), torch.tensor(lengths))
+        slot_mapping = tables[owner, pos // block_size].to(torch.int64) * block_size + pos % block_size
+        query_start = torch.zeros(len(batch) + 1, dtype=torch.int32)
+        query_start[1:] = torch.tensor(lengths).cumsum(0)
+        attn = AttentionMetadata(
+            slot_mapping=slot_mapping.to(device),
+            block_tables=tables.to(device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            query_start_loc=query_start.to(device),
+        )
+        lora = self._lora_batch(batch, token_slots)
+        return self.model.forward(
+            torch.tensor(ids, dtype=torch.int64, device=device),
+            pos.to(device),
+            attn,
+            self.kv.layers,
+            lora,
+            torch.tensor(logits_rows, dtype=torch.int64, device=device),
+        )
+
+    def _lora_batch(self, batch: list[ScheduledSeq], token_slots: list[int]) -> LoraBatch | None:
+        slots = {item.seq.slot for item in batch if item.seq.slot >= 0}
+        if not slots:
+            return None
+        pool = self.residency.pool
+        meta = kernels.LoraMeta.build(
+            torch.tensor(token_slots, dtype=torch.int32, device=self.device), pool.ranks, pool.scalings
+        )
+        return LoraBatch(meta, pool, frozenset().union(*(pool.targets[s] for s in slots)))
+
+    def _append_token(self, seq: Sequence, token: int, logprob: float) -> StepOutput:
+        now = time.monotonic()
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        seq.output_ids.append(token)
+        seq.output_logprobs.append(logprob)
+        params = seq.params
+        reason = None
+        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
+            reason = "stop"
+        elif detokenizer.append_token_text(seq, self.tokenizer):
+            reason = "stop"
+        elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            seq.finish_reason = reason
+            seq.finish_time = now
+            self.scheduler.finish(seq)
+        return StepOutput(
+            seq.request_id,
+            [token],
+            [logprob],
+            detokenizer.take_new_text(seq, finished=reason is not None),
+            finished=reason is not None,
+            finish_reason=reason,
+            prompt_tokens=len(seq.prompt_ids),
+            completion_tokens=len(seq.output_ids),
+        )
+
+    def _fail_adapter_errors(self) -> list[StepOutput]:
+        """Adapters whose load failed (e.g. NaN weights) fail the requests waiting for them."""
+        outputs = []
+        for name, error in self.residency.poll():
+            for queue in self.scheduler.waiting.values():
+                for seq in [s for s in queue if s.adapter == name]:
+                    queue.remove(seq)
+                    seq.status, seq.finish_reason, seq.error = Status.FINISHED, "error", error
+                    outputs.append(self._error_output(seq))
+        return outputs
+
+    def _collect_failed(self) -> list[StepOutput]:
+        failed, self.scheduler.failed = self.scheduler.failed, []
+        return [self._error_output(seq) for seq in failed]
+
+    def _error_output(self, seq: Sequence) -> StepOutput:
+        return StepOutput(
+            seq.request_id, [], [], "", True, "error", seq.error, len(seq.prompt_ids), len(seq.output_ids)
+        )
+
+    def _record_step(self, batch: list[ScheduledSeq], num_sampled: int, seconds: float) -> None:
+        stats = self.stats
+        adapters = {item.seq.adapter for item in batch if item.seq.adapter is not None}
+        num_tokens = sum(item.num_tokens for item in batch)
+        stats.steps += 1
+        stats.generated_tokens += num_sampled
+        stats.prompt_tokens += num_tokens - sum(1 for item in batch if item.seq.is_decoding)
+        stats.max_adapters_in_step = max(stats.max_adapters_in_step, len(adapters))
+        stats.multi_adapter_steps += len(adapters) > 1
+        stats.recent.append(StepRecord(time.time(), seconds, num_tokens, len(batch), len(adapters), num_sampled))
+
+    # ---- offline API -------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Seq[str | list[int]],
+        params: SamplingParams | Seq[SamplingParams] | None = None,
+        adapters: Seq[str | None] | None = None,
+        tenants: Seq[str] | None = None,
+        *,
+        progress: bool = False,
+    ) -> list[RequestOutput]:
+        """Run prompts to completion in shared batches; one output per prompt, in order."""
+        return self._run_offline([{"prompt": p} for p in prompts], params, adapters, tenants, progress)
+
+    def chat(
+        self,
+        conversations: Seq[list[dict[str, Any]]],
+        params: SamplingParams | Seq[SamplingParams] | None = None,
+        adapters: Seq[str | None] | None = None,
+        tenants: Seq[str] | None = None,
+        *,
+        progress: bool = False,
+    ) -> list[RequestOutput]:
+        return self._run_offline([{"messages": m} for m in conversations], params, adapters, tenants, progress)
+
+    def _run_offline(self, inputs, params, adapters, tenants, progress) -> list[RequestOutput]:
+        count = len(inputs)
+        params_list = _per_prompt(params or SamplingParams(), count, "params")
+        adapters_list = _per_prompt(adapters, count, "adapters")
+        tenants_list = _per_prompt(tenants or "default", count, "tenants")
+        ids: list[str] = []
+        results: dict[str, RequestOutput] = {}
+        for i, request in enumerate(inputs):
+            request_id = f"offline-{uuid.uuid4().hex[:12]}-{i}"
+            ids.append(request_id)
+            try:
+                self.add_request(
+                    request.get("prompt"),
+                    params_list[i],
+                    request_id=request_id,
+                    adapter=adapters_list[i],
+                    tenant=tenants_list[i],
+                    messages=request.get("messages"),
+                )
+            except (RequestError, AdapterError) as exc:
+                results[request_id] = RequestOutput(request_id, [], [], "", "error", error=str(exc))
+        bar = _progress_bar(count, progress)
+        bar.update(len(results))
+        while len(results) < count:
+            outputs = self.step()
+            for out in outputs:
+                if out.finished and out.request_id in self.sequences:
+                    results[out.request_id] = self._request_output(self.sequences.pop(out.request_id))
+                    bar.update(1)
+            if not outputs and not self.scheduler.running:
+                time.sleep(0.002)  # only adapter loads are pending: let the loader thread run
+        bar.close()
+        return [results[i] for i in ids]
+
+    def _request_output(self, seq: Sequence) -> RequestOutput:
+        ttft = seq.first_token_time - seq.arrival if seq.first_token_time is not None else None
+        return RequestOutput(
+            seq.request_id,
+            seq.prompt_ids,
+            list(seq.output_ids),
+            seq.text,
+            seq.finish_reason,
+            list(seq.output_logprobs) if seq.params.logprobs else None,
+            seq.error,
+            ttft,
+        )
+
+    def pop_finished(self, request_id: str) -> RequestOutput | None:
+        """The whole output of a finished request, forgetting it (the incremental API's last call)."""
+        seq = self.sequences.get(request_id)
+        if seq is None or seq.status is not Status.FINISHED:
+            return None
+        return self._request_output(self.sequences.pop(request_id))
+
+    # ---- introspection --------------------------------------------------------------------
+
+    def memory_breakdown(self) -> dict[str, int]:
+        weights, kv, pool = self.model.weight_bytes(), self.kv.nbytes, self.residency.pool.nbytes
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+        else:
+            total = weights + kv + pool
+            free = 0
+        return {"total": total, "weights": weights, "kv_cache": kv, "adapter_pool": pool, "free": free}
+
+    def snapshot(self) -> dict[str, Any]:
+        """The engine state the heartbeat publishes (DESIGN.md, "Engine state")."""
+        recent = list(itertools.islice(reversed(self.stats.recent), 0, 64))
+        window = sum(r.seconds for r in recent)
+        blocks = self.kv.blocks
+        return {
+            "model": self.model_name,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "started": self.started,
+            "memory": self.memory_breakdown(),
+            "kv_blocks_total": blocks.num_blocks,
+            "kv_blocks_used": blocks.num_used,
+            "running": len(self.scheduler.running),
+            "waiting": self.scheduler.num_waiting,
+            "steps": self.stats.steps,
+            "generated_tokens": self.stats.generated_tokens,
+            "prompt_tokens": self.stats.prompt_tokens,
+            "preemptions": self.scheduler.num_preemptions,
+            "max_adapters_in_step": self.stats.max_adapters_in_step,
+            "multi_adapter_steps": self.stats.multi_adapter_steps,
+            "tokens_per_second": sum(r.num_sampled for r in recent) / window if window else 0.0,
+            "step_seconds": window / len(recent) if recent else 0.0,
+            "adapters": self.residency.snapshot(),
+        }
+
+    def close(self) -> None:
+        self.residency.close()
+
+
+def _per_prompt(value: Any, count: int, what: str) -> list[Any]:
+    if value is None or isinstance(value, str | SamplingParams):
+        return [value] * count
+    values = list(value)
+    if len(values) != count:
+        raise ValueError(f"{what} has {len(values)} entries for {count} prompts")
+    return values
+
+
+def _progress_bar(total: int, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc="generate", unit="req")
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA device")
+    return device
+
+
+def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or 'auto', got {name!r}")
+    return _DTYPES[name]

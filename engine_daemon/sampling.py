@@ -1,0 +1,94 @@
+"""Sampling parameters and the batched sampler: greedy, temperature, top-k, top-p, per-request seeds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must not be empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class Sampler:
+    """Samples one token per row of logits; rows with a seed draw from their own generator."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.generator = torch.Generator(device=device)
+        self.generator.seed()
+
+    def sample(
+        self,
+        logits: torch.Tensor,  # float32 [B, V]
+        params: list[SamplingParams],
+        generators: list[torch.Generator | None],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (token ids int64 [B], log-probabilities of those tokens under the model, float32 [B])."""
+        logprobs_all = torch.log_softmax(logits, dim=-1)
+        greedy_tokens = logits.argmax(dim=-1)
+        if all(p.greedy for p in params):
+            tokens = greedy_tokens
+        else:
+            probs = self._filtered_probs(logits, params)
+            # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, one draw per row, no sync.
+            noise = torch.empty_like(probs)
+            for row, gen in enumerate(generators):
+                noise[row].exponential_(generator=gen or self.generator)
+            sampled = (probs / noise).argmax(dim=-1)
+            is_greedy = torch.tensor([p.greedy for p in params], device=logits.device)
+            tokens = torch.where(is_greedy, greedy_tokens, sampled)
+        return tokens, logprobs_all.gather(1, tokens[:, None]).squeeze(1)
+
+    @staticmethod
+    def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        device = logits.device
+        temperature = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=device)
+        scaled = logits / temperature[:, None]
+        top_k = torch.tensor([p.top_k if p.top_k > 0 else logits.shape[-1] for p in params], device=device)
+        top_p = torch.tensor([p.top_p for p in params], device=device)
+        if bool((top_k < logits.shape[-1]).any()) or bool((top_p < 1).any()):
+            sorted_logits, order = scaled.sort(dim=-1, descending=True)
+            ranks = torch.arange(logits.shape[-1], device=device)[None, :]
+            drop = ranks >= top_k[:, None]
+            sorted_probs = sorted_logits.softmax(dim=-1)
+            # Keep the smallest prefix whose mass reaches top_p (the token that crosses it stays).
+            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+            drop |= mass_before >= top_p[:, None]
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            scaled = torch.empty_like(scaled).scatter_(1, order, sorted_logits)
+        return scaled.softmax(dim=-1)
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(seed)
