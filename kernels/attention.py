@@ -38,8 +38,8 @@ def _paged_attention_kernel(
     kv_head = tl.program_id(1)
     # Sequence b owns programs [qsl[b] // BLOCK_Q + b, qsl[b + 1] // BLOCK_Q + b + 1): always
     # enough for its ceil(q_len / BLOCK_Q) tiles, and computable without a host sync.
-    lo = 0
-    hi = num_seqs
+    lo: tl.int32 = 0
+    hi: tl.int32 = num_seqs
     while lo < hi:
         mid = (lo + hi) // 2
         if tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid <= pid:

@@ -162,10 +162,10 @@ def lora_shrink(
     block_k = block_k or (64 if _interpreting() else 128)
     if split_k is None:
         # Decode batches have few tiles and a long reduction: split it so every SM has work.
+        # Powers of two only, so that a serving run compiles a handful of variants.
         programs = meta.num_tiles * r_blocks
-        split_k = max(
-            1, min(2 * _sm_count(x.device) // max(programs, 1), triton.cdiv(in_features, 4 * block_k))
-        )
+        want = min(2 * _sm_count(x.device) // max(programs, 1), triton.cdiv(in_features, 4 * block_k), 16)
+        split_k = 1 << max(want, 1).bit_length() - 1
     grid = (meta.num_tiles, r_blocks, split_k)
     _shrink_kernel[grid](
         x, lora_a, y, meta.sorted_token_ids, meta.tiles, meta.ranks,
