@@ -1,0 +1,71 @@
+"""Celery entry points to the adapter services: load by primary key, call one service.
+
+Each task is idempotent (``acks_late``: a worker that dies mid-task gets it redelivered) and
+retries only what may pass by itself: Redis or the database being unreachable. Any other failure
+is final: the version is marked rejected with an "internal error" reason, and the error is raised
+to Celery so that it is logged, never swallowed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import redis.exceptions
+from celery import Task, shared_task
+from django.db import InterfaceError, OperationalError
+
+logger = logging.getLogger(__name__)
+
+TRANSIENT_ERRORS = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.LockError,
+    OperationalError,
+    InterfaceError,
+)
+_RETRY = dict(autoretry_for=TRANSIENT_ERRORS, retry_backoff=2, retry_backoff_max=60, retry_jitter=True, max_retries=8)
+
+
+class AdapterVersionTask(Task):
+    """When a task on one version fails for good, the version must not wait in 'validating' forever."""
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        from portal.adapters.services import adapter_version_reject
+
+        version_id = kwargs.get("version_id", args[0] if args else None)
+        if version_id is None:
+            return
+        try:
+            adapter_version_reject(
+                version_id=version_id,
+                reason=f"internal error while processing the upload ({type(exc).__name__}, task {task_id}); "
+                "upload it again, and tell the operator if it happens again",
+            )
+        except Exception:  # the database itself may be what failed; Celery logs the original error
+            logger.exception("could not mark adapter version %s as failed", version_id)
+
+
+@shared_task(base=AdapterVersionTask, acks_late=True, **_RETRY)
+def validate_adapter_version(version_id: int) -> None:
+    from portal.adapters.services import adapter_version_validate
+
+    adapter_version_validate(version_id=version_id)
+
+
+@shared_task(base=AdapterVersionTask, acks_late=True, **_RETRY)
+def stage_adapter_version(version_id: int) -> None:
+    from portal.adapters.services import adapter_version_stage
+
+    adapter_version_stage(version_id=version_id)
+
+
+@shared_task(acks_late=True, **_RETRY)
+def purge_adapter_files(
+    *, sha256s: list[str], storage_names: list[str], version_ids: list[int], tenant_id: str, adapter: str
+) -> None:
+    from portal.adapters.services import adapter_files_purge
+
+    adapter_files_purge(
+        sha256s=sha256s, storage_names=storage_names, version_ids=version_ids, tenant_id=tenant_id, adapter=adapter
+    )

@@ -1,0 +1,25 @@
+from django.contrib import admin
+
+from portal.tenants.models import Membership, Tenant
+
+
+class MembershipInline(admin.TabularInline):
+    model = Membership
+    extra = 0
+    autocomplete_fields = ("user",)
+
+
+@admin.register(Tenant)
+class TenantAdmin(admin.ModelAdmin):
+    list_display = ("slug", "name", "is_active", "requests_per_minute", "tokens_per_minute", "created_at")
+    list_filter = ("is_active",)
+    search_fields = ("slug", "name")
+    inlines = (MembershipInline,)
+
+
+@admin.register(Membership)
+class MembershipAdmin(admin.ModelAdmin):
+    list_display = ("user", "tenant", "role", "created_at")
+    list_filter = ("role",)
+    search_fields = ("user__username", "tenant__slug")
+    autocomplete_fields = ("user", "tenant")

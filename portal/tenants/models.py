@@ -1,0 +1,50 @@
+from django.conf import settings
+from django.core.validators import RegexValidator
+from django.db import models
+
+SLUG_RE = r"^[a-z0-9](?:[a-z0-9-]{0,48}[a-z0-9])?$"
+slug_validator = RegexValidator(SLUG_RE, "use lowercase letters, digits and inner hyphens (at most 50)")
+
+
+class Tenant(models.Model):
+    """A customer: owns adapters and API keys, shares the GPU with the others under its limits."""
+
+    slug = models.CharField(max_length=50, unique=True, validators=[slug_validator])
+    name = models.CharField(max_length=200)
+    is_active = models.BooleanField(default=True, help_text="A suspended tenant's keys stop working.")
+    # Rate limits the serving path enforces per tenant; empty means no limit.
+    requests_per_minute = models.PositiveIntegerField(null=True, blank=True, default=600)
+    tokens_per_minute = models.PositiveIntegerField(null=True, blank=True, default=1_000_000)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ("slug",)
+
+    def __str__(self) -> str:
+        return self.slug
+
+
+class Membership(models.Model):
+    class Role(models.TextChoices):
+        OWNER = "owner"
+        ADMIN = "admin"
+        MEMBER = "member"
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="memberships")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships")
+    role = models.CharField(max_length=10, choices=Role.choices, default=Role.MEMBER)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=("tenant", "user"), name="membership_unique_per_tenant")]
+        ordering = ("tenant__slug",)
+
+    def __str__(self) -> str:
+        return f"{self.user} in {self.tenant} ({self.role})"
+
+
+ROLE_RANK = {Membership.Role.MEMBER: 0, Membership.Role.ADMIN: 1, Membership.Role.OWNER: 2}
+
+
+def role_at_least(role: str, required: str) -> bool:
+    return ROLE_RANK[Membership.Role(role)] >= ROLE_RANK[Membership.Role(required)]
