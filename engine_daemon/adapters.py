@@ -130,14 +130,14 @@ class _LoadJob:
     name: str
     path: Path
     manifest: AdapterManifest
-    slot: int
+    slot: int | None  # None: only bring it into host RAM
     host: HostWeights | None  # None: read from disk first
 
 
 @dataclass
 class _LoadResult:
     name: str
-    slot: int
+    slot: int | None
     host: HostWeights | None
     seconds: float
     from_disk: bool
@@ -228,6 +228,13 @@ class AdapterResidency:
         self._jobs.put(_LoadJob(name, record.path, record.manifest, slot, record.host))
         return None
 
+    def prefetch_to_host(self, name: str) -> None:
+        """Read an adapter into host RAM in the background, so that its first request skips the disk."""
+        record = self.get(name)
+        if record.host is None and not record.loading and not record.error:
+            record.loading = True
+            self._jobs.put(_LoadJob(name, record.path, record.manifest, None, None))
+
     def hold(self, name: str) -> None:
         """A sequence starts running on this adapter: its slot may not be reused until release()."""
         record = self.records[name]
@@ -254,6 +261,17 @@ class AdapterResidency:
             except queue.Empty:
                 return failures
             record = self.records.get(result.name)
+            if result.slot is None:  # a host-only prefetch
+                if record is not None:
+                    record.loading = False
+                    if result.error:
+                        record.error = result.error
+                        failures.append((result.name, result.error))
+                    elif record.host is None:
+                        record.stats.disk_loads += 1
+                        record.stats.load_seconds += result.seconds
+                        self._keep_on_host(result.name, result.host)
+                continue
             if record is None or record.slot != result.slot:
                 if self.slot_owner[result.slot] == result.name:
                     self.slot_owner[result.slot] = None
@@ -276,9 +294,14 @@ class AdapterResidency:
             self.pool.targets[result.slot] = frozenset((m.module, m.layer) for m in record.manifest.modules)
             self._slot_lru.move_to_end(result.slot)
             if record.host is None and result.host is not None:
-                record.host = result.host
-                self._host_lru[result.name] = None
-                self._trim_host()
+                self._keep_on_host(result.name, result.host)
+            elif record.host is not None:
+                self._host_lru.move_to_end(result.name)
+
+    def _keep_on_host(self, name: str, host: HostWeights | None) -> None:
+        self.records[name].host = host
+        self._host_lru[name] = None
+        self._trim_host()
 
     def wait_idle(self, timeout: float = 60.0) -> None:
         """Block until queued loads are done (tests and warm-up; never called from the step loop)."""
@@ -330,7 +353,9 @@ class AdapterResidency:
             started = time.perf_counter()
             try:
                 host = job.host if job.host is not None else read_adapter_weights(job.path, job.manifest, self.dtype)
-                if self._copy_stream is not None:
+                if job.slot is None:
+                    pass
+                elif self._copy_stream is not None:
                     with torch.cuda.stream(self._copy_stream):
                         self.pool.fill(job.slot, host, job.manifest.rank, non_blocking=True)
                     self._copy_stream.synchronize()

@@ -116,7 +116,12 @@ class Engine:
         torch.manual_seed(config.seed)
         weights = load_weights(source, self.model_config, self.device, self.dtype)
         self.model = LlamaModel(self.model_config, weights, self.device)
-        self.max_model_len = min(config.max_model_len or 10**9, self.model_config.max_position_embeddings)
+        # Full attention equals sliding-window attention while the context fits in the window.
+        self.max_model_len = min(
+            config.max_model_len or 10**9,
+            self.model_config.max_position_embeddings,
+            self.model_config.sliding_window or 10**9,
+        )
         self.residency = AdapterResidency(
             self.model_config,
             self.descriptor,
@@ -170,6 +175,15 @@ class Engine:
     def pin_adapter(self, name: str, pinned: bool = True) -> None:
         """A pinned adapter, once in a slot, is never evicted."""
         self.residency.set_pinned(name, pinned)
+
+    def prefetch_adapter(self, name: str, to_device: bool = True) -> None:
+        """Start loading an adapter in the background: into a free device slot if there is one, else host RAM."""
+        if not to_device or self.residency.acquire(name) is None and self.residency.get(name).slot is None:
+            self.residency.prefetch_to_host(name)
+
+    def wait_for_adapters(self, timeout: float = 60.0) -> None:
+        """Block until background adapter loads finish (warm-up and tests; the step loop never waits)."""
+        self.residency.wait_idle(timeout)
 
     def has_adapter(self, name: str) -> bool:
         return name in self.residency.records

@@ -37,6 +37,7 @@ class ModelConfig:
     tie_word_embeddings: bool
     attention_bias: bool
     rope_scaling: dict[str, Any] | None = None
+    sliding_window: int | None = None  # Mistral: the engine serves contexts up to this length only
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
@@ -45,6 +46,9 @@ class ModelConfig:
         arch = (config.get("architectures") or ["LlamaForCausalLM"])[0]
         heads = int(config["num_attention_heads"])
         eos = config.get("eos_token_id")
+        # transformers 5 writes rope_parameters (theta inside); older configs rope_theta + rope_scaling.
+        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+        rope_kind = rope.get("rope_type", rope.get("type"))
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         return cls(
             architecture=arch,
@@ -56,12 +60,13 @@ class ModelConfig:
             num_kv_heads=int(config.get("num_key_value_heads") or heads),
             head_dim=int(config.get("head_dim") or config["hidden_size"] // heads),
             rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(config.get("rope_theta", 10000.0)),
+            rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
             max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             # Qwen2 always has q/k/v biases; Llama may declare them.
             attention_bias=arch == "Qwen2ForCausalLM" or bool(config.get("attention_bias", False)),
-            rope_scaling=config.get("rope_scaling"),
+            rope_scaling=rope if rope_kind not in (None, "default") else None,
+            sliding_window=config.get("sliding_window") if config.get("use_sliding_window", True) else None,
             bos_token_id=config.get("bos_token_id"),
             eos_token_ids=eos_ids,
         )

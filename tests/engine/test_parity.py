@@ -1,0 +1,157 @@
+"""The engine against HF transformers + PEFT on the same weights and adapters.
+
+Tiny random models cover the architecture variants quickly; one slower test runs the bundled
+SmolLM2 with several adapters in one batch.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine_daemon import Engine, EngineConfig, SamplingParams
+from tests.engine.builders import PeftReference, write_adapter, write_tiny_model
+
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PROMPTS = [
+    [5, 17, 300, 42, 8, 99, 100, 3],
+    [7, 7, 7, 250, 1, 2],
+    [400, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31],
+    [11, 3],
+    [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17],
+]
+
+
+def capture_logits(engine: Engine) -> dict[str, torch.Tensor]:
+    """Record the next-token logits of each request's first sampled step (a spy on the forward)."""
+    seen: dict[str, torch.Tensor] = {}
+    forward = engine._forward
+
+    def spy(batch, sampled):
+        logits = forward(batch, sampled)
+        for item, row in zip(sampled, logits, strict=True):
+            seen.setdefault(item.seq.request_id.rsplit("-", 1)[-1], row.clone())
+        return logits
+
+    engine._forward = spy
+    return seen
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).norm() / want.norm())
+
+
+VARIANTS = {
+    "llama-gqa-untied": ("llama", {}),
+    "llama-mha-tied": ("llama", {"num_key_value_heads": 4, "tie_word_embeddings": True}),
+    "qwen2-bias": ("qwen2", {}),
+    "mistral": ("mistral", {"sliding_window": None}),
+    "llama3-rope-scaling": (
+        "llama",
+        {
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            }
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_mixed_adapter_batch_matches_peft(tmp_path, variant):
+    arch, overrides = VARIANTS[variant]
+    base = write_tiny_model(tmp_path / "base", arch, **overrides)
+    adapters = {
+        "r1-all": write_adapter(base, tmp_path / "a1", r=1, target_modules=ALL, seed=1),
+        "r8-qv": write_adapter(base, tmp_path / "a2", r=8, target_modules=("q_proj", "v_proj"), seed=2),
+        "r64-mlp-rslora": write_adapter(
+            base, tmp_path / "a3", r=64, target_modules=("gate_proj", "up_proj", "down_proj"), use_rslora=True, seed=3
+        ),
+        "patterns": write_adapter(
+            base,
+            tmp_path / "a4",
+            r=8,
+            target_modules=ALL,
+            rank_pattern={"model.layers.1.self_attn.o_proj": 2, "down_proj": 16},
+            alpha_pattern={"k_proj": 3.0},
+            seed=4,
+        ),
+    }
+    reference = PeftReference.from_dir(base, adapters)
+    engine = Engine(EngineConfig(model=str(base), device="cpu", dtype="float32", max_loras=4, max_lora_rank=64))
+    for name, path in adapters.items():
+        engine.add_adapter(name, str(path))
+        engine.prefetch_adapter(name)
+    engine.wait_for_adapters()
+    names = [*adapters, None]  # the last prompt runs on the base model, in the same batch
+    logits = capture_logits(engine)
+    outs = engine.generate(PROMPTS, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True), adapters=names)
+
+    # All five prompts were prefilled together in the first step.
+    assert engine.stats.recent[0].num_seqs == len(PROMPTS)
+    assert engine.stats.max_adapters_in_step == len(adapters)
+    for i, (prompt, adapter) in enumerate(zip(PROMPTS, names, strict=True)):
+        want = reference.next_token_logits(prompt, adapter)
+        assert relative_error(logits[str(i)], want) < 1e-4, (variant, adapter)
+        assert outs[i].token_ids == reference.greedy(prompt, adapter, 6), (variant, adapter)
+    # The adapters really change the output, so matching is not matching the base model.
+    base_logits = reference.next_token_logits(PROMPTS[0], None)
+    assert relative_error(logits["0"], base_logits) > 1e-3
+    engine.close()
+
+
+def test_logprobs_are_the_model_distribution(tmp_path, tiny_llama):
+    reference = PeftReference.from_dir(tiny_llama, {"a": write_adapter(tiny_llama, tmp_path / "a", r=4)})
+    engine = Engine(EngineConfig(model=str(tiny_llama), device="cpu", dtype="float32"))
+    out = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=1, temperature=0.0, logprobs=True))[0]
+    want = torch.log_softmax(reference.next_token_logits(PROMPTS[0], None), -1)[out.token_ids[0]]
+    assert out.logprobs == pytest.approx([float(want)], abs=1e-5)
+    engine.close()
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_several_adapters_in_one_batch_match_peft(tmp_path):
+    """The bundled SmolLM2 (GGUF, dequantized by transformers as the reference) with 3 adapters + base."""
+    import copy
+
+    import transformers
+    from peft import LoraConfig
+
+    from engine_daemon.model_source import bundled_gguf_path
+    from tests.engine.builders import save_random_adapter
+
+    gguf = bundled_gguf_path()
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
+    specs = {
+        "pirate": LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+        "mlp": LoraConfig(r=16, lora_alpha=16, target_modules=["gate_proj", "up_proj", "down_proj"]),
+        "all-r4": LoraConfig(r=4, lora_alpha=8, target_modules=list(ALL), use_rslora=True),
+    }
+    adapters = {
+        name: save_random_adapter(copy.deepcopy(hf_model), spec, tmp_path / name, seed=i, b_std=0.02)
+        for i, (name, spec) in enumerate(specs.items())
+    }
+    reference = PeftReference(hf_model, adapters)
+    engine = Engine(EngineConfig(model="smollm2-135m-instruct", device="cpu", dtype="float32", max_loras=4))
+    for name, path in adapters.items():
+        engine.add_adapter(name, str(path))
+        engine.prefetch_adapter(name)
+    engine.wait_for_adapters()
+    conversations = [
+        [{"role": "user", "content": "What is the capital of France?"}],
+        [{"role": "user", "content": "Write one sentence about the sea."}],
+        [{"role": "user", "content": "List three colours."}],
+        [{"role": "user", "content": "How many legs does a spider have?"}],
+    ]
+    names = [*adapters, None]
+    outs = engine.chat(conversations, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True), adapters=names)
+    assert engine.stats.recent[0].num_seqs == 4 and engine.stats.max_adapters_in_step == 3
+    for out, adapter in zip(outs, names, strict=True):
+        assert out.token_ids == reference.greedy(out.prompt_token_ids, adapter, 32), adapter
+    engine.close()
