@@ -54,7 +54,11 @@ class LoraMeta:
         ranks: torch.Tensor,
         scalings: torch.Tensor,
     ) -> LoraMeta:
-        """Sort tokens by slot and segment them; one host sync (for the segment sizes)."""
+        """Sort tokens by slot and segment them; one host sync (for the segment sizes).
+
+        token_slots lives on the compute device; ranks and scalings may live on the host
+        (free) or on the device (one more small copy back).
+        """
         if token_slots.dim() != 1:
             raise ValueError(f"token_slots must be 1-D [T], got shape {tuple(token_slots.shape)}")
         if ranks.dim() != 1 or scalings.shape != ranks.shape:
