@@ -134,7 +134,7 @@ class Scheduler:
             needed = self.blocks.blocks_for(count)
             if not self.blocks.can_allocate(needed) and not self._make_room_for(candidate, batch, needed):
                 return
-            self.waiting[candidate.tenant].popleft()
+            self.waiting[candidate.tenant].remove(candidate)
             self.blocks.grow(candidate.block_table, count)
             candidate.status = Status.RUNNING
             if candidate.adapter is not None:
@@ -144,27 +144,26 @@ class Scheduler:
             budget -= count
 
     def _next_candidate(self, blocked_adapters: set[str]) -> Sequence | None:
-        """The head of the least-served tenant's queue whose adapter is ready (loads start meanwhile)."""
+        """The oldest ready request of the least-served tenant; requests whose adapter is still
+        loading are stepped over (their load is started), so they hold up nobody, not even their own tenant."""
         for tenant in sorted(self._tenants_with_work(waiting_only=True), key=lambda t: self.tenant_served[t]):
             queue = self.waiting[tenant]
-            while queue:
-                seq = queue[0]
+            for seq in list(queue):
                 if seq.adapter is None:
                     seq.slot = -1
                     return seq
                 if seq.adapter in blocked_adapters:
-                    break
+                    continue
                 try:
                     slot = self.residency.acquire(seq.adapter)
                 except AdapterError as exc:
-                    queue.popleft()
+                    queue.remove(seq)
                     seq.status, seq.finish_reason, seq.error = Status.FINISHED, "error", str(exc)
                     self.failed.append(seq)
                     continue
                 if slot is None:
-                    # Still loading (or no slot free): this tenant's queue waits, the others go on.
-                    blocked_adapters.add(seq.adapter)
-                    break
+                    blocked_adapters.add(seq.adapter)  # loading, or no slot free yet
+                    continue
                 seq.slot = slot
                 return seq
         return None

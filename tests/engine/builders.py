@@ -16,9 +16,49 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             rope_theta=10000.0)
 
 
-def write_tiny_model(path: Path, arch: str = "llama", seed: int = 0, **overrides: Any) -> Path:
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. 0123456789",
+    "Ahoy matey, the sea be calm and the wind be fair!",
+    "Multi-tenant LoRA serving shares one base model across many adapters.",
+    "Ünïcödé text: café, naïve, 日本語, emoji 🎉🚀 and more.",
+] * 20
+
+
+def write_tokenizer(path: Path, vocab_size: int = 512) -> dict[str, int]:
+    """A small byte-level BPE tokenizer with ChatML specials, trained here; returns the special ids."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(CORPUS, trainer)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(path / "tokenizer.json"))
+    settings = {"chat_template": CHATML_TEMPLATE, "eos_token": "<|im_end|>", "bos_token": None}
+    (path / "tokenizer_config.json").write_text(json.dumps(settings))
+    return {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}
+
+
+def write_tiny_model(
+    path: Path, arch: str = "llama", seed: int = 0, with_tokenizer: bool = False, **overrides: Any
+) -> Path:
     """A random HF model directory (config.json + model.safetensors); arch: llama | mistral | qwen2."""
     import transformers
+
+    if with_tokenizer:
+        specials = write_tokenizer(path)
+        overrides.setdefault("eos_token_id", specials["<|im_end|>"])
+        overrides.setdefault("bos_token_id", specials["<|endoftext|>"])
 
     config_cls = {
         "llama": transformers.LlamaConfig,

@@ -1,0 +1,138 @@
+"""Adapter residency: LRU across device slots and host RAM, pinning, in-use safety, background loads."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from engine_daemon import Engine, EngineConfig, SamplingParams
+from engine_daemon import adapters as adapters_module
+from tests.engine.builders import write_adapter
+
+ONE = SamplingParams(max_tokens=1, temperature=0.0)
+PROMPT = [5, 6, 7, 8, 9]
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tmp_path_factory, tiny_llama):
+    root = tmp_path_factory.mktemp("adapters")
+    return {name: write_adapter(tiny_llama, root / name, r=4, seed=i) for i, name in enumerate("abcd")}
+
+
+def make_engine(tiny_llama, adapter_dirs, **overrides) -> Engine:
+    settings = dict(model=str(tiny_llama), device="cpu", dtype="float32", max_loras=2, max_cpu_loras=8)
+    settings.update(overrides)
+    engine = Engine(EngineConfig(**settings))
+    for name, path in adapter_dirs.items():
+        engine.add_adapter(name, str(path))
+    return engine
+
+
+def tiers(engine: Engine) -> dict[str, str]:
+    return {row["name"]: row["tier"] for row in engine.residency.snapshot()}
+
+
+def serve(engine: Engine, *names: str) -> None:
+    for name in names:
+        out = engine.generate([PROMPT], ONE, adapters=[name])[0]
+        assert out.error is None
+
+
+def test_least_recently_used_slot_is_evicted_to_host(tiny_llama, adapter_dirs):
+    engine = make_engine(tiny_llama, adapter_dirs)
+    assert set(tiers(engine).values()) == {"disk"}
+    serve(engine, "a", "b", "a", "c")  # c needs a slot: b was used longest ago
+    assert tiers(engine) == {"a": "gpu", "b": "host", "c": "gpu", "d": "disk"}
+    slots = {row["name"]: row["slot"] for row in engine.residency.snapshot()}
+    assert {slots["a"], slots["c"]} == {0, 1}
+    engine.close()
+
+
+def test_host_tier_keeps_max_cpu_loras(tiny_llama, adapter_dirs):
+    engine = make_engine(tiny_llama, adapter_dirs, max_loras=1, max_cpu_loras=2)
+    serve(engine, "a", "b", "c")
+    rows = {row["name"]: row for row in engine.residency.snapshot()}
+    assert [n for n, r in rows.items() if r["in_host"]] == ["b", "c"]  # a fell out of host RAM first
+    assert rows["a"]["tier"] == "disk" and rows["c"]["tier"] == "gpu"
+    engine.close()
+
+
+def test_pinned_adapter_is_never_evicted(tiny_llama, adapter_dirs):
+    engine = make_engine(tiny_llama, adapter_dirs)
+    engine.pin_adapter("a")
+    serve(engine, "a", "b", "c", "d", "b")
+    assert tiers(engine)["a"] == "gpu"
+    engine.close()
+
+
+def test_hits_and_loads_are_counted(tiny_llama, adapter_dirs):
+    engine = make_engine(tiny_llama, adapter_dirs, max_loras=1)
+    serve(engine, "a", "a", "b", "a")
+    row = {r["name"]: r for r in engine.residency.snapshot()}["a"]
+    assert row["requests"] == 3
+    assert row["disk_loads"] == 1  # read from disk once
+    assert row["host_hits"] == 1  # came back from host RAM after b took the slot
+    assert row["gpu_hits"] == 1  # second request found it in its slot
+    assert row["slot_loads"] == 2 and row["evictions"] == 1
+    assert row["mean_load_seconds"] > 0
+    engine.close()
+
+
+def test_adapter_of_a_running_sequence_is_never_evicted(tiny_llama, adapter_dirs):
+    engine = make_engine(tiny_llama, adapter_dirs, max_loras=1)
+    engine.prefetch_adapter("a")
+    engine.wait_for_adapters()
+    long_run = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    engine.add_request(PROMPT, long_run, request_id="long", adapter="a")
+    engine.add_request(PROMPT, ONE, request_id="other", adapter="b")
+    finished = []
+    for _ in range(40):
+        for out in engine.step():
+            if out.finished:
+                finished.append(out.request_id)
+        if "long" not in finished:
+            assert tiers(engine)["a"] == "gpu"
+            assert tiers(engine)["b"] == "disk"  # no slot could be taken from a running sequence
+    assert finished[0] == "long"
+    engine.wait_for_adapters()
+    while engine.has_unfinished():
+        finished += [o.request_id for o in engine.step() if o.finished]
+    assert finished == ["long", "other"]
+    engine.close()
+
+
+def test_a_slow_adapter_load_does_not_stall_other_requests(tiny_llama, adapter_dirs, monkeypatch):
+    release = threading.Event()
+    real_read = adapters_module.read_adapter_weights
+
+    def slow_read(path, manifest, dtype):
+        if path.name == "b":
+            assert release.wait(timeout=30)
+        return real_read(path, manifest, dtype)
+
+    monkeypatch.setattr(adapters_module, "read_adapter_weights", slow_read)
+    engine = make_engine(tiny_llama, adapter_dirs)
+    many = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    engine.add_request(PROMPT, many, request_id="slow", adapter="b")
+    engine.add_request(PROMPT, many, request_id="base")
+    done = set()
+    for _ in range(10):
+        done |= {o.request_id for o in engine.step() if o.finished}
+    assert "base" in done and "slow" not in done
+    assert tiers(engine)["b"] == "loading"
+    release.set()
+    engine.wait_for_adapters()
+    while engine.has_unfinished():
+        done |= {o.request_id for o in engine.step() if o.finished}
+    assert engine.pop_finished("slow").token_ids and len(done) == 2
+    engine.close()
+
+
+def test_removed_adapter_cannot_be_requested(tiny_llama, adapter_dirs):
+    engine = make_engine(tiny_llama, adapter_dirs)
+    serve(engine, "a")
+    engine.remove_adapter("a")
+    out = engine.generate([PROMPT], ONE, adapters=["a"])[0]
+    assert out.finish_reason == "error" and "unknown adapter 'a'" in out.error
+    engine.close()
