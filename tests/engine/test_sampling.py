@@ -1,0 +1,150 @@
+"""Sampling parameters, stop conditions and incremental detokenization."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine_daemon import Engine, EngineConfig, SamplingParams
+from engine_daemon.sampling import Sampler, make_generator
+from tests.engine.builders import write_tiny_model
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("chat-model"), with_tokenizer=True)
+
+
+@pytest.fixture(scope="module")
+def engine(chat_model):
+    engine = Engine(EngineConfig(model=str(chat_model), device="cpu", dtype="float32"))
+    yield engine
+    engine.close()
+
+
+PROMPT = "Ahoy matey, the sea"
+
+
+def test_greedy_top_k_1_and_tiny_top_p_agree(engine):
+    greedy = engine.generate([PROMPT], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))[0]
+    top_k = engine.generate([PROMPT], SamplingParams(max_tokens=12, temperature=1.0, top_k=1, ignore_eos=True))[0]
+    top_p = engine.generate([PROMPT], SamplingParams(max_tokens=12, temperature=0.8, top_p=1e-6, ignore_eos=True))[0]
+    assert greedy.token_ids == top_k.token_ids == top_p.token_ids
+
+
+def test_a_seed_makes_sampling_reproducible_inside_a_mixed_batch(engine):
+    seeded = SamplingParams(max_tokens=16, temperature=1.5, seed=1234, ignore_eos=True)
+    other = SamplingParams(max_tokens=16, temperature=1.5, ignore_eos=True)
+    alone = engine.generate([PROMPT], seeded)[0].token_ids
+    batch = engine.generate([PROMPT, PROMPT, "different"], [other, seeded, other])
+    assert batch[1].token_ids == alone
+    different_seed = SamplingParams(max_tokens=16, temperature=1.5, seed=99, ignore_eos=True)
+    assert engine.generate([PROMPT], different_seed)[0].token_ids != alone
+
+
+def test_sampler_follows_the_distribution_with_top_k_and_top_p():
+    sampler = Sampler(torch.device("cpu"))
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(4000, 1)
+    gen = make_generator(0, torch.device("cpu"))
+
+    def frequencies(params: SamplingParams) -> torch.Tensor:
+        tokens, _ = sampler.sample(logits, [params] * len(logits), [gen] * len(logits))
+        return torch.bincount(tokens, minlength=4).float() / len(logits)
+
+    plain = frequencies(SamplingParams(temperature=1.0))
+    assert torch.allclose(plain, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03)
+    top_k = frequencies(SamplingParams(temperature=1.0, top_k=2))
+    assert torch.allclose(top_k, torch.tensor([0.625, 0.375, 0.0, 0.0]), atol=0.03)
+    top_p = frequencies(SamplingParams(temperature=1.0, top_p=0.7))  # 0.5 + 0.3 reaches 0.7
+    assert top_p[2:].sum() == 0 and abs(float(top_p[0]) - 0.625) < 0.03
+    cold = frequencies(SamplingParams(temperature=0.25))  # p^4, renormalised
+    expected = torch.tensor([0.5, 0.3, 0.15, 0.05]) ** 4
+    assert torch.allclose(cold, expected / expected.sum(), atol=0.03)
+
+
+def test_max_tokens_stop_token_ids_and_eos(engine):
+    out = engine.generate([PROMPT], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 5
+    stop_at = out.token_ids[2]
+    stopped = engine.generate([PROMPT], SamplingParams(max_tokens=5, temperature=0.0, stop_token_ids=[stop_at]))[0]
+    assert stopped.finish_reason == "stop" and stopped.token_ids == out.token_ids[: out.token_ids.index(stop_at) + 1]
+
+
+def test_eos_ends_the_request_unless_ignored(engine, monkeypatch):
+    eos = next(iter(engine.eos_token_ids))
+    forward = engine.model.forward
+
+    def eos_always_wins(*args, **kwargs):
+        logits = forward(*args, **kwargs).clone()
+        logits[:, eos] += 1000.0
+        return logits
+
+    monkeypatch.setattr(engine.model, "forward", eos_always_wins)
+    out = engine.generate([PROMPT], SamplingParams(max_tokens=8, temperature=0.0))[0]
+    assert out.finish_reason == "stop" and out.token_ids == [eos] and out.text == ""
+    ignored = engine.generate([PROMPT], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0]
+    assert ignored.finish_reason == "length" and ignored.token_ids == [eos] * 8
+
+
+def test_stop_string_across_token_boundaries_is_cut_and_never_streamed(engine):
+    full = engine.generate([PROMPT], SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))[0].text
+    assert len(full) > 8
+    stop = full[5:9]  # four characters that almost surely span two or more tokens
+    request_id = engine.add_request(PROMPT, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, stop=[stop]))
+    streamed = ""
+    while engine.has_unfinished():
+        for out in engine.step():
+            streamed += out.new_text
+            assert stop not in streamed
+    result = engine.pop_finished(request_id)
+    assert result.finish_reason == "stop"
+    assert result.text == streamed == full[: full.index(stop)]
+
+
+def test_streamed_text_never_splits_a_character(engine):
+    """Feed a multi-byte text one byte-token at a time: no delta holds half a character."""
+    from engine_daemon import detokenizer
+    from engine_daemon.sequence import Sequence
+
+    byte_tokens = engine.tokenizer.backend.get_vocab()
+    alphabet = _byte_level_alphabet()
+    text = "naïve 日本語 🎉!"
+    ids = [byte_tokens[alphabet[b]] for b in text.encode()]
+    seq = Sequence("r", [1], SamplingParams())
+    deltas = []
+    for token in ids:
+        seq.output_ids.append(token)
+        detokenizer.append_token_text(seq, engine.tokenizer)
+        deltas.append(detokenizer.take_new_text(seq, finished=False))
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) == text
+    assert deltas[text.encode().index("日".encode()) : text.encode().index("日".encode()) + 2] == ["", ""]
+
+
+def _byte_level_alphabet() -> dict[int, str]:
+    """GPT-2's byte → printable character map that byte-level BPE vocabularies use."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    mapping, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+def test_chat_uses_the_model_template(engine):
+    out = engine.chat([[{"role": "user", "content": "hi"}]], SamplingParams(max_tokens=2, temperature=0.0))[0]
+    assert engine.tokenizer.decode(out.prompt_token_ids, skip_special_tokens=False) == (
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_invalid_parameters_are_refused():
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
