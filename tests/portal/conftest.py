@@ -73,3 +73,44 @@ def tenant_b(db):
 def run_on_commit(django_capture_on_commit_callbacks):
     """Run what a block enqueues after commit (the tasks, eagerly), as a real commit would."""
     return lambda: django_capture_on_commit_callbacks(execute=True)
+
+
+@pytest.fixture(scope="session")
+def peft_pickled_dir(tmp_path_factory) -> Path:
+    """The good adapter's twin saved with safe_serialization=False (adapter_model.bin)."""
+    return make_peft_adapter(tmp_path_factory.mktemp("peft-bin") / "adapter", safe_serialization=False)
+
+
+@pytest.fixture(scope="session")
+def peft_other_base_dir(tmp_path_factory) -> Path:
+    """An adapter trained on a Llama whose shapes are not random:tiny's."""
+    other = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512)
+    return make_peft_adapter(tmp_path_factory.mktemp("peft-other") / "adapter", llama=other)
+
+
+@pytest.fixture
+def bad_sources(peft_dir, peft_pickled_dir, peft_other_base_dir, tmp_path):
+    from tests.portal.adapters.bad_uploads import Sources
+
+    folder = tmp_path / "bad-upload"
+    folder.mkdir()
+    return Sources(good=peft_dir, pickled=peft_pickled_dir, other_base=peft_other_base_dir, tmp=folder)
+
+
+@pytest.fixture
+def api_client():
+    from rest_framework.test import APIClient
+
+    return APIClient()
+
+
+@pytest.fixture
+def key_client(tenant_a):
+    """An API client of tenant A with a manage + inference key."""
+    from rest_framework.test import APIClient
+
+    _key, secret = factories.api_key_for(tenant_a[0])
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
+    return client
