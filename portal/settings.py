@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import tempfile
 from pathlib import Path
 
 import dj_database_url
@@ -102,22 +103,21 @@ TEMPLATES = [
 ]
 
 # --- database: DATABASE_URL (PostgreSQL in production and CI), else SQLite in var/
-if os.environ.get("DATABASE_URL"):
-    DATABASES = {"default": dj_database_url.config(conn_max_age=0, conn_health_checks=True)}
-else:
-    DATABASES = {
-        "default": {
-            "ENGINE": "django.db.backends.sqlite3",
-            "NAME": LORAFLEET_VAR_DIR / "db.sqlite3",
-            # The web process and Celery workers write concurrently: wait for the lock rather than fail,
-            # and take it when the transaction starts so that two writers never deadlock on an upgrade.
-            "OPTIONS": {
-                "timeout": 20,
-                "transaction_mode": "IMMEDIATE",
-                "init_command": "PRAGMA journal_mode=WAL;",
-            },
-        }
+DATABASES = {
+    "default": dj_database_url.config(
+        default=f"sqlite:///{LORAFLEET_VAR_DIR / 'db.sqlite3'}", conn_max_age=0, conn_health_checks=True
+    )
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # The web process and Celery workers write concurrently: wait for the lock rather than fail,
+    # and take it when the transaction starts so that two writers never deadlock on an upgrade.
+    DATABASES["default"]["OPTIONS"] = {
+        "timeout": 20,
+        "transaction_mode": "IMMEDIATE",
+        "init_command": "PRAGMA journal_mode=WAL;",
     }
+    # A file, not memory, so that a test's Celery worker process can open the same test database.
+    DATABASES["default"]["TEST"] = {"NAME": str(Path(tempfile.gettempdir()) / f"lorafleet-test-{os.getpid()}.sqlite3")}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [

@@ -26,6 +26,9 @@
     element.textContent = status;
     element.className = element.className.replace(/\bstatus-\S+/g, "").trim() + " status-" + status;
     element.setAttribute("data-status", status);
+    var history = (element.getAttribute("data-history") || "").split(" ").filter(Boolean);
+    if (history[history.length - 1] !== status) history.push(status);
+    element.setAttribute("data-history", history.join(" "));  /* what the page showed, in order */
   }
 
   /* Poll a version's JSON until it is ready or rejected; onUpdate gets every answer. */
