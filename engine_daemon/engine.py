@@ -275,6 +275,8 @@ class Engine:
         outputs += self._collect_failed()
         if not batch:
             return outputs
+        # Grouped by adapter slot, each adapter's tokens form one run: the LoRA twins then use views.
+        batch.sort(key=lambda item: item.seq.slot)
         sampled = [item for item in batch if item.samples]
         logits = self._forward(batch, sampled)
         for item in batch:

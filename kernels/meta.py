@@ -37,6 +37,10 @@ class LoraMeta:
     # True when sorted_token_ids == arange(num_tokens): the twins can use views, not gathers.
     identity_order: bool = False
     num_lora_tokens: int = 0
+    # Host tensors only: when each slot's tokens already sit in one contiguous run of the batch
+    # (the engine orders its batch by slot), the segments in batch coordinates. The twins then
+    # work on views of x and base, with no gather or scatter.
+    batch_runs: tuple[tuple[int, int, int, int, float], ...] | None = None
 
     @property
     def has_lora(self) -> bool:
@@ -106,6 +110,9 @@ class LoraMeta:
         sorted_token_ids = order[num_skipped:]
         # One slot for every token: the sort is the identity (the usual single-tenant prefill).
         identity_order = len(segments) == 1 and segments[0][:2] == (0, num_tokens)
+        batch_runs = None
+        if device.type == "cpu" and segments:
+            batch_runs = _contiguous_runs(token_slots.tolist(), ranks_host, scalings_host, len(segments))
         return cls(
             num_tokens=num_tokens,
             segments=tuple(segments),
@@ -117,5 +124,21 @@ class LoraMeta:
             ranks=ranks.to(device=device, dtype=torch.int32),
             scalings=scalings.to(device=device, dtype=torch.float32),
             identity_order=identity_order,
+            batch_runs=batch_runs,
             num_lora_tokens=sum(s[1] - s[0] for s in segments),
         )
+
+
+def _contiguous_runs(
+    slots: list[int], ranks: list[int], scalings: list[float], num_segments: int
+) -> tuple[tuple[int, int, int, int, float], ...] | None:
+    """(start, end, slot, rank, scaling) runs in batch order, or None if some slot is split in two."""
+    runs = []
+    start = 0
+    for end in range(1, len(slots) + 1):
+        if end == len(slots) or slots[end] != slots[start]:
+            slot = slots[start]
+            if slot >= 0 and ranks[slot] > 0:
+                runs.append((start, end, slot, ranks[slot], scalings[slot]))
+            start = end
+    return tuple(runs) if len(runs) == num_segments else None
