@@ -212,7 +212,7 @@ def adapter_version_stage(*, version_id: int) -> AdapterVersion | None:
 
 def _promote_if_newer(version: AdapterVersion) -> None:
     """A newly ready upload becomes the default unless a later version already is (uploads can finish out of order)."""
-    adapter = Adapter.objects.select_for_update().select_related("default_version").get(pk=version.adapter_id)
+    adapter = Adapter.objects.select_for_update().get(pk=version.adapter_id)
     current = adapter.default_version
     if current is None or current.number < version.number:
         adapter.default_version = version

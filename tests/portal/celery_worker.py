@@ -34,8 +34,7 @@ def celery_worker(log_path: Path) -> Iterator[subprocess.Popen]:
     broker = celery_broker_url(settings.REDIS_URL)
     saved = app.conf.broker_url, app.conf.task_always_eager
     app.conf.broker_url, app.conf.task_always_eager = broker, False
-    app._pool = None  # producers connect to the test's Redis from now on
-    app.amqp._producer_pool = None
+    _forget_broker_connections(app)  # producers connect to the test's Redis from now on
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "PYTHONPATH": str(ROOT),
@@ -64,6 +63,12 @@ def celery_worker(log_path: Path) -> Iterator[subprocess.Popen]:
             worker.kill()
             worker.wait()
         app.conf.broker_url, app.conf.task_always_eager = saved
-        app.pool.force_close_all()
-        app._pool = None
-        app.amqp._producer_pool = None
+        _forget_broker_connections(app)
+
+
+def _forget_broker_connections(app) -> None:
+    from kombu import pools
+
+    pools.reset()  # closes kombu's process-wide connection and producer pools
+    app._pool = None
+    app.amqp._producer_pool = None

@@ -2,7 +2,9 @@ import asyncio
 from datetime import timedelta
 
 import pytest
+from asgiref.sync import sync_to_async
 from django.core.exceptions import ValidationError
+from django.db import connection
 from django.utils import timezone
 
 from portal.api_keys.errors import ApiKeyError
@@ -125,7 +127,10 @@ def test_authenticate_from_async_code():
     key, secret = factories.api_key_for(tenant)
 
     async def view():
-        return await api_key_authenticate_async(raw_key=secret, scope="inference")
+        try:
+            return await api_key_authenticate_async(raw_key=secret, scope="inference")
+        finally:  # as Django does at the end of a request, so the test database can be dropped
+            await sync_to_async(lambda: connection.close())()
 
     found, found_tenant = asyncio.run(view())
     assert (found.pk, found_tenant.pk) == (key.pk, tenant.pk)
