@@ -1,0 +1,368 @@
+"""End-to-end throughput: the engine without adapters, the engine with multi-LoRA, and HF + PEFT.
+
+One run, one machine, one workload, so the ratios are fair even on a noisy shared box:
+
+- requests with prompt lengths 16-512 and output lengths 16-256 (seeded), all arriving at t=0;
+- adapters with ranks {8, 16, 32, 64} on all seven projections, made by PEFT, 8 and 32 distinct;
+- systems: lorafleet without adapters, lorafleet with the mixed adapters, and HF transformers +
+  PEFT generating mixed-adapter batches with ``adapter_names=`` (static batches, the way a user
+  would serve adapters with PEFT today);
+- plus the pure matrix-multiply limit of the same model at the same batch size: the time of
+  the model's GEMMs alone, the physical ceiling of this machine.
+
+Reports output tokens/s, time to first token and inter-token latency (p50/p99), writes
+``throughput.json`` and ``throughput.png`` under --out.
+
+    python benchmarks/throughput.py                      # the full comparison (~15 minutes on 2 cores)
+    python benchmarks/throughput.py --requests 16 --max-output 32 --adapters 8   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import random
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare checkout
+
+from engine_daemon import Engine, EngineConfig, SamplingParams  # noqa: E402
+
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RANKS = (8, 16, 32, 64)
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    max_tokens: int
+    adapter: str | None = None
+
+
+@dataclass
+class Result:
+    system: str
+    adapters: int
+    output_tokens: int
+    seconds: float
+    ttft: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.output_tokens / self.seconds
+
+    def summary(self) -> dict:
+        return {
+            "system": self.system,
+            "adapters": self.adapters,
+            "output_tokens": self.output_tokens,
+            "seconds": round(self.seconds, 2),
+            "tokens_per_second": round(self.tokens_per_second, 1),
+            "ttft_p50_s": _percentile(self.ttft, 50),
+            "ttft_p99_s": _percentile(self.ttft, 99),
+            "itl_p50_ms": _ms(_percentile(self.itl, 50)),
+            "itl_p99_ms": _ms(_percentile(self.itl, 99)),
+        }
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return round(ordered[index], 4)
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
+
+
+def make_workload(count: int, vocab: int, seed: int, min_prompt: int, max_prompt: int, min_out: int, max_out: int):
+    rng = random.Random(seed)
+    return [
+        Request([rng.randrange(100, vocab) for _ in range(rng.randint(min_prompt, max_prompt))], rng.randint(min_out, max_out))
+        for _ in range(count)
+    ]
+
+
+def with_adapters(workload: list[Request], names: list[str | None]) -> list[Request]:
+    return [Request(r.prompt, r.max_tokens, names[i % len(names)]) for i, r in enumerate(workload)]
+
+
+# ---- lorafleet -------------------------------------------------------------------------------
+
+
+def run_engine(engine: Engine, workload: list[Request], label: str, adapters: int) -> Result:
+    for request in workload:
+        if request.adapter:
+            engine.prefetch_adapter(request.adapter)
+    engine.wait_for_adapters()
+    token_times: dict[str, list[float]] = {}
+    start = time.perf_counter()
+    for i, request in enumerate(workload):
+        params = SamplingParams(max_tokens=request.max_tokens, temperature=0.0, ignore_eos=True)
+        engine.add_request(request.prompt, params, request_id=f"{label}-{i}", adapter=request.adapter,
+                           tenant=f"tenant-{i % 4}")
+    total = sum(r.max_tokens for r in workload)
+    with tqdm(total=total, desc=label, unit="tok") as bar:
+        while engine.has_unfinished():
+            outputs = engine.step()
+            now = time.perf_counter()
+            for out in outputs:
+                token_times.setdefault(out.request_id, []).append(now)
+                if out.finished:
+                    engine.pop_finished(out.request_id)
+            bar.update(len(outputs))
+    seconds = time.perf_counter() - start
+    result = Result(label, adapters, sum(len(t) for t in token_times.values()), seconds)
+    for times in token_times.values():
+        result.ttft.append(times[0] - start)
+        result.itl += [b - a for a, b in zip(times, times[1:], strict=False)]
+    return result
+
+
+# ---- HF transformers + PEFT ------------------------------------------------------------------
+
+
+class _StepClock:
+    """A logits processor that only records when each generation step happens."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def run_hf_peft(peft_model, workload: list[Request], batch_size: int, label: str, adapters: int) -> Result:
+    from transformers import LogitsProcessorList
+
+    result = Result(label, adapters, 0, 0.0)
+    start = time.perf_counter()
+    batches = [workload[i : i + batch_size] for i in range(0, len(workload), batch_size)]
+    with tqdm(total=sum(r.max_tokens for r in workload), desc=label, unit="tok") as bar:
+        for batch in batches:
+            width = max(len(r.prompt) for r in batch)
+            input_ids = torch.zeros(len(batch), width, dtype=torch.long)
+            mask = torch.zeros(len(batch), width, dtype=torch.long)
+            for row, request in enumerate(batch):  # left padding, as HF wants for generation
+                input_ids[row, width - len(request.prompt) :] = torch.tensor(request.prompt)
+                mask[row, width - len(request.prompt) :] = 1
+            clock = _StepClock()
+            with torch.no_grad():
+                peft_model.generate(
+                    input_ids=input_ids,
+                    attention_mask=mask,
+                    adapter_names=[r.adapter or "__base__" for r in batch],
+                    max_new_tokens=max(r.max_tokens for r in batch),
+                    do_sample=False,
+                    eos_token_id=None,
+                    pad_token_id=0,
+                    logits_processor=LogitsProcessorList([clock]),
+                )
+            # A static batch runs until its longest request is done; each request's useful output
+            # is its own max_tokens, produced at the first max_tokens steps.
+            for request in batch:
+                times = clock.times[: request.max_tokens]
+                result.ttft.append(times[0] - start)
+                result.itl += [b - a for a, b in zip(times, times[1:], strict=False)]
+                result.output_tokens += request.max_tokens
+                bar.update(request.max_tokens)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+# ---- the matrix-multiply limit -----------------------------------------------------------------
+
+
+def matmul_limit(engine: Engine, batch: int, repeats: int = 5) -> float:
+    """Tokens/s if a decode step cost only the model's GEMMs (every linear layer and the LM head)."""
+    model = engine.model
+    x = torch.randn(batch, engine.model_config.hidden_size, dtype=model.dtype)
+    inter = torch.randn(batch, engine.model_config.intermediate_size, dtype=model.dtype)
+    attn_out = torch.randn(batch, engine.model_config.q_size, dtype=model.dtype)
+
+    def one_step() -> None:
+        for layer in model.layers:
+            x @ layer["qkv_proj"].T
+            attn_out @ layer["o_proj"].T
+            x @ layer["gate_up_proj"].T
+            inter @ layer["down_proj"].T
+        x @ model.lm_head.T
+
+    one_step()
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        one_step()
+        best = min(best, time.perf_counter() - started)
+    return batch / best
+
+
+# ---- adapters ----------------------------------------------------------------------------------
+
+
+def make_adapters(hf_model, count: int, folder: Path) -> dict[str, Path]:
+    """PEFT-written adapters of mixed ranks on all seven projections, cached between runs."""
+    from peft import LoraConfig, get_peft_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for i in tqdm(range(count), desc="adapters", unit="adapter"):
+        name, rank = f"bench-{i}", RANKS[i % len(RANKS)]
+        path = folder / name
+        if not (path / "adapter_model.safetensors").exists():
+            torch.manual_seed(i)
+            config = LoraConfig(r=rank, lora_alpha=rank, target_modules=ALL_PROJECTIONS, lora_dropout=0.0)
+            peft_model = get_peft_model(copy.deepcopy(hf_model), config)
+            with torch.no_grad():
+                for param_name, param in peft_model.named_parameters():
+                    if "lora_B" in param_name:
+                        param.normal_(0, 0.01)
+            peft_model.save_pretrained(path, safe_serialization=True)
+        paths[name] = path
+    return paths
+
+
+def load_hf_model(model: str):
+    import transformers
+
+    from engine_daemon.model_source import resolve_model
+
+    source = resolve_model(model)
+    if source.kind == "gguf":
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            str(source.path.parent), gguf_file=source.path.name, dtype=torch.float32
+        )
+    if source.kind == "hf":
+        return transformers.AutoModelForCausalLM.from_pretrained(str(source.path), dtype=torch.float32)
+    raise SystemExit("HF + PEFT needs real weights: use an HF directory, a GGUF file or the bundled model")
+
+
+# ---- report ------------------------------------------------------------------------------------
+
+
+def write_chart(results: list[Result], limits: dict[int, float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    labels = [f"{r.system}\n({r.adapters} adapters)" if r.adapters else r.system for r in results]
+    colours = ["#4c72b0" if r.system.startswith("lorafleet") else "#c44e52" for r in results]
+    left.bar(labels, [r.tokens_per_second for r in results], color=colours)
+    for batch, limit in limits.items():
+        left.axhline(limit, linestyle="--", color="grey", linewidth=1)
+        left.text(len(results) - 0.5, limit, f"GEMM limit, batch {batch}", ha="right", va="bottom", fontsize=8)
+    left.set_ylabel("output tokens / s")
+    left.set_title("Throughput")
+    left.tick_params(axis="x", labelsize=8)
+    x = range(len(results))
+    right.bar([i - 0.2 for i in x], [_ms(_percentile(r.itl, 50)) or 0 for r in results], width=0.4, label="ITL p50")
+    right.bar([i + 0.2 for i in x], [_ms(_percentile(r.itl, 99)) or 0 for r in results], width=0.4, label="ITL p99")
+    right.set_xticks(list(x), labels, fontsize=8)
+    right.set_ylabel("ms")
+    right.set_title("Inter-token latency")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--adapters", default="8,32", help="comma-separated distinct adapter counts")
+    parser.add_argument("--min-prompt", type=int, default=16)
+    parser.add_argument("--max-prompt", type=int, default=512)
+    parser.add_argument("--min-output", type=int, default=16)
+    parser.add_argument("--max-output", type=int, default=256)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--hf-batch-size", type=int, default=32)
+    parser.add_argument("--skip-hf", action="store_true", help="leave out HF + PEFT (the slowest part)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
+    parser.add_argument("--adapter-cache", type=Path, default=Path("var/bench-adapters"))
+    args = parser.parse_args()
+    counts = [int(c) for c in args.adapters.split(",") if c]
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    hf_model = load_hf_model(args.model)
+    hf_model.eval()
+    adapter_paths = make_adapters(hf_model, max(counts), args.adapter_cache / args.model.replace("/", "_"))
+    engine = Engine(EngineConfig(model=args.model, device="cpu", dtype="float32", max_loras=max(counts),
+                                 max_cpu_loras=max(counts), max_lora_rank=max(RANKS), max_num_seqs=args.max_num_seqs))
+    for name, path in adapter_paths.items():
+        engine.add_adapter(name, str(path))
+    workload = make_workload(args.requests, engine.model_config.vocab_size, args.seed, args.min_prompt,
+                             args.max_prompt, args.min_output, args.max_output)
+
+    # Warm-up: the first forward passes pay for allocator growth and lazy initialisation.
+    warm = make_workload(8, engine.model_config.vocab_size, args.seed + 1, 16, 64, 4, 8)
+    run_engine(engine, with_adapters(warm, [None, *list(adapter_paths)[:7]]), "warm-up", 0)
+    results = [run_engine(engine, workload, "lorafleet, no adapters", 0)]
+    for count in counts:
+        names = [f"bench-{i}" for i in range(count)]
+        results.append(run_engine(engine, with_adapters(workload, names), "lorafleet, multi-LoRA", count))
+    if not args.skip_hf:
+        from peft import PeftModel
+
+        for count in counts:
+            names = [f"bench-{i}" for i in range(count)]
+            peft_model = PeftModel.from_pretrained(copy.deepcopy(hf_model), adapter_paths[names[0]], adapter_name=names[0])
+            for name in names[1:]:
+                peft_model.load_adapter(adapter_paths[name], adapter_name=name)
+            peft_model.eval()
+            results.append(run_hf_peft(peft_model, with_adapters(workload, names), args.hf_batch_size,
+                                       "HF + PEFT", count))
+    limits = {b: matmul_limit(engine, b) for b in sorted({32, args.max_num_seqs, 256})}
+
+    base = results[0].tokens_per_second
+    rows = [r.summary() for r in results]
+    for row, result in zip(rows, results, strict=True):
+        row["vs_engine_no_adapters"] = round(result.tokens_per_second / base, 3)
+        hf = next((h for h in results if h.system == "HF + PEFT" and h.adapters == result.adapters), None)
+        if hf is not None and result.system.startswith("lorafleet"):
+            row["vs_hf_peft"] = round(result.tokens_per_second / hf.tokens_per_second, 2)
+    report = {
+        "model": args.model,
+        "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
+        "workload": {k: getattr(args, k) for k in ("requests", "min_prompt", "max_prompt", "min_output", "max_output",
+                                                    "max_num_seqs", "hf_batch_size", "seed")},
+        "results": rows,
+        "matmul_limit_tokens_per_second": {str(b): round(v, 1) for b, v in limits.items()},
+        "engine": {"steps": engine.stats.steps, "preemptions": engine.scheduler.num_preemptions},
+    }
+    (args.out / "throughput.json").write_text(json.dumps(report, indent=2))
+    write_chart(results, limits, args.out / "throughput.png")
+    print_table(rows, limits)
+    engine.close()
+
+
+def print_table(rows: list[dict], limits: dict[int, float]) -> None:
+    header = "| system | adapters | tok/s | vs no-adapter | vs HF+PEFT | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) |"
+    print(header)
+    print("|" + "---|" * 7)
+    for row in rows:
+        print(
+            f"| {row['system']} | {row['adapters'] or '-'} | {row['tokens_per_second']} | {row['vs_engine_no_adapters']} "
+            f"| {row.get('vs_hf_peft', '-')} | {row['ttft_p50_s']} / {row['ttft_p99_s']} "
+            f"| {row['itl_p50_ms']} / {row['itl_p99_ms']} |"
+        )
+    print("GEMM limit (tok/s): " + ", ".join(f"batch {b}: {v:.0f}" for b, v in limits.items()))
+
+
+if __name__ == "__main__":
+    main()
