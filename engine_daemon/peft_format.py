@@ -212,6 +212,10 @@ def parse_adapter_config(raw: bytes | str | dict[str, Any]) -> LoraSpec:
     )
 
 
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed in strict JSON")
 
@@ -259,6 +263,12 @@ def read_safetensors_header(stream: BinaryIO, file_size: int) -> tuple[dict[str,
             dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise AdapterError(f"{WEIGHTS_FILE}: malformed header entry for {name!r}") from None
+        if not all(_is_count(n) for n in (*shape, start, end)):
+            # JSON allows 4.0, -1, true or "4" here; a float dimension would even pass the shape checks below.
+            raise AdapterError(
+                f"{WEIGHTS_FILE}: tensor {name!r} has a shape or offsets that are not non-negative integers; "
+                "not a safetensors file"
+            )
         if dtype not in SAFETENSORS_DTYPES:
             raise AdapterError(
                 f"{WEIGHTS_FILE}: tensor {name!r} has dtype {dtype}; save the adapter in float16, bfloat16 or float32"
