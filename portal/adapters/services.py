@@ -8,8 +8,10 @@ what had not been recorded.
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from functools import partial
 
+import kombu.exceptions
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.exceptions import ValidationError
@@ -27,7 +29,7 @@ from portal.adapters.models import Adapter, AdapterVersion, adapter_name_validat
 from portal.adapters.uploads import AdapterUpload, upload_too_large_error
 from portal.api_keys.models import TenantAPIKey
 from portal.base_models.models import BaseModel
-from portal.common.errors import CONFLICT, INVALID, NOT_FOUND, NOT_READY
+from portal.common.errors import CONFLICT, INVALID, NOT_FOUND, NOT_READY, UNAVAILABLE
 from portal.tenants.models import Tenant
 
 logger = logging.getLogger(__name__)
@@ -124,7 +126,15 @@ _PART_NAMES = {"archive": "archive", "config_file": "adapter_config", "weights_f
 def _enqueue_validation(version_id: int) -> None:
     from portal.adapters.tasks import validate_adapter_version
 
-    validate_adapter_version.delay(version_id)
+    try:
+        validate_adapter_version.delay(version_id)
+    except kombu.exceptions.OperationalError as exc:  # the broker (Redis) is down: say so, leave nothing pending
+        adapter_version_reject(
+            version_id=version_id, reason="the upload could not be queued for validation (task queue unavailable)"
+        )
+        raise AdapterRejected(
+            "the validation queue is unavailable, so the upload was not accepted; try again in a minute", code=UNAVAILABLE
+        ) from exc
 
 
 def _enqueue_staging(version_id: int) -> None:
@@ -292,3 +302,17 @@ def adapter_files_purge(
             ControlEvent(action=ControlEvent.ADAPTER_DELETED, sha256=sha256, adapter=adapter, tenant_id=tenant_id)
         )
     return removed
+
+
+def adapter_versions_requeue(*, older_than: timedelta) -> list[int]:
+    """Enqueue again the work of versions stuck unfinished (a lost message, a worker that never ran).
+
+    Safe at any time: the tasks are idempotent. Returns the ids of the versions requeued.
+    """
+    cutoff = timezone.now() - older_than
+    stuck = AdapterVersion.objects.filter(status__in=(Status.PENDING, Status.VALIDATING), created_at__lt=cutoff)
+    requeued = []
+    for version_id, sha256 in stuck.values_list("pk", "sha256"):
+        (_enqueue_staging if sha256 else _enqueue_validation)(version_id)
+        requeued.append(version_id)
+    return requeued

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import kombu.exceptions
 import redis.exceptions
 from celery import Task, shared_task
 from django.db import InterfaceError, OperationalError
@@ -18,6 +19,7 @@ from django.db import InterfaceError, OperationalError
 logger = logging.getLogger(__name__)
 
 TRANSIENT_ERRORS = (
+    kombu.exceptions.OperationalError,  # enqueuing the next task while the broker is down
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
     redis.exceptions.LockError,

@@ -22,6 +22,7 @@ NOT_FOUND = "not_found"
 CONFLICT = "conflict"
 NOT_READY = "not_ready"
 TOO_LARGE = "too_large"
+UNAVAILABLE = "unavailable"
 
 HTTP_STATUS: dict[str, int] = {
     INVALID: 400,
@@ -31,6 +32,7 @@ HTTP_STATUS: dict[str, int] = {
     CONFLICT: 409,
     NOT_READY: 409,
     TOO_LARGE: 413,
+    UNAVAILABLE: 503,
 }
 
 

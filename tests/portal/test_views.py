@@ -150,3 +150,14 @@ def test_static_files_are_served_by_the_project(client):
         assert response.status_code == 200
         body = b"".join(response.streaming_content) if response.streaming else response.content
         assert b"http" not in body.replace(b"XMLHttpRequest", b"")  # nothing fetched from elsewhere
+
+
+def test_staff_see_everything_in_the_admin(tenant_a, tenant_b, bot):
+    admin_user = factories.user_create("root", is_staff=True, is_superuser=True)
+    client = Client()
+    client.force_login(admin_user)
+    for url in ("/admin/tenants/tenant/", "/admin/tenants/membership/", "/admin/base_models/basemodel/",
+                "/admin/adapters/adapter/", "/admin/adapters/adapterversion/", "/admin/api_keys/tenantapikey/",
+                f"/admin/adapters/adapter/{bot.pk}/change/"):
+        assert client.get(url).status_code == 200, url
+    assert b"tenant-b" in client.get("/admin/tenants/tenant/").content

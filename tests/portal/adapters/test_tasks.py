@@ -1,5 +1,6 @@
 from unittest import mock
 
+import kombu.exceptions
 import pytest
 import redis
 from celery.exceptions import Retry
@@ -56,3 +57,30 @@ def test_tasks_for_a_deleted_version_do_nothing(pending, run_on_commit):
         services.adapter_delete(adapter=pending.adapter)
     tasks.validate_adapter_version.delay(pending.pk)
     tasks.stage_adapter_version.delay(pending.pk)
+
+
+@pytest.mark.django_db(transaction=True)  # enqueuing happens on a real commit, inside the request
+def test_an_upload_while_the_broker_is_down_is_refused_with_503(key_client, base_model, peft_zip):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    down = kombu.exceptions.OperationalError("Error 111 connecting to redis")
+    with mock.patch.object(tasks.validate_adapter_version, "delay", side_effect=down):
+        response = key_client.post(
+            "/api/v1/adapters", {"name": "bot", "archive": SimpleUploadedFile("a.zip", peft_zip.read_bytes())}
+        )
+    assert response.status_code == 503 and response.json()["code"] == "unavailable"
+    version = AdapterVersion.objects.get()
+    assert version.status == AdapterVersion.Status.REJECTED and "could not be queued" in version.error
+
+
+def test_stuck_versions_are_requeued(pending, run_on_commit):
+    from datetime import timedelta
+
+    from django.core.management import call_command
+
+    AdapterVersion.objects.filter(pk=pending.pk).update(created_at=pending.created_at - timedelta(hours=1))
+    assert services.adapter_versions_requeue(older_than=timedelta(hours=2)) == []
+    with run_on_commit():
+        call_command("requeue_adapter_versions", "--older-than-minutes", "30")
+    pending.refresh_from_db()
+    assert pending.status == AdapterVersion.Status.READY
