@@ -188,15 +188,15 @@ class AdapterVersionDetailApi(APIView):
 
 
 class AdapterDefaultApi(APIView):
-    class Input(serializers.Serializer):
+    class AdapterDefaultInput(serializers.Serializer):
         version = serializers.IntegerField(min_value=1)
 
-    @extend_schema(operation_id="adapters_default_set", request=Input, responses=AdapterDetailOutput)
+    @extend_schema(operation_id="adapters_default_set", request=AdapterDefaultInput, responses=AdapterDetailOutput)
     def post(self, request: Request, name: str) -> Response:
         access = access_for_request(request)
         adapter = adapter_get(tenant=access.tenant, name=name)
         access.require_role(Role.ADMIN)
-        data = self.Input(data=request.data)
+        data = self.AdapterDefaultInput(data=request.data)
         data.is_valid(raise_exception=True)
         adapter = adapter_default_set(adapter=adapter, number=data.validated_data["version"])
         return Response(AdapterDetailOutput(adapter).data)

@@ -34,7 +34,7 @@ class ApiKeyCreatedOutput(ApiKeyOutput):
 class ApiKeysApi(APIView):
     authentication_classes = [SessionAuthentication]
 
-    class Input(serializers.Serializer):
+    class ApiKeyCreateInput(serializers.Serializer):
         name = serializers.CharField(max_length=50)
         scopes = serializers.ListField(
             child=serializers.ChoiceField(choices=Scope.choices), default=[Scope.INFERENCE], allow_empty=False
@@ -47,11 +47,11 @@ class ApiKeysApi(APIView):
         access.require_role(Membership.Role.ADMIN)
         return Response(ApiKeyOutput(api_key_list(tenant=access.tenant), many=True).data)
 
-    @extend_schema(operation_id="keys_create", request=Input, responses={201: ApiKeyCreatedOutput})
+    @extend_schema(operation_id="keys_create", request=ApiKeyCreateInput, responses={201: ApiKeyCreatedOutput})
     def post(self, request: Request) -> Response:
         access = access_for_request(request)
         access.require_role(Membership.Role.ADMIN)
-        data = self.Input(data=request.data)
+        data = self.ApiKeyCreateInput(data=request.data)
         data.is_valid(raise_exception=True)
         key, secret = api_key_create(tenant=access.tenant, created_by=access.user, **data.validated_data)
         return Response({**ApiKeyOutput(key).data, "key": secret}, status=status.HTTP_201_CREATED)

@@ -188,3 +188,10 @@ def test_schema_and_docs_are_served_without_a_cdn(api_client):
     assert docs.status_code == 200
     html = docs.content.decode()
     assert "/static/drf_spectacular_sidecar/" in html and "cdn" not in html.lower()
+
+
+def test_the_openapi_schema_is_valid_and_has_no_warnings(tmp_path):
+    from django.core.management import call_command
+
+    call_command("spectacular", "--validate", "--fail-on-warn", "--file", str(tmp_path / "schema.yaml"))
+    assert "/api/v1/adapters/{name}/versions:" in (tmp_path / "schema.yaml").read_text()
