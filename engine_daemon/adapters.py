@@ -12,7 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,6 +165,8 @@ class AdapterResidency:
         self.slot_owner: list[str | None] = [None] * max_loras
         self._slot_lru: OrderedDict[int, None] = OrderedDict((s, None) for s in range(max_loras))
         self._host_lru: OrderedDict[str, None] = OrderedDict()
+        # (adapter, seconds, "disk" | "host") of each finished slot load, drained by the metrics exporter.
+        self.load_events: deque[tuple[str, float, str]] = deque(maxlen=1024)
         self._jobs: queue.Queue[_LoadJob | None] = queue.Queue()
         self._results: queue.Queue[_LoadResult] = queue.Queue()
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -284,6 +286,7 @@ class AdapterResidency:
                 failures.append((result.name, result.error))
                 continue
             record.fresh_load = True
+            self.load_events.append((result.name, result.seconds, "disk" if result.from_disk else "host"))
             record.stats.slot_loads += 1
             record.stats.load_seconds += result.seconds
             if result.from_disk:
@@ -302,6 +305,11 @@ class AdapterResidency:
         self.records[name].host = host
         self._host_lru[name] = None
         self._trim_host()
+
+    @property
+    def busy(self) -> bool:
+        """Whether a background load is queued or running (its result is applied by poll())."""
+        return any(r.loading for r in self.records.values()) or not self._results.empty()
 
     def wait_idle(self, timeout: float = 60.0) -> None:
         """Block until queued loads are done (tests and warm-up; never called from the step loop)."""

@@ -6,7 +6,7 @@ Every source yields the same flat dict that ``model.LlamaModel`` takes, with q/k
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -184,7 +184,8 @@ def random_weights(config: ModelConfig, device: torch.device, dtype: torch.dtype
     weights = {"embed_tokens": normal(config.vocab_size, h), "norm": ones(h)}
     if not config.tie_word_embeddings:
         weights["lm_head"] = normal(config.vocab_size, h)
-    for i, prefix in _layer_prefixes(config):
+    for i in range(config.num_layers):
+        prefix = f"layers.{i}."
         weights[prefix + "input_layernorm"] = ones(h)
         weights[prefix + "post_attention_layernorm"] = ones(h)
         weights[prefix + "qkv_proj"] = normal(qkv, h)
@@ -195,7 +196,3 @@ def random_weights(config: ModelConfig, device: torch.device, dtype: torch.dtype
         weights[prefix + "down_proj"] = normal(h, config.intermediate_size)
     return weights
 
-
-def _layer_prefixes(config: ModelConfig) -> Iterator[tuple[int, str]]:
-    for i in range(config.num_layers):
-        yield i, f"layers.{i}."

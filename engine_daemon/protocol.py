@@ -11,6 +11,8 @@ Keys:
 - ``lf:control``                     stream of control events (adapter staged / deleted, cancel)
 - ``lf:engine:<engine id>``          heartbeat hash of one live engine, with a TTL
 - ``lf:engines``                     sorted set engine id → last heartbeat time, for discovery
+- ``lf:series:<engine id>``          stream of per-second samples (tokens/s, step time, queues), ~15 minutes
+- ``lf:base-models``                 hash base model name → descriptor JSON, written by each daemon at start
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ CONTROL_STREAM = "lf:control"
 ENGINES_KEY = "lf:engines"
 RESPONSE_TTL_SECONDS = 600
 HEARTBEAT_TTL_SECONDS = 5
+SERIES_MAXLEN = 900  # one sample a second: the last 15 minutes
+BASE_MODELS_KEY = "lf:base-models"
 
 
 def request_stream(base_model: str) -> str:
@@ -41,6 +45,10 @@ def response_stream(request_id: str) -> str:
 
 def heartbeat_key(engine_id: str) -> str:
     return f"lf:engine:{engine_id}"
+
+
+def series_stream(engine_id: str) -> str:
+    return f"lf:series:{engine_id}"
 
 
 class ProtocolError(ValueError):
@@ -196,3 +204,53 @@ class ControlEvent(_Message):
 
 
 CONTROL_ACTIONS = (ControlEvent.ADAPTER_STAGED, ControlEvent.ADAPTER_DELETED, ControlEvent.CANCEL)
+
+
+@dataclass
+class Heartbeat:
+    """One engine's state, rewritten every second as a hash with a TTL (the ops dashboard reads only this).
+
+    ``memory`` holds bytes: total / weights / kv_cache / adapter_pool / free. ``adapters`` holds one
+    row per adapter the engine knows (its name is the content sha256 of the staged version): tier
+    ("gpu" | "host" | "disk" | "loading" | "failed"), slot, requests, gpu_hits, host_hits, disk_loads,
+    slot_loads, evictions, mean_load_seconds, last_used, error.
+    """
+
+    engine_id: str
+    base_model: str
+    device: str
+    dtype: str
+    started: float
+    updated: float
+    memory: dict[str, int] = field(default_factory=dict)
+    kv_blocks_total: int = 0
+    kv_blocks_used: int = 0
+    running: int = 0
+    waiting: int = 0
+    in_flight: int = 0
+    steps: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    preemptions: int = 0
+    tokens_per_second: float = 0.0
+    step_seconds: float = 0.0
+    max_adapters_in_step: int = 0
+    multi_adapter_steps: int = 0
+    adapters: list[dict[str, Any]] = field(default_factory=list)
+    draining: bool = False
+    metrics_url: str | None = None
+
+    def to_redis(self) -> dict[str, str]:
+        return {"v": str(PROTOCOL_VERSION), **{k: json.dumps(v) for k, v in asdict(self).items()}}
+
+    @classmethod
+    def from_redis(cls, raw: dict[Any, Any]) -> Heartbeat:
+        entry = _decode_fields(raw)
+        if entry.get("v") != str(PROTOCOL_VERSION):
+            raise ProtocolError(f"heartbeat version {entry.get('v')!r} is not {PROTOCOL_VERSION}")
+        names = {f.name for f in fields(cls)}
+        try:
+            values = {k: json.loads(v) for k, v in entry.items() if k in names}
+            return cls(**values)
+        except (ValueError, TypeError) as exc:
+            raise ProtocolError(f"malformed heartbeat: {exc}") from None

@@ -1,0 +1,124 @@
+"""Prometheus metrics of one engine daemon, served on their own port (names follow vLLM's where they fit)."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+if TYPE_CHECKING:
+    from engine_daemon.engine import StepOutput
+    from engine_daemon.service import EngineService
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TIERS = ("gpu", "host", "disk", "loading", "failed")
+
+
+class EngineMetrics:
+    """Updated from the service loop's thread; prometheus_client makes reads from the HTTP thread safe."""
+
+    def __init__(self, service: EngineService, registry: CollectorRegistry | None = None) -> None:
+        self.service = service
+        self.registry = registry or CollectorRegistry()
+        labels = {"model_name": service.base_model, "engine": service.engine_id}
+        names = list(labels)
+
+        def gauge(name: str, doc: str, extra: tuple[str, ...] = ()) -> Gauge:
+            return Gauge(name, doc, names + list(extra), registry=self.registry)
+
+        def counter(name: str, doc: str, extra: tuple[str, ...] = ()) -> Counter:
+            return Counter(name, doc, names + list(extra), registry=self.registry)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...] = _LATENCY_BUCKETS) -> Histogram:
+            return Histogram(name, doc, names, buckets=buckets, registry=self.registry)
+
+        self.labels = labels
+        self.running = gauge("lorafleet:num_requests_running", "Requests in the running batch")
+        self.waiting = gauge("lorafleet:num_requests_waiting", "Requests waiting to be scheduled")
+        self.kv_usage = gauge("lorafleet:kv_cache_usage_perc", "Share of KV cache blocks in use (0-1)")
+        self.memory = gauge("lorafleet:memory_bytes", "Device memory by use", ("kind",))
+        self.adapters = gauge("lorafleet:lora_adapters", "Adapters by residency tier", ("tier",))
+        self.prompt_tokens = counter("lorafleet:prompt_tokens", "Prompt tokens processed")
+        self.generation_tokens = counter("lorafleet:generation_tokens", "Tokens generated")
+        self.finished = counter("lorafleet:request_success", "Finished requests by reason", ("finished_reason",))
+        self.loads = counter("lorafleet:lora_adapter_loads", "Adapter loads into a device slot, by source", ("source",))
+        self.evictions = counter("lorafleet:lora_adapter_evictions", "Adapters evicted from a device slot")
+        self.load_time = histogram("lorafleet:lora_adapter_load_seconds", "Time to bring an adapter into a slot")
+        self.ttft = histogram("lorafleet:time_to_first_token_seconds", "Time from request creation to its first token")
+        self.itl = histogram("lorafleet:inter_token_latency_seconds", "Time between two tokens of one request")
+        self.e2e = histogram("lorafleet:e2e_request_latency_seconds", "Time from request creation to its end")
+        self.step_time = histogram("lorafleet:step_seconds", "Duration of one engine step")
+        self._last_token: dict[str, float] = {}
+        self._seen_prompt = 0
+        self._seen_evictions = 0
+        service.on_step.append(self.observe_step)
+
+    def observe_step(self, outputs: list[StepOutput], seconds: float) -> None:
+        now = time.time()
+        self.step_time.labels(**self.labels).observe(seconds)
+        for out in outputs:
+            if out.new_token_ids:
+                self.generation_tokens.labels(**self.labels).inc(len(out.new_token_ids))
+                last = self._last_token.get(out.request_id)
+                if last is None:
+                    created = self._created(out.request_id)
+                    if created:
+                        self.ttft.labels(**self.labels).observe(max(0.0, now - created))
+                else:
+                    self.itl.labels(**self.labels).observe(now - last)
+                self._last_token[out.request_id] = now
+            if out.finished:
+                self._last_token.pop(out.request_id, None)
+                self.finished.labels(**self.labels, finished_reason=out.finish_reason or "stop").inc()
+                created = self._created(out.request_id)
+                if created:
+                    self.e2e.labels(**self.labels).observe(max(0.0, now - created))
+        self.refresh()
+
+    def _created(self, request_id: str) -> float | None:
+        flight = self.service.in_flight.get(request_id)
+        return flight.request.created if flight is not None and flight.request.created else None
+
+    def refresh(self) -> None:
+        """Gauges and counters that the engine keeps itself."""
+        engine = self.service.engine
+        snap = engine.snapshot()
+        self.running.labels(**self.labels).set(snap["running"])
+        self.waiting.labels(**self.labels).set(snap["waiting"])
+        self.kv_usage.labels(**self.labels).set(snap["kv_blocks_used"] / max(1, snap["kv_blocks_total"]))
+        for kind, value in snap["memory"].items():
+            self.memory.labels(**self.labels, kind=kind).set(value)
+        counts = dict.fromkeys(TIERS, 0)
+        evictions = 0
+        for row in snap["adapters"]:
+            counts[row["tier"]] = counts.get(row["tier"], 0) + 1
+            evictions += row["evictions"]
+        for tier, count in counts.items():
+            self.adapters.labels(**self.labels, tier=tier).set(count)
+        if snap["prompt_tokens"] > self._seen_prompt:
+            self.prompt_tokens.labels(**self.labels).inc(snap["prompt_tokens"] - self._seen_prompt)
+            self._seen_prompt = snap["prompt_tokens"]
+        if evictions > self._seen_evictions:
+            self.evictions.labels(**self.labels).inc(evictions - self._seen_evictions)
+            self._seen_evictions = evictions
+        events = engine.residency.load_events
+        while events:
+            _name, seconds, source = events.popleft()
+            self.loads.labels(**self.labels, source=source).inc()
+            self.load_time.labels(**self.labels).observe(seconds)
+
+
+def serve_metrics(service: EngineService, port: int, host: str = "127.0.0.1") -> str:
+    """Start the /metrics HTTP server in a background thread; returns its URL."""
+    metrics = EngineMetrics(service)
+    metrics.refresh()
+    start_http_server(port, addr=host, registry=metrics.registry)
+    return f"http://{host}:{port}/metrics"
+
+
+def metric_families(text: str) -> dict[str, Any]:
+    """Parse exposition text (tests and tools): family name → family."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {family.name: family for family in text_string_to_metric_families(text)}
