@@ -1,0 +1,1 @@
+"""Demo adapters for a first run: small, honest LoRAs trained here from handwritten examples."""
