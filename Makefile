@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m engine_daemon.devrun
+	$(PY) -m portal.devstack
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -48,6 +48,7 @@ SERVE_FLAGS: list[tuple[str, str, type, object, str]] = [
     ("--max-deliveries", "LORAFLEET_MAX_DELIVERIES", int, 3, "deliveries before a request goes to the dead-letter stream"),
     ("--drain-seconds", "LORAFLEET_DRAIN_SECONDS", float, 30.0, "on SIGTERM, time allowed for running requests"),
     ("--metrics-port", "LORAFLEET_METRICS_PORT", int, 0, "serve Prometheus /metrics on this port (0 = off)"),
+    ("--metrics-host", "LORAFLEET_METRICS_HOST", str, "127.0.0.1", "address for /metrics (0.0.0.0 in a container)"),
     ("--log-level", "LORAFLEET_LOG_LEVEL", str, "INFO", "logging level"),
 ]
 
@@ -97,7 +98,7 @@ def serve(args: argparse.Namespace) -> None:
     if args.metrics_port:
         from engine_daemon.metrics import serve_metrics
 
-        service.metrics_url = serve_metrics(service, args.metrics_port)
+        service.metrics_url = serve_metrics(service, args.metrics_port, args.metrics_host)
     install_signal_handlers(service)
     service.run()
 
