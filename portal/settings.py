@@ -68,6 +68,8 @@ INSTALLED_APPS = [
     "portal.base_models",
     "portal.adapters",
     "portal.api_keys",
+    "portal.usage",
+    "portal.inference",
 ]
 
 MIDDLEWARE = [
