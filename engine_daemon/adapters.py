@@ -101,9 +101,10 @@ class SlotPool:
             m: [torch.zeros(max_loras, self.out_features[m], max_rank, dtype=dtype, device=device) for _ in layers]
             for m in LORA_MODULES
         }
-        # Each slot is computed at its adapter's own rank; scaling is folded into B.
-        self.ranks = torch.zeros(max_loras, dtype=torch.int32, device=device)
-        self.scalings = torch.ones(max_loras, dtype=torch.float32, device=device)
+        # Each slot is computed at its adapter's own rank; scaling is folded into B. Kept on the host:
+        # LoraMeta.build reads them there once per step without a device sync.
+        self.ranks = torch.zeros(max_loras, dtype=torch.int32)
+        self.scalings = torch.ones(max_loras, dtype=torch.float32)
         self.targets: list[frozenset[tuple[str, int]]] = [frozenset()] * max_loras
 
     @property

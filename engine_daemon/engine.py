@@ -264,6 +264,12 @@ class Engine:
             raise RequestError("give a prompt or messages")
         return [int(t) for t in prompt]
 
+    def set_tenant_weight(self, tenant: str, weight: float) -> None:
+        """A tenant of weight 2 gets twice the share of sequences and tokens of a tenant of weight 1."""
+        if weight <= 0:
+            raise ValueError("a tenant's weight must be positive")
+        self.scheduler.tenant_weight[tenant] = weight
+
     def abort(self, request_id: str) -> bool:
         """Cancel a request at once: its KV blocks and adapter hold are freed before this returns."""
         seq = self.sequences.pop(request_id, None)

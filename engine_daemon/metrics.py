@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from engine_daemon.service import EngineService
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_ADAPTER_COUNT_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64)
 TIERS = ("gpu", "host", "disk", "loading", "failed")
 
 
@@ -33,30 +34,51 @@ class EngineMetrics:
         def histogram(name: str, doc: str, buckets: tuple[float, ...] = _LATENCY_BUCKETS) -> Histogram:
             return Histogram(name, doc, names, buckets=buckets, registry=self.registry)
 
+        config = service.engine.config
+
         self.labels = labels
         self.running = gauge("lorafleet:num_requests_running", "Requests in the running batch")
         self.waiting = gauge("lorafleet:num_requests_waiting", "Requests waiting to be scheduled")
         self.kv_usage = gauge("lorafleet:kv_cache_usage_perc", "Share of KV cache blocks in use (0-1)")
         self.memory = gauge("lorafleet:memory_bytes", "Device memory by use", ("kind",))
         self.adapters = gauge("lorafleet:lora_adapters", "Adapters by residency tier", ("tier",))
+        self.capacity = gauge("lorafleet:lora_adapter_capacity", "Adapters a tier can hold (gpu: slots)", ("tier",))
+        self.capacity.labels(**labels, tier="gpu").set(config.max_loras)
+        self.capacity.labels(**labels, tier="host").set(config.max_cpu_loras)
         self.prompt_tokens = counter("lorafleet:prompt_tokens", "Prompt tokens processed")
         self.generation_tokens = counter("lorafleet:generation_tokens", "Tokens generated")
         self.finished = counter("lorafleet:request_success", "Finished requests by reason", ("finished_reason",))
         self.loads = counter("lorafleet:lora_adapter_loads", "Adapter loads into a device slot, by source", ("source",))
         self.evictions = counter("lorafleet:lora_adapter_evictions", "Adapters evicted from a device slot")
+        self.slot_hits = counter("lorafleet:lora_adapter_slot_hits", "Requests whose adapter was already in a device slot")
+        self.preemptions = counter("lorafleet:num_preemptions", "Sequences preempted (their KV freed, recomputed later)")
         self.load_time = histogram("lorafleet:lora_adapter_load_seconds", "Time to bring an adapter into a slot")
         self.ttft = histogram("lorafleet:time_to_first_token_seconds", "Time from request creation to its first token")
         self.itl = histogram("lorafleet:inter_token_latency_seconds", "Time between two tokens of one request")
         self.e2e = histogram("lorafleet:e2e_request_latency_seconds", "Time from request creation to its end")
         self.step_time = histogram("lorafleet:step_seconds", "Duration of one engine step")
+        self.adapters_per_step = histogram(
+            "lorafleet:lora_adapters_per_step", "Distinct adapters sharing one engine step", _ADAPTER_COUNT_BUCKETS
+        )
+        for metric in (self.running, self.waiting, self.kv_usage, self.prompt_tokens, self.generation_tokens,
+                       self.evictions, self.slot_hits, self.preemptions, self.load_time, self.ttft, self.itl,
+                       self.e2e, self.step_time, self.adapters_per_step):
+            metric.labels(**labels)  # exported at 0 from the start, so that rate() and absent() behave
         self._last_token: dict[str, float] = {}
         self._seen_prompt = 0
-        self._seen_evictions = 0
+        self._seen_preemptions = 0
+        self._seen_steps = service.engine.stats.steps
+        # Per adapter, so that removing one (its stats go with it) never makes a counter run backwards.
+        self._seen_adapter: dict[tuple[str, str], int] = {}
         service.on_step.append(self.observe_step)
 
     def observe_step(self, outputs: list[StepOutput], seconds: float) -> None:
         now = time.time()
         self.step_time.labels(**self.labels).observe(seconds)
+        stats = self.service.engine.stats
+        if stats.steps > self._seen_steps and stats.recent:  # a step that ran the model, not only adapter loads
+            self.adapters_per_step.labels(**self.labels).observe(stats.recent[-1].num_adapters)
+        self._seen_steps = stats.steps
         for out in outputs:
             if out.new_token_ids:
                 self.generation_tokens.labels(**self.labels).inc(len(out.new_token_ids))
@@ -90,31 +112,44 @@ class EngineMetrics:
         for kind, value in snap["memory"].items():
             self.memory.labels(**self.labels, kind=kind).set(value)
         counts = dict.fromkeys(TIERS, 0)
-        evictions = 0
+        evictions = slot_hits = 0
         for row in snap["adapters"]:
             counts[row["tier"]] = counts.get(row["tier"], 0) + 1
-            evictions += row["evictions"]
+            evictions += self._adapter_delta(row["name"], "evictions", row["evictions"])
+            slot_hits += self._adapter_delta(row["name"], "gpu_hits", row["gpu_hits"])
+        known = {row["name"] for row in snap["adapters"]}
+        self._seen_adapter = {key: value for key, value in self._seen_adapter.items() if key[0] in known}
         for tier, count in counts.items():
             self.adapters.labels(**self.labels, tier=tier).set(count)
+        if evictions:
+            self.evictions.labels(**self.labels).inc(evictions)
+        if slot_hits:
+            self.slot_hits.labels(**self.labels).inc(slot_hits)
         if snap["prompt_tokens"] > self._seen_prompt:
             self.prompt_tokens.labels(**self.labels).inc(snap["prompt_tokens"] - self._seen_prompt)
             self._seen_prompt = snap["prompt_tokens"]
-        if evictions > self._seen_evictions:
-            self.evictions.labels(**self.labels).inc(evictions - self._seen_evictions)
-            self._seen_evictions = evictions
+        if snap["preemptions"] > self._seen_preemptions:
+            self.preemptions.labels(**self.labels).inc(snap["preemptions"] - self._seen_preemptions)
+            self._seen_preemptions = snap["preemptions"]
         events = engine.residency.load_events
         while events:
             _name, seconds, source = events.popleft()
             self.loads.labels(**self.labels, source=source).inc()
             self.load_time.labels(**self.labels).observe(seconds)
 
+    def _adapter_delta(self, name: str, stat: str, value: int) -> int:
+        """How much an adapter's own counter grew since the last look (a re-added adapter starts again at 0)."""
+        seen = self._seen_adapter.get((name, stat), 0)
+        self._seen_adapter[(name, stat)] = value
+        return value - seen if value >= seen else value
+
 
 def serve_metrics(service: EngineService, port: int, host: str = "127.0.0.1") -> str:
-    """Start the /metrics HTTP server in a background thread; returns its URL."""
+    """Start the /metrics HTTP server in a background thread; returns its URL (port 0: a free port)."""
     metrics = EngineMetrics(service)
     metrics.refresh()
-    start_http_server(port, addr=host, registry=metrics.registry)
-    return f"http://{host}:{port}/metrics"
+    server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+    return f"http://{host}:{server.server_port}/metrics"
 
 
 def metric_families(text: str) -> dict[str, Any]:

@@ -171,15 +171,19 @@ class Scheduler:
     def _make_room_for(self, candidate: Sequence, batch: list[ScheduledSeq], blocks_needed: int = 0) -> bool:
         """Preempt a sequence of an over-served tenant when the candidate's tenant is under its share."""
         tenants = self._tenants_with_work()
-        share = self.max_num_seqs / max(1, len(tenants))
+        total_weight = sum(self.tenant_weight[t] for t in tenants) or 1.0
+
+        def share(tenant: str) -> float:
+            return self.max_num_seqs * self.tenant_weight[tenant] / total_weight
+
         counts: dict[str, int] = defaultdict(int)
         for seq in self.running:
             counts[seq.tenant] += 1
-        if counts[candidate.tenant] + 1 > share:
+        if counts[candidate.tenant] + 1 > share(candidate.tenant):
             return False
         while True:
-            heaviest = max(counts, key=lambda t: counts[t], default=None)
-            if heaviest is None or counts[heaviest] <= share or heaviest == candidate.tenant:
+            heaviest = max(counts, key=lambda t: counts[t] / share(t), default=None)
+            if heaviest is None or counts[heaviest] <= share(heaviest) or heaviest == candidate.tenant:
                 return False
             victim = max((s for s in self.running if s.tenant == heaviest), key=lambda s: s.arrival)
             self._drop_from_batch(victim, batch)

@@ -82,6 +82,20 @@ def test_fair_share_splits_sequences_between_busy_tenants(tiny_llama):
     engine.close()
 
 
+def test_weighted_fair_share_follows_tenant_weights(tiny_llama):
+    engine = make_engine(tiny_llama, max_num_seqs=8, max_num_batched_tokens=512)
+    engine.set_tenant_weight("gold", 3.0)
+    params = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)
+    for tenant in ("bronze", "gold"):  # bronze queues first and would take every slot
+        for i, prompt in enumerate(prompts(40, seed=2, high=10)):
+            engine.add_request(prompt, params, request_id=f"{tenant}-{i}", tenant=tenant)
+    for _ in range(10):
+        engine.step()
+    per_tenant = {t: sum(s.tenant == t for s in engine.scheduler.running) for t in ("gold", "bronze")}
+    assert per_tenant == {"gold": 6, "bronze": 2}
+    engine.close()
+
+
 def test_never_more_than_max_loras_adapters_in_a_step(tmp_path, tiny_llama):
     engine = make_engine(tiny_llama, max_loras=2, max_num_seqs=16)
     names = [f"a{i}" for i in range(5)]
