@@ -124,6 +124,56 @@ def _gather_slots(block_tables: torch.Tensor, block_size: int, length: int) -> t
     return blocks * block_size + pos % block_size
 
 
+class _AttentionPlan:
+    """Index tensors of one step's batch, shared by every layer (the engine passes the same
+    block_tables / seq_lens / query_start_loc objects to each layer of a step)."""
+
+    def __init__(self, block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                 block_size: int) -> None:
+        self.key = (block_tables, seq_lens, query_start_loc, block_size)
+        device = block_tables.device
+        starts = query_start_loc.tolist()
+        lens = seq_lens.tolist()
+        q_lens = [b - a for a, b in zip(starts[:-1], starts[1:], strict=False)]
+        decode = [b for b, n in enumerate(q_lens) if n == 1]
+        self.decode = bool(decode)
+        if decode:
+            rows = torch.tensor(decode, device=device)
+            length = max(lens[b] for b in decode)
+            self.decode_slots = _gather_slots(block_tables[rows], block_size, length)  # [Bd, L]
+            self.decode_valid = torch.arange(length, device=device) < seq_lens[rows].unsqueeze(1).to(device)
+            self.decode_padded = bool((~self.decode_valid).any())
+            self.decode_q_rows = torch.tensor([starts[b] for b in decode], device=device)
+        self.prefill = []
+        for b, n in enumerate(q_lens):
+            if n <= 1:
+                continue
+            start, end, length = starts[b], starts[b + 1], lens[b]
+            slots = _gather_slots(block_tables[b : b + 1], block_size, length)[0]
+            prefix = length - (end - start)
+            mask = None
+            if prefix:
+                # Bottom-right aligned causal mask: query i sees the whole prefix plus queries <= i.
+                q_pos = prefix + torch.arange(end - start, device=device)
+                mask = torch.arange(length, device=device)[None, :] <= q_pos[:, None]
+            self.prefill.append((start, end, slots, mask))
+
+    def matches(self, block_tables, seq_lens, query_start_loc, block_size) -> bool:
+        key = self.key
+        return key[0] is block_tables and key[1] is seq_lens and key[2] is query_start_loc and key[3] == block_size
+
+
+_last_plan: _AttentionPlan | None = None
+
+
+def _plan_for(block_tables, seq_lens, query_start_loc, block_size) -> _AttentionPlan:
+    global _last_plan
+    plan = _last_plan
+    if plan is None or not plan.matches(block_tables, seq_lens, query_start_loc, block_size):
+        plan = _last_plan = _AttentionPlan(block_tables, seq_lens, query_start_loc, block_size)
+    return plan
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -146,47 +196,31 @@ def paged_attention(
         raise ValueError(f"paged_attention: {n_heads} query heads is not a multiple of {n_kv_heads} kv heads")
     k_flat = k_cache.reshape(num_blocks * block_size, n_kv_heads, head_dim)
     v_flat = v_cache.reshape(num_blocks * block_size, n_kv_heads, head_dim)
-    starts = query_start_loc.tolist()
-    lens = seq_lens.tolist()
-    q_lens = [b - a for a, b in zip(starts[:-1], starts[1:], strict=False)]
-    decode = [b for b, n in enumerate(q_lens) if n == 1]
-    prefill = [b for b, n in enumerate(q_lens) if n > 1]
+    plan = _plan_for(block_tables, seq_lens, query_start_loc, block_size)
 
-    if decode:
+    if plan.decode:
         # All single-query sequences in one padded call; the mask hides each one's padding.
-        rows = torch.tensor(decode, device=q.device)
-        length = max(lens[b] for b in decode)
-        slots = _gather_slots(block_tables[rows], block_size, length)  # [Bd, L]
-        valid = torch.arange(length, device=q.device) < seq_lens[rows].unsqueeze(1).to(q.device)
-        # Padding positions read whatever the cache holds there (even NaN): zero them, since
-        # a masked score still multiplies its value row (0 * NaN = NaN).
-        keep = valid[:, :, None, None]
-        keys = torch.where(keep, k_flat[slots].float(), 0.0).permute(0, 2, 1, 3)  # [Bd, Hkv, L, D]
-        values = torch.where(keep, v_flat[slots].float(), 0.0).permute(0, 2, 1, 3)
-        q_rows = torch.tensor([starts[b] for b in decode], device=q.device)
-        queries = q[q_rows].float().unsqueeze(2)  # [Bd, H, 1, D]
+        keys = k_flat[plan.decode_slots].float()  # [Bd, L, Hkv, D], a fresh tensor
+        values = v_flat[plan.decode_slots].float()
+        if plan.decode_padded:
+            # Padding positions read whatever the cache holds there (even NaN): zero them, since
+            # a masked score still multiplies its value row (0 * NaN = NaN).
+            hide = ~plan.decode_valid[:, :, None, None]
+            keys = keys.masked_fill(hide, 0.0)
+            values = values.masked_fill(hide, 0.0)
+        queries = q[plan.decode_q_rows].float().unsqueeze(2)  # [Bd, H, 1, D]
         o = F.scaled_dot_product_attention(
-            queries, keys, values, attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=True
+            queries, keys.permute(0, 2, 1, 3), values.permute(0, 2, 1, 3),
+            attn_mask=plan.decode_valid[:, None, None, :], scale=scale, enable_gqa=True,
         )
-        out[q_rows] = o.squeeze(2).to(q.dtype)
+        out[plan.decode_q_rows] = o.squeeze(2).to(q.dtype)
 
-    for b in prefill:
-        start, end, length = starts[b], starts[b + 1], lens[b]
-        slots = _gather_slots(block_tables[b : b + 1], block_size, length)[0]
+    for start, end, slots, mask in plan.prefill:
         keys = k_flat[slots].transpose(0, 1).float().unsqueeze(0)  # [1, Hkv, L, D]
         values = v_flat[slots].transpose(0, 1).float().unsqueeze(0)
         queries = q[start:end].transpose(0, 1).float().unsqueeze(0)  # [1, H, q_len, D]
-        prefix = length - (end - start)
-        if prefix == 0:
-            o = F.scaled_dot_product_attention(
-                queries, keys, values, is_causal=True, scale=scale, enable_gqa=True
-            )
-        else:
-            # Bottom-right aligned causal mask: query i sees the whole prefix plus queries <= i.
-            q_pos = prefix + torch.arange(end - start, device=q.device)
-            mask = torch.arange(length, device=q.device)[None, :] <= q_pos[:, None]
-            o = F.scaled_dot_product_attention(
-                queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
-            )
+        o = F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
+        )
         out[start:end] = o[0].transpose(0, 1).to(q.dtype)
     return out
