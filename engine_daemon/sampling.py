@@ -60,9 +60,10 @@ class Sampler:
         else:
             probs = self._filtered_probs(logits, params)
             # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, one draw per row, no sync.
-            noise = torch.empty_like(probs)
+            noise = torch.empty_like(probs).exponential_(generator=self.generator)
             for row, gen in enumerate(generators):
-                noise[row].exponential_(generator=gen or self.generator)
+                if gen is not None:  # a seeded request draws from its own stream, whatever shares its batch
+                    noise[row].exponential_(generator=gen)
             sampled = (probs / noise).argmax(dim=-1)
             is_greedy = torch.tensor([p.greedy for p in params], device=logits.device)
             tokens = torch.where(is_greedy, greedy_tokens, sampled)
