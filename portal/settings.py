@@ -70,6 +70,7 @@ INSTALLED_APPS = [
     "portal.api_keys",
     "portal.usage",
     "portal.inference",
+    "portal.ops",
 ]
 
 MIDDLEWARE = [
@@ -83,6 +84,18 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "portal.common.errors.ApplicationErrorMiddleware",
 ]
+
+# Prometheus: the portal's request metrics (django-prometheus) at /metrics, which is NOT behind a login
+# because scrapers do not log in. Keep it off the public internet (a proxy rule or network policy), or
+# turn it off with LORAFLEET_PORTAL_METRICS=0. Under several worker processes, set PROMETHEUS_MULTIPROC_DIR.
+LORAFLEET_PORTAL_METRICS = _env_bool("LORAFLEET_PORTAL_METRICS", True)
+if LORAFLEET_PORTAL_METRICS:
+    INSTALLED_APPS.append("django_prometheus")
+    MIDDLEWARE = [
+        "django_prometheus.middleware.PrometheusBeforeMiddleware",
+        *MIDDLEWARE,
+        "django_prometheus.middleware.PrometheusAfterMiddleware",
+    ]
 
 ROOT_URLCONF = "portal.urls"
 WSGI_APPLICATION = "portal.wsgi.application"

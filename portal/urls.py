@@ -6,6 +6,7 @@ from django.urls import include, path
 from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from portal.ops.views import portal_metrics_view, usage_view
 from portal.tenants.views import tenant_switch_view
 
 urlpatterns = [
@@ -19,4 +20,7 @@ urlpatterns = [
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
     path("admin/", admin.site.urls),
+    path("ops/", include("portal.ops.urls")),
+    path("usage/", usage_view, name="usage"),
+    path("metrics", portal_metrics_view, name="metrics"),
 ]

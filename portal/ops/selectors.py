@@ -1,0 +1,539 @@
+"""What the ops dashboard shows, read from Redis (engine heartbeats, series, streams, the Celery list) and the database.
+
+The engines publish their state in Redis (DESIGN.md, "Engine state"); the portal only reads it here.
+Every Redis read of one refresh goes out in two pipelined round trips, on a client with short
+timeouts: an unreachable Redis makes ``ops_overview`` say so within a second or two instead of
+failing the page.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+from django.conf import settings
+from django.db.models import F
+
+from engine_daemon import protocol
+from engine_daemon.protocol import Heartbeat, ProtocolError
+from portal.adapters.models import AdapterVersion
+from portal.api_keys.models import TenantAPIKey
+from portal.base_models.models import BaseModel
+from portal.tenants.models import Tenant
+from portal.usage.models import Usage
+from portal.usage.selectors import UsageGroup, percentiles, usage_list, usage_summary
+
+SERIES_SECONDS = protocol.SERIES_MAXLEN  # one sample a second
+GONE_ENGINES_SECONDS = 3600  # engines that stopped beating this recently are listed as gone
+STALE_BEAT_SECONDS = 2.5  # a live engine whose last beat is older than this is stuck in a long step
+DEAD_LETTERS_SHOWN = 5
+REJECTED_SHOWN = 8
+TIER_ORDER = {"gpu": 0, "loading": 1, "host": 2, "disk": 3, "failed": 4}
+SORT_KEYS = (
+    "adapter", "tenant", "version", "tier", "last_used", "requests", "gpu_hits", "host_hits", "disk_loads",
+    "slot_loads", "evictions", "mean_load_seconds", "engine",
+)
+# kombu's Redis transport keeps one list per priority step; without priorities only the first is used.
+_CELERY_PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
+
+
+@dataclass
+class SeriesPoint:
+    t: float
+    tokens_per_second: float
+    step_ms: float
+    running: int
+    waiting: int
+    kv_used: float
+
+
+@dataclass
+class MemorySegment:
+    kind: str  # weights | kv_cache | adapter_pool | other | free
+    label: str
+    bytes: int
+    percent: float
+
+
+@dataclass
+class EngineView:
+    beat: Heartbeat
+    series: list[SeriesPoint]
+    now: float
+
+    @property
+    def engine_id(self) -> str:
+        return self.beat.engine_id
+
+    @property
+    def uptime_seconds(self) -> float:
+        return max(0.0, self.now - self.beat.started)
+
+    @property
+    def beat_age_seconds(self) -> float:
+        return max(0.0, self.now - self.beat.updated)
+
+    @property
+    def is_stale(self) -> bool:
+        return self.beat_age_seconds > STALE_BEAT_SECONDS
+
+    @property
+    def kv_percent(self) -> float:
+        return 100.0 * self.beat.kv_blocks_used / self.beat.kv_blocks_total if self.beat.kv_blocks_total else 0.0
+
+    @property
+    def has_device_memory(self) -> bool:
+        return not self.beat.device.startswith("cpu")
+
+    @property
+    def memory_total(self) -> int:
+        return int(self.beat.memory.get("total", 0))
+
+    @property
+    def memory_segments(self) -> list[MemorySegment]:
+        """weights / KV cache / adapter pool / other (the rest of the device: activations, other processes) / free."""
+        memory = self.beat.memory
+        total = self.memory_total
+        known = [("weights", "weights"), ("kv_cache", "KV cache"), ("adapter_pool", "adapter pool")]
+        parts = [(kind, label, int(memory.get(kind, 0))) for kind, label in known]
+        free = int(memory.get("free", 0))
+        other = total - sum(b for *_, b in parts) - free
+        if other > 0:
+            parts.append(("other", "other", other))
+        if self.has_device_memory:  # on CPU the engine reports only what it allocated: there is no "free"
+            parts.append(("free", "free", free))
+        return [MemorySegment(kind, label, size, 100.0 * size / total if total else 0.0) for kind, label, size in parts]
+
+
+@dataclass
+class GoneEngine:
+    engine_id: str
+    last_seen: float
+
+
+@dataclass
+class AdapterOwner:
+    tenant: str
+    adapter: str
+    version: int
+    status: str
+
+
+@dataclass
+class ResidencyRow:
+    """One adapter as one engine holds it (the engine's own figures), and which tenant's version it is."""
+
+    engine_id: str
+    name: str  # the content sha256 of the staged version
+    tier: str
+    slot: int | None
+    in_host: bool
+    requests: int
+    gpu_hits: int
+    host_hits: int
+    disk_loads: int
+    slot_loads: int
+    evictions: int
+    mean_load_seconds: float | None
+    last_used: float | None
+    error: str | None
+    pinned: bool
+    owners: list[AdapterOwner] = field(default_factory=list)
+
+    @property
+    def owner(self) -> AdapterOwner | None:
+        return self.owners[0] if self.owners else None
+
+    @property
+    def tier_label(self) -> str:
+        if self.tier == "gpu":
+            return f"GPU slot {self.slot}"
+        return {"host": "host RAM", "disk": "disk only", "loading": "loading", "failed": "failed"}.get(self.tier, self.tier)
+
+    def sort_value(self, key: str) -> Any:
+        owner = self.owner
+        if key == "adapter":
+            return owner.adapter if owner else "~" + self.name  # unknown versions last
+        if key == "tenant":
+            return owner.tenant if owner else "~"
+        if key == "version":
+            return owner.version if owner else -1
+        if key == "engine":
+            return self.engine_id
+        if key == "tier":
+            return (TIER_ORDER.get(self.tier, 9), self.slot if self.slot is not None else 0)
+        value = getattr(self, key)
+        return value if value is not None else -1.0
+
+
+@dataclass
+class Consumer:
+    name: str
+    pending: int
+    idle_seconds: float
+    is_live: bool
+
+
+@dataclass
+class DeadLetter:
+    entry_id: str
+    at: float | None
+    reason: str
+    request_id: str
+    tenant_id: str
+    adapter: str
+    engine_id: str
+
+
+@dataclass
+class QueueView:
+    base_model: str
+    length: int
+    undelivered: int | None  # entries no consumer has read yet (None: the group does not exist yet)
+    pending: int  # read by a consumer, not acknowledged yet
+    consumers: list[Consumer]
+    dead_letters: int
+    latest_dead: list[DeadLetter]
+
+
+@dataclass
+class CeleryQueue:
+    name: str
+    length: int
+    unacked: int  # taken by a worker, not finished yet
+
+
+@dataclass
+class OpsOverview:
+    now: float
+    redis_url: str
+    redis_error: str | None = None
+    engines: list[EngineView] = field(default_factory=list)
+    gone_engines: list[GoneEngine] = field(default_factory=list)
+    unreadable_engines: dict[str, str] = field(default_factory=dict)
+    adapters: list[ResidencyRow] = field(default_factory=list)
+    adapter_tenants: list[str] = field(default_factory=list)
+    queues: list[QueueView] = field(default_factory=list)
+    celery: CeleryQueue | None = None
+    rejected: list[AdapterVersion] = field(default_factory=list)
+    ready_not_on_engines: int = 0
+
+
+@functools.lru_cache(maxsize=4)
+def _ops_redis(url: str) -> redis.Redis:
+    """A client that gives up fast: the dashboard reports an unreachable Redis, it does not hang on it."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    return redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2, retry=Retry(NoBackoff(), 0))
+
+
+def redis_url_redacted(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        host = parts.hostname or ""
+        netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+def ops_overview(*, tenant_slug: str | None = None, sort: str = "tier", now: float | None = None) -> OpsOverview:
+    """Everything the dashboard shows, at one moment. Redis being down is a state of the answer, not an error."""
+    now = time.time() if now is None else now
+    overview = OpsOverview(now=now, redis_url=redis_url_redacted(settings.REDIS_URL))
+    try:
+        _read_redis(overview, _ops_redis(settings.REDIS_URL))
+    except redis.RedisError as exc:
+        overview.redis_error = str(exc) or exc.__class__.__name__
+    rows = adapter_residency_list(engines=overview.engines)
+    overview.adapter_tenants = sorted({o.tenant for row in rows for o in row.owners})
+    overview.adapters = residency_filter_and_sort(rows, tenant_slug=tenant_slug, sort=sort)
+    held = {row.name for row in rows}
+    overview.ready_not_on_engines = (
+        AdapterVersion.objects.filter(status=AdapterVersion.Status.READY).exclude(sha256__in=held).count()
+    )
+    overview.rejected = rejected_upload_list(limit=REJECTED_SHOWN)
+    return overview
+
+
+def _read_redis(overview: OpsOverview, client: redis.Redis) -> None:
+    now = overview.now
+    pipe = client.pipeline(transaction=False)
+    pipe.zrange(protocol.ENGINES_KEY, 0, -1, withscores=True)
+    pipe.hkeys(protocol.BASE_MODELS_KEY)
+    queue = settings.CELERY_TASK_DEFAULT_QUEUE
+    for suffix in _CELERY_PRIORITY_SUFFIXES:
+        pipe.llen(queue + suffix)
+    pipe.hlen("unacked")  # kombu's hash of messages delivered to a worker and not acked yet
+    engines_listed, base_model_names, *celery_counts = pipe.execute()
+    overview.celery = CeleryQueue(queue, sum(celery_counts[:-1]), celery_counts[-1])
+
+    engine_ids = [_text(member) for member, _score in engines_listed]
+    last_seen = {_text(member): score for member, score in engines_listed}
+    base_models = {_text(name) for name in base_model_names}
+    base_models |= set(BaseModel.objects.filter(is_active=True).values_list("name", flat=True))
+
+    pipe = client.pipeline(transaction=False)
+    series_start = f"{int((now - SERIES_SECONDS) * 1000)}"
+    for engine_id in engine_ids:
+        pipe.hgetall(protocol.heartbeat_key(engine_id))
+        pipe.xrange(protocol.series_stream(engine_id), min=series_start, max="+")
+    ordered_models = sorted(base_models)
+    for name in ordered_models:
+        stream = protocol.request_stream(name)
+        pipe.xlen(stream)
+        pipe.xinfo_groups(stream)
+        pipe.xinfo_consumers(stream, protocol.CONSUMER_GROUP)
+        pipe.xlen(protocol.dead_letter_stream(name))
+        pipe.xrevrange(protocol.dead_letter_stream(name), count=DEAD_LETTERS_SHOWN)
+    replies = iter(pipe.execute(raise_on_error=False))
+
+    for engine_id in engine_ids:
+        raw_beat, raw_series = next(replies), next(replies)
+        _raise_connection_errors(raw_beat, raw_series)
+        if not raw_beat:
+            if now - last_seen[engine_id] < GONE_ENGINES_SECONDS:
+                overview.gone_engines.append(GoneEngine(engine_id, last_seen[engine_id]))
+            continue
+        try:
+            beat = Heartbeat.from_redis(raw_beat)
+        except ProtocolError as exc:
+            overview.unreadable_engines[engine_id] = str(exc)
+            continue
+        series = [] if isinstance(raw_series, Exception) else _series_points(raw_series)
+        overview.engines.append(EngineView(beat, series, now))
+    overview.gone_engines.sort(key=lambda gone: -gone.last_seen)
+
+    live_consumers = {view.engine_id for view in overview.engines}
+    for name in ordered_models:
+        length, groups, consumers, dead_count, dead = (next(replies) for _ in range(5))
+        _raise_connection_errors(length, groups, consumers, dead_count, dead)
+        overview.queues.append(_queue_view(client, name, length, groups, consumers, dead_count, dead, live_consumers))
+
+
+def _queue_view(client: redis.Redis, name: str, length: Any, groups: Any, consumers: Any, dead_count: Any, dead: Any,
+                live: set[str]) -> QueueView:
+    group = None
+    if not isinstance(groups, Exception):
+        group = next((g for g in groups if _text(g["name"]) == protocol.CONSUMER_GROUP), None)
+    undelivered = None
+    pending = 0
+    if group is not None:
+        pending = int(group["pending"])
+        undelivered = group.get("lag")
+        if undelivered is None:  # Redis < 7, or a lag Redis cannot tell after deletions: count them
+            last = _text(group["last-delivered-id"])
+            undelivered = len(client.xrange(protocol.request_stream(name), min=f"({last}", max="+", count=10000))
+    return QueueView(
+        base_model=name,
+        length=0 if isinstance(length, Exception) else int(length),
+        undelivered=undelivered,
+        pending=pending,
+        consumers=[] if isinstance(consumers, Exception) else [
+            Consumer(_text(c["name"]), int(c["pending"]), int(c["idle"]) / 1000, _text(c["name"]) in live)
+            for c in consumers
+        ],
+        dead_letters=0 if isinstance(dead_count, Exception) else int(dead_count),
+        latest_dead=[] if isinstance(dead, Exception) else [_dead_letter(entry_id, fields) for entry_id, fields in dead],
+    )
+
+
+def _dead_letter(entry_id: Any, raw: dict[Any, Any]) -> DeadLetter:
+    fields = {_text(k): _text(v) for k, v in raw.items()}
+    try:
+        body = json.loads(fields.get("body", ""))
+        body = body if isinstance(body, dict) else {}
+    except ValueError:
+        body = {}
+    at = fields.get("at")
+    return DeadLetter(
+        entry_id=_text(entry_id),
+        at=float(at) if at else None,
+        reason=fields.get("reason", ""),
+        request_id=str(body.get("request_id") or ""),
+        tenant_id=str(body.get("tenant_id") or ""),
+        adapter=str(body.get("adapter") or ""),
+        engine_id=fields.get("engine_id", ""),
+    )
+
+
+def _series_points(entries: list[tuple[Any, dict[Any, Any]]]) -> list[SeriesPoint]:
+    points = []
+    for _entry_id, raw in entries:
+        fields = {_text(k): _text(v) for k, v in raw.items()}
+        try:
+            points.append(SeriesPoint(
+                t=float(fields["t"]),
+                tokens_per_second=float(fields["tokens_per_second"]),
+                step_ms=float(fields["step_ms"]),
+                running=int(fields["running"]),
+                waiting=int(fields["waiting"]),
+                kv_used=float(fields["kv_used"]),
+            ))
+        except (KeyError, ValueError):
+            continue  # a sample this portal cannot read is left out of the chart, not the page
+    return points
+
+
+def adapter_residency_list(*, engines: list[EngineView]) -> list[ResidencyRow]:
+    """Every adapter each engine holds, with the tenant, adapter and version its content hash belongs to."""
+    rows = [
+        ResidencyRow(
+            engine_id=view.engine_id,
+            name=str(a["name"]),
+            tier=str(a.get("tier", "")),
+            slot=a.get("slot"),
+            in_host=bool(a.get("in_host")),
+            requests=int(a.get("requests", 0)),
+            gpu_hits=int(a.get("gpu_hits", 0)),
+            host_hits=int(a.get("host_hits", 0)),
+            disk_loads=int(a.get("disk_loads", 0)),
+            slot_loads=int(a.get("slot_loads", 0)),
+            evictions=int(a.get("evictions", 0)),
+            mean_load_seconds=a.get("mean_load_seconds"),
+            last_used=a.get("last_used"),
+            error=a.get("error"),
+            pinned=bool(a.get("pinned")),
+        )
+        for view in engines
+        for a in view.beat.adapters
+    ]
+    owners: dict[str, list[AdapterOwner]] = {}
+    versions = (
+        AdapterVersion.objects.filter(sha256__in={row.name for row in rows})
+        .annotate(tenant_slug=F("adapter__tenant__slug"), adapter_name=F("adapter__name"))
+        .order_by("adapter__tenant__slug", "adapter__name", "number")
+        .values_list("sha256", "tenant_slug", "adapter_name", "number", "status")
+    )
+    for sha256, tenant, adapter, number, status in versions:  # identical uploads share one cache entry
+        owners.setdefault(sha256, []).append(AdapterOwner(tenant, adapter, number, status))
+    for row in rows:
+        row.owners = owners.get(row.name, [])
+    return rows
+
+
+def residency_filter_and_sort(rows: list[ResidencyRow], *, tenant_slug: str | None, sort: str) -> list[ResidencyRow]:
+    """``sort`` is a key of SORT_KEYS, ``-`` first for descending; tier sorts GPU slots first, then by last use."""
+    if tenant_slug:
+        rows = [row for row in rows if any(o.tenant == tenant_slug for o in row.owners)]
+    descending = sort.startswith("-")
+    key = sort.lstrip("-")
+    if key not in SORT_KEYS:
+        key, descending = "tier", False
+    rows = sorted(rows, key=lambda row: -(row.last_used or 0))
+    return sorted(rows, key=lambda row: row.sort_value(key), reverse=descending)
+
+
+def rejected_upload_list(*, limit: int) -> list[AdapterVersion]:
+    return list(
+        AdapterVersion.objects.filter(status=AdapterVersion.Status.REJECTED)
+        .select_related("adapter__tenant")
+        .order_by("-created_at", "-pk")[:limit]
+    )
+
+
+def _raise_connection_errors(*replies: Any) -> None:
+    """A pipeline returns errors in place; a lost connection fails the whole read, a missing key does not."""
+    for reply in replies:
+        if isinstance(reply, redis.ConnectionError | redis.TimeoutError):
+            raise reply
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes | bytearray) else str(value)
+
+
+# ---- the tenant usage page ---------------------------------------------------------------------
+
+USAGE_MAX_GROUPS = 8  # lines per chart; the rest add up under "other"
+OTHER = "other"
+
+
+@dataclass
+class UsageSeries:
+    """One adapter's or key's requests, tokens and latency per bucket (latency over the requests that ended ok)."""
+
+    group: str
+    requests: list[int]
+    tokens: list[int]
+    total_time_p50: list[float | None]
+    total_time_p95: list[float | None]
+    ttft_p95: list[float | None]
+
+
+@dataclass
+class UsageReport:
+    since: datetime
+    until: datetime
+    bucket: timedelta
+    bucket_starts: list[datetime]
+    group_by: str
+    series: list[UsageSeries]
+    summary: list[UsageGroup]
+    key_names: dict[str, str]  # key prefix → its name, for group_by="key"
+
+    @property
+    def requests(self) -> int:
+        return sum(group.requests for group in self.summary)
+
+    @property
+    def tokens(self) -> int:
+        return sum(group.total_tokens for group in self.summary)
+
+
+def usage_bucket_for(*, since: datetime, until: datetime) -> timedelta:
+    """An hour up to two days, else a day: a chart of 24 to ~370 points."""
+    return timedelta(hours=1) if until - since <= timedelta(days=2) else timedelta(days=1)
+
+
+def usage_report(*, tenant: Tenant, since: datetime, until: datetime, group_by: str = "adapter") -> UsageReport:
+    """The tenant's usage in [since, until): per-bucket series for the charts and the per-group summary."""
+    summary = usage_summary(tenant=tenant, since=since, until=until, group_by=group_by)  # also checks the arguments
+    bucket = usage_bucket_for(since=since, until=until)
+    count = max(1, math.ceil((until - since) / bucket))
+    ranked = sorted(summary, key=lambda g: (-g.requests, g.group))
+    shown = {g.group for g in ranked[:USAGE_MAX_GROUPS]} if len(ranked) > USAGE_MAX_GROUPS + 1 else {g.group for g in ranked}
+    names = [g.group for g in summary if g.group in shown] + ([OTHER] if len(shown) < len(summary) else [])
+    requests = {name: [0] * count for name in names}
+    tokens = {name: [0] * count for name in names}
+    totals: dict[str, list[list[float]]] = {name: [[] for _ in range(count)] for name in names}
+    ttfts: dict[str, list[list[float]]] = {name: [[] for _ in range(count)] for name in names}
+    rows = usage_list(tenant=tenant, since=since, until=until).values_list(
+        "adapter", "model", "base_model__name", "api_key__prefix", "created", "status",
+        "prompt_tokens", "completion_tokens", "time_to_first_token", "total_time",
+    )
+    for adapter, model, base_name, key_prefix, created, status, prompt, completion, ttft, total in rows.iterator():
+        label = (adapter or base_name or model) if group_by == "adapter" else (key_prefix or "-")
+        name = label if label in shown else OTHER
+        index = min(count - 1, int((created - since) / bucket))
+        requests[name][index] += 1
+        tokens[name][index] += prompt + completion
+        if status == Usage.Status.OK:
+            totals[name][index].append(total)
+            if ttft is not None:
+                ttfts[name][index].append(ttft)
+    series = []
+    for name in names:
+        total_points = [percentiles(values, (50, 95)) for values in totals[name]]
+        series.append(UsageSeries(
+            group=name,
+            requests=requests[name],
+            tokens=tokens[name],
+            total_time_p50=[p["p50"] for p in total_points],
+            total_time_p95=[p["p95"] for p in total_points],
+            ttft_p95=[percentiles(values, (95,))["p95"] for values in ttfts[name]],
+        ))
+    key_names = {}
+    if group_by == "key":
+        key_names = dict(TenantAPIKey.objects.filter(tenant=tenant).values_list("prefix", "name"))
+    return UsageReport(
+        since=since, until=until, bucket=bucket, bucket_starts=[since + bucket * i for i in range(count)],
+        group_by=group_by, series=series, summary=summary, key_names=key_names,
+    )
