@@ -1,9 +1,10 @@
-"""/api/v1/: the tenant-facing REST API (adapters and keys)."""
+"""/api/v1/: the tenant-facing REST API (adapters, keys and usage)."""
 
 from django.urls import path
 
 from portal.adapters import apis as adapter_apis
 from portal.api_keys import apis as key_apis
+from portal.usage import apis as usage_apis
 
 app_name = "api"
 
@@ -19,4 +20,5 @@ urlpatterns = [
     path("adapters/<str:name>/default", adapter_apis.AdapterDefaultApi.as_view(), name="adapter-default"),
     path("keys", key_apis.ApiKeysApi.as_view(), name="key-list"),
     path("keys/<str:prefix>/revoke", key_apis.ApiKeyRevokeApi.as_view(), name="key-revoke"),
+    path("usage", usage_apis.UsageApi.as_view(), name="usage"),
 ]

@@ -6,6 +6,7 @@ from django.urls import include, path
 from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from portal.inference.views import healthz
 from portal.ops.views import portal_metrics_view, usage_view
 from portal.tenants.views import tenant_switch_view
 
@@ -17,6 +18,8 @@ urlpatterns = [
     path("adapters/", include("portal.adapters.urls")),
     path("keys/", include("portal.api_keys.urls")),
     path("api/v1/", include("portal.api_urls")),
+    path("v1/", include("portal.inference.urls")),
+    path("healthz", healthz, name="healthz"),
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
     path("admin/", admin.site.urls),
