@@ -129,7 +129,7 @@ def test_redis_unreachable(staff_client, settings, tenant_a, base_model, peft_di
     assert response.status_code == 200 and time.monotonic() - started < 5
     html = response.content.decode()
     assert 'id="redis-unreachable"' in html and "127.0.0.1:1" in html
-    assert 'id="no-engine"' not in html  # unknown, not absent
+    assert 'id="no-engine"' not in html and html.count("Unknown while Redis is unreachable") == 3  # not "absent"
     assert "bad@1" in html  # the database's part still shows
     assert staff_client.get("/ops/live/").status_code == 200
 
