@@ -40,7 +40,8 @@ class AdapterStats:
     disk_loads: int = 0  # read from disk into host RAM
     slot_loads: int = 0  # copies into a device slot
     evictions: int = 0
-    load_seconds: float = 0.0
+    load_seconds: float = 0.0  # time of the slot loads (disk or host → device slot)
+    prefetch_seconds: float = 0.0  # time of host-only prefetches (disk → host RAM)
     last_used: float | None = None  # wall-clock time
 
 
@@ -272,7 +273,7 @@ class AdapterResidency:
                         failures.append((result.name, result.error))
                     elif record.host is None:
                         record.stats.disk_loads += 1
-                        record.stats.load_seconds += result.seconds
+                        record.stats.prefetch_seconds += result.seconds
                         self._keep_on_host(result.name, result.host)
                 continue
             if record is None or record.slot != result.slot:

@@ -88,6 +88,7 @@ class StepRecord:
     num_seqs: int
     num_adapters: int
     num_sampled: int
+    lora_seconds: float | None = None  # time in the LoRA kernels, on the steps that measured it
 
 
 @dataclass
@@ -143,6 +144,7 @@ class Engine:
         self.sequences: dict[str, Sequence] = {}
         self.stats = EngineStats()
         self.started = time.time()
+        self._last_lora: LoraBatch | None = None
 
     # ---- set-up ---------------------------------------------------------------------------
 
@@ -303,7 +305,8 @@ class Engine:
             tokens, logprobs = self.sampler.sample(logits, params, [item.seq.generator for item in sampled])
             for item, token, logprob in zip(sampled, tokens.tolist(), logprobs.tolist(), strict=True):
                 outputs.append(self._append_token(item.seq, token, logprob))
-        self._record_step(batch, len(sampled), time.perf_counter() - started)
+        lora_seconds = self._last_lora.seconds if self._last_lora is not None else None
+        self._record_step(batch, len(sampled), time.perf_counter() - started, lora_seconds)
         return outputs
 
     def _forward(self, batch: list[ScheduledSeq], sampled: list[ScheduledSeq]) -> torch.Tensor:
@@ -341,6 +344,7 @@ class Engine:
             query_start_loc=query_start.to(device),
         )
         lora = self._lora_batch(batch, token_slots)
+        self._last_lora = lora
         return self.model.forward(
             torch.tensor(ids, dtype=torch.int64, device=device),
             pos.to(device),
@@ -358,7 +362,9 @@ class Engine:
         meta = kernels.LoraMeta.build(
             torch.tensor(token_slots, dtype=torch.int32, device=self.device), pool.ranks, pool.scalings
         )
-        return LoraBatch(meta, pool, frozenset().union(*(pool.targets[s] for s in slots)))
+        # Timing the LoRA kernels costs two device syncs per call on CUDA: there only one step in 32.
+        timed = self.device.type == "cpu" or self.stats.steps % 32 == 0
+        return LoraBatch(meta, pool, frozenset().union(*(pool.targets[s] for s in slots)), timed=timed)
 
     def _append_token(self, seq: Sequence, token: int, logprob: float) -> StepOutput:
         now = time.monotonic()
@@ -409,7 +415,9 @@ class Engine:
             seq.request_id, [], [], "", True, "error", seq.error, len(seq.prompt_ids), len(seq.output_ids)
         )
 
-    def _record_step(self, batch: list[ScheduledSeq], num_sampled: int, seconds: float) -> None:
+    def _record_step(
+        self, batch: list[ScheduledSeq], num_sampled: int, seconds: float, lora_seconds: float | None
+    ) -> None:
         stats = self.stats
         adapters = {item.seq.adapter for item in batch if item.seq.adapter is not None}
         num_tokens = sum(item.num_tokens for item in batch)
@@ -418,7 +426,9 @@ class Engine:
         stats.prompt_tokens += num_tokens - sum(1 for item in batch if item.seq.is_decoding)
         stats.max_adapters_in_step = max(stats.max_adapters_in_step, len(adapters))
         stats.multi_adapter_steps += len(adapters) > 1
-        stats.recent.append(StepRecord(time.time(), seconds, num_tokens, len(batch), len(adapters), num_sampled))
+        stats.recent.append(
+            StepRecord(time.time(), seconds, num_tokens, len(batch), len(adapters), num_sampled, lora_seconds)
+        )
 
     # ---- offline API -------------------------------------------------------------------------
 
@@ -510,10 +520,15 @@ class Engine:
             free = 0
         return {"total": total, "weights": weights, "kv_cache": kv, "adapter_pool": pool, "free": free}
 
-    def snapshot(self) -> dict[str, Any]:
-        """The engine state the heartbeat publishes (DESIGN.md, "Engine state")."""
-        recent = list(itertools.islice(reversed(self.stats.recent), 0, 64))
-        window = sum(r.seconds for r in recent)
+    def snapshot(self, window_seconds: float = 5.0) -> dict[str, Any]:
+        """The engine state the heartbeat publishes (DESIGN.md, "Engine state").
+
+        Rates are over the last `window_seconds` of wall-clock time, so they fall to 0 when idle.
+        """
+        now = time.time()
+        recent = [r for r in itertools.takewhile(lambda r: now - r.at <= window_seconds, reversed(self.stats.recent))]
+        busy = sum(r.seconds for r in recent)
+        timed = [r for r in recent if r.lora_seconds is not None]
         blocks = self.kv.blocks
         return {
             "model": self.model_name,
@@ -531,8 +546,10 @@ class Engine:
             "preemptions": self.scheduler.num_preemptions,
             "max_adapters_in_step": self.stats.max_adapters_in_step,
             "multi_adapter_steps": self.stats.multi_adapter_steps,
-            "tokens_per_second": sum(r.num_sampled for r in recent) / window if window else 0.0,
-            "step_seconds": window / len(recent) if recent else 0.0,
+            "tokens_per_second": sum(r.num_sampled for r in recent) / window_seconds,
+            "step_seconds": busy / len(recent) if recent else 0.0,
+            # Share of step time spent in the LoRA shrink/expand, from the steps that were timed.
+            "lora_share": (sum(r.lora_seconds for r in timed) / sum(r.seconds for r in timed)) if timed else None,
             "adapters": self.residency.snapshot(),
         }
 

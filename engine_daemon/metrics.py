@@ -71,6 +71,7 @@ class EngineMetrics:
         # Per adapter, so that removing one (its stats go with it) never makes a counter run backwards.
         self._seen_adapter: dict[tuple[str, str], int] = {}
         service.on_step.append(self.observe_step)
+        service.on_beat.append(self.refresh)  # gauges stay current while the engine idles
 
     def observe_step(self, outputs: list[StepOutput], seconds: float) -> None:
         now = time.time()

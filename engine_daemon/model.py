@@ -8,6 +8,7 @@ Every projection adds the LoRA term of each token's own adapter through ``kernel
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,18 +94,33 @@ class AttentionMetadata:
 class LoraBatch:
     """The adapters of this step: one token→slot map (``kernels.LoraMeta``) over the slot pool's weights."""
 
-    def __init__(self, meta: kernels.LoraMeta, pool: Any, targets: frozenset[tuple[str, int]]) -> None:
+    def __init__(
+        self, meta: kernels.LoraMeta, pool: Any, targets: frozenset[tuple[str, int]], timed: bool = False
+    ) -> None:
         self.meta = meta
         self.pool = pool  # adapters.SlotPool: .a[module][layer] [S, R, in], .b[module][layer] [S, out, R]
         self.targets = targets  # (module, layer) pairs that some adapter of this step adapts
+        self.timed = timed
+        self.seconds: float | None = 0.0 if timed else None  # time spent in apply(), when timed
 
     def adapts(self, module: str, layer: int) -> bool:
         return (module, layer) in self.targets
 
     def apply(self, x: torch.Tensor, out: torch.Tensor, layer: int, module: str) -> None:
         """out += scaling · (x Aᵀ) Bᵀ for each token's adapter (scaling is folded into B at load)."""
+        if self.timed:
+            _sync(x.device)
+            started = time.perf_counter()
         y = kernels.lora_shrink(x, self.pool.a[module][layer], self.meta)
         kernels.lora_expand(y, self.pool.b[module][layer], self.meta, out)
+        if self.timed:
+            _sync(x.device)
+            self.seconds += time.perf_counter() - started
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -234,6 +234,7 @@ class Heartbeat:
     preemptions: int = 0
     tokens_per_second: float = 0.0
     step_seconds: float = 0.0
+    lora_share: float | None = None  # share of step time in the LoRA kernels (None: not measured)
     max_adapters_in_step: int = 0
     multi_adapter_steps: int = 0
     adapters: list[dict[str, Any]] = field(default_factory=list)

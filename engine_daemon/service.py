@@ -79,6 +79,7 @@ class EngineService:
         self._last_claim = 0.0
         self.metrics_url: str | None = None
         self.on_step: list[Any] = []  # callbacks (outputs, seconds) — the Prometheus exporter hooks in here
+        self.on_beat: list[Any] = []  # callbacks () once a second, idle or not
 
     # ---- start and stop --------------------------------------------------------------------
 
@@ -344,6 +345,8 @@ class EngineService:
         if not force and now - self._last_beat < self.config.heartbeat_seconds:
             return
         self._last_beat = now
+        for callback in self.on_beat:
+            callback()
         snap = self.engine.snapshot()
         beat = Heartbeat(
             engine_id=self.engine_id,
@@ -364,6 +367,7 @@ class EngineService:
             preemptions=snap["preemptions"],
             tokens_per_second=snap["tokens_per_second"],
             step_seconds=snap["step_seconds"],
+            lora_share=snap["lora_share"],
             max_adapters_in_step=snap["max_adapters_in_step"],
             multi_adapter_steps=snap["multi_adapter_steps"],
             adapters=snap["adapters"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -135,4 +136,17 @@ def test_removed_adapter_cannot_be_requested(tiny_llama, adapter_dirs):
     engine.remove_adapter("a")
     out = engine.generate([PROMPT], ONE, adapters=["a"])[0]
     assert out.finish_reason == "error" and "unknown adapter 'a'" in out.error
+    engine.close()
+
+
+def test_snapshot_rates_cover_a_recent_window_and_time_the_lora_share(tiny_llama, adapter_dirs):
+    engine = make_engine(tiny_llama, adapter_dirs)
+    engine.generate([PROMPT] * 4, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True),
+                    adapters=["a", "b", None, None])
+    busy = engine.snapshot(window_seconds=60)
+    assert busy["tokens_per_second"] == pytest.approx(24 / 60)
+    assert 0 < busy["lora_share"] < 1  # timed on every CPU step that served an adapter
+    time.sleep(0.2)
+    idle = engine.snapshot(window_seconds=0.1)
+    assert idle["tokens_per_second"] == 0 and idle["step_seconds"] == 0 and idle["lora_share"] is None
     engine.close()

@@ -55,7 +55,12 @@ def test_dashboard_shows_the_engine_numbers_and_every_tier(staff_client, fleet, 
     for name in ("running", "waiting", "steps", "generated_tokens", "preemptions", "max_adapters_in_step"):
         assert field(html, name) == str(snap[name]), name
     assert snap["generated_tokens"] == 12 and snap["max_adapters_in_step"] == 1
-    assert "not measured yet" in html  # LoRA share of step time
+    # LoRA share of step time: measured on the steps that served an adapter (CPU times every step).
+    shown_share = re.search(r'data-lora-share="([^"]*)"', html).group(1)
+    if snap["lora_share"] is None:
+        assert shown_share == "" and "no adapter served" in html
+    else:
+        assert 0 < snap["lora_share"] < 1 and float(shown_share) == pytest.approx(snap["lora_share"])
     assert html.count('<path class="series"') + html.count("<circle") >= 1  # the charts have the samples
 
     rows = {row["name"]: row for row in snap["adapters"]}
