@@ -16,9 +16,12 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from django.conf import settings
 
 from tests.e2e.stack import Daemon, PortalServer, wait_for
 
+# Read when pytest imports this file, before any fixture has switched the connection to a test database.
+CONFIGURED_DATABASE = settings.DATABASES["default"]["NAME"]
 TINY_MODEL = "tiny-chat"  # the directory's name is the base model's name
 ADAPTERS = {  # name → (tenant, rank, seed)
     "parrot": ("tenant-a", 4, 11),
@@ -100,14 +103,16 @@ def db_access(django_db_setup, django_db_blocker):
 
 
 def _on_test_database() -> bool:
+    """Whether the connection was switched to a test database (its name is no longer the configured one)."""
     from django.db import connection
 
-    return connection.settings_dict["NAME"] == connection.creation._get_test_db_name()
+    return connection.settings_dict["NAME"] != CONFIGURED_DATABASE
+
+
 
 
 @pytest.fixture(scope="module")
 def stack(db_access, redis_url, tmp_path_factory):
-    from django.conf import settings
     from django.core.management import call_command
 
     from tests.engine.builders import write_adapter, write_tiny_model
