@@ -19,14 +19,16 @@ from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views import View
 
-from engine_daemon.protocol import DeltaEvent
+from engine_daemon.protocol import DeltaEvent, DoneEvent, Heartbeat
+from portal.api_keys.models import TenantAPIKey
 from portal.common.redis import redis_client
 from portal.inference import render
 from portal.inference.engines import base_models_sync, engines_live
 from portal.inference.errors import InferenceError, error_response
 from portal.inference.params import CHAT, COMPLETION, body_parse, completion_params_parse
-from portal.inference.selectors import model_list_for_tenant
+from portal.inference.selectors import ModelEntry, model_list_for_tenant
 from portal.inference.services import Completion, async_redis, inference_admit, status_for_error
+from portal.tenants.models import Tenant
 from portal.usage.models import Usage
 
 log = logging.getLogger(__name__)
@@ -44,7 +46,7 @@ class OpenAIView(View):
         return response
 
 
-async def _authenticated(request: HttpRequest):  # noqa: ANN202
+async def _authenticated(request: HttpRequest) -> tuple[TenantAPIKey, Tenant]:
     return await inference_admit(authorization=request.headers.get("Authorization"))
 
 
@@ -70,7 +72,7 @@ class ModelDetailApi(OpenAIView):
             return error_response(exc)
 
 
-def _models_synced(tenant):  # noqa: ANN001, ANN202
+def _models_synced(tenant: Tenant) -> list[ModelEntry]:
     try:
         base_models_sync(redis_client())
     except redis.RedisError as exc:  # the registered models are still listed
@@ -123,14 +125,14 @@ def _body(request: HttpRequest) -> bytes:
         raise InferenceError("the request body is too large; shorten the prompt", code="request_too_large") from None
 
 
-def _event_stream(completion: Completion, first: Any) -> StreamingHttpResponse:
+def _event_stream(completion: Completion, first: DeltaEvent | DoneEvent) -> StreamingHttpResponse:
     response = StreamingHttpResponse(_relay(completion, first), content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"  # proxies must not hold tokens back
     return response
 
 
-async def _relay(completion: Completion, event: Any) -> AsyncIterator[bytes]:
+async def _relay(completion: Completion, event: DeltaEvent | DoneEvent) -> AsyncIterator[bytes]:
     """OpenAI's server-sent events: a role chunk (chat), content chunks, a chunk with the finish reason,
     the usage chunk when asked for, ``[DONE]``. An error after the first event is sent as an error event."""
     # A client that disconnects cancels the task sending this response: while it awaits the engine, the
@@ -198,7 +200,7 @@ def _models_synced_quietly() -> None:
         log.warning("could not sync the engines' base models: %s", exc)
 
 
-def _engine_body(beat: Any) -> dict[str, Any]:
+def _engine_body(beat: Heartbeat) -> dict[str, Any]:
     return {
         "id": beat.engine_id,
         "base_model": beat.base_model,

@@ -1,4 +1,7 @@
+from __future__ import annotations
+
 from django.contrib import admin
+from django.http import HttpRequest
 
 from portal.usage.models import Usage
 
@@ -12,8 +15,8 @@ class UsageAdmin(admin.ModelAdmin):
     search_fields = ("request_id", "model", "tenant__slug")
     date_hierarchy = "created"
 
-    def get_readonly_fields(self, request, obj=None):  # noqa: ANN001, ANN201
+    def get_readonly_fields(self, request: HttpRequest, obj: Usage | None = None) -> list[str]:
         return [f.name for f in Usage._meta.fields]
 
-    def has_add_permission(self, request) -> bool:  # noqa: ANN001
+    def has_add_permission(self, request: HttpRequest) -> bool:
         return False

@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import httpx
+import openai
 import pytest
 import redis
 from django.conf import settings
 
 from tests.e2e.stack import Daemon, PortalServer, wait_for
+
+if TYPE_CHECKING:
+    from engine_daemon import Engine
 
 # Read when pytest imports this file, before any fixture has switched the connection to a test database.
 CONFIGURED_DATABASE = settings.DATABASES["default"]["NAME"]
@@ -49,9 +55,9 @@ class Stack:
     daemon: Daemon
     tenants: dict[str, Tenant]
     adapter_dirs: dict[str, Path] = field(default_factory=dict)
-    _offline: object | None = None
+    _offline: Engine | None = None
 
-    def offline_engine(self):  # noqa: ANN201
+    def offline_engine(self) -> Engine:
         """The same model in this process, every adapter added under its name: the reference outputs."""
         if self._offline is None:
             from engine_daemon import Engine, EngineConfig
@@ -62,15 +68,11 @@ class Stack:
             self._offline = engine
         return self._offline
 
-    def openai(self, tenant: str = "tenant-a", **kwargs):  # noqa: ANN201
-        import openai
-
+    def openai(self, tenant: str = "tenant-a", **kwargs: Any) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.tenants[tenant].inference_key, max_retries=0,
                              **kwargs)
 
-    def async_openai(self, tenant: str = "tenant-a", **kwargs):  # noqa: ANN201
-        import openai
-
+    def async_openai(self, tenant: str = "tenant-a", **kwargs: Any) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=self.tenants[tenant].inference_key,
                                   max_retries=0, **kwargs)
 
@@ -202,7 +204,7 @@ def _wait_ready(stack: Stack, tenant: str, name: str, worker, log: Path) -> None
     wait_for(ready, f"adapter {name} ready", 120, log)
 
 
-def _empty(client: redis.Redis, call_command) -> None:  # noqa: ANN001
+def _empty(client: redis.Redis, call_command: Callable[..., Any]) -> None:
     """Leave the database and Redis as empty as the next test module expects them."""
     assert _on_test_database()  # never flush a real database
     call_command("flush", interactive=False, verbosity=0)

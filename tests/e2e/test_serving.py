@@ -13,6 +13,7 @@ import pytest
 from engine_daemon import protocol
 from engine_daemon.protocol import ControlEvent, DeltaEvent, DoneEvent, response_event_from_redis
 from engine_daemon.sampling import SamplingParams
+from portal.usage.models import Usage
 from tests.e2e.conftest import ADAPTERS, TINY_MODEL
 from tests.e2e.stack import Daemon, wait_for
 
@@ -31,8 +32,7 @@ def pending(stack, base_model: str = TINY_MODEL) -> int:
     return stack.redis.xpending(protocol.request_stream(base_model), protocol.CONSUMER_GROUP)["pending"]
 
 
-def usage_of(request_id: str):  # noqa: ANN201
-    from portal.usage.models import Usage
+def usage_of(request_id: str) -> Usage:
 
     return Usage.objects.select_related("adapter_version", "tenant").get(request_id=request_id)
 
@@ -165,9 +165,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_kv_blocks_at_once(stack)
     assert pending(stack) == 0
 
 
-def _usage_or_none(request_id: str):  # noqa: ANN202
-    from portal.usage.models import Usage
-
+def _usage_or_none(request_id: str) -> Usage | None:
     return Usage.objects.filter(request_id=request_id).first()
 
 

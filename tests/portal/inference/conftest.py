@@ -10,6 +10,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from tests.portal import factories
@@ -38,9 +39,7 @@ def asgi_client(**kwargs: Any) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=application), base_url=BASE_URL, **kwargs)
 
 
-def openai_client(secret: str):  # noqa: ANN201
-    import openai
-
+def openai_client(secret: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{BASE_URL}/v1", api_key=secret, max_retries=0, http_client=asgi_client())
 
 
