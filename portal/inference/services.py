@@ -28,7 +28,6 @@ import redis
 import redis.asyncio
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import close_old_connections
 
 from engine_daemon import protocol
 from engine_daemon.protocol import (
@@ -71,7 +70,6 @@ CONTROL_STREAM_MAXLEN = 10_000
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, redis.asyncio.Redis]] = (
     weakref.WeakKeyDictionary()
 )
-_background: set[asyncio.Task] = set()
 
 
 def async_redis() -> redis.asyncio.Redis:
@@ -98,6 +96,7 @@ async def _cancellable(read: Coroutine[Any, Any, Any]) -> Any:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
         task.cancel()
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())  # nobody waits for it now
         raise
 
 
@@ -260,7 +259,7 @@ class Completion:
 
     # ---- the end ----------------------------------------------------------------------------
 
-    async def end(self, status: str, error_code: str = "", *, detached: bool = False) -> None:
+    async def end(self, status: str, error_code: str = "") -> None:
         """Record usage and settle the token reservation; the first call wins. A request that did not end on
         the engine (cancelled, timed out) is cancelled there, which frees its KV cache at once."""
         if self.ended:
@@ -279,18 +278,7 @@ class Completion:
                                                reserved=self.reserved_tokens, used=self.tokens_used())
         except redis.RedisError as exc:  # the engine's deadline ends the request; the bucket refills
             log.warning("could not cancel or settle request %s: %s", self.request_id, exc)
-        if detached:  # outside the request's thread-sensitive context: a pool thread, closing its connection
-            await sync_to_async(self._record_and_close, thread_sensitive=False)(status, error_code)
-        else:
-            await sync_to_async(self._record)(status, error_code)
-
-    def end_in_background(self, status: str) -> None:
-        """``end`` from a callback, when the task that served the request was cancelled while sending."""
-        if self.ended:
-            return
-        task = asyncio.get_running_loop().create_task(self.end(status, detached=True))
-        _background.add(task)
-        task.add_done_callback(_background.discard)
+        await sync_to_async(self._record)(status, error_code)
 
     def tokens_used(self) -> int:
         if self.finish_reason is not None or not self.submitted:
@@ -317,12 +305,6 @@ class Completion:
             stream=bool(self.params and self.params.stream),
             created=datetime.fromtimestamp(self.arrived, tz=UTC),
         )
-
-    def _record_and_close(self, status: str, error_code: str) -> None:
-        try:
-            self._record(status, error_code)
-        finally:
-            close_old_connections()
 
 
 def status_for_error(exc: InferenceError) -> str:

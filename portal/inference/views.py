@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import redis
-from asgiref.sync import sync_to_async
+from asgiref.sync import async_to_sync, sync_to_async
 from django.core.exceptions import RequestDataTooBig
 from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
@@ -95,7 +95,7 @@ class _CompletionsApi(OpenAIView):
             if params.stream:
                 # Waiting for the first event lets an error before the first token keep its status (400, 504...).
                 first = await completion.next_event()
-                return _event_stream(completion, first)
+                return EventStreamResponse(completion, first)
             await completion.run_to_end()
         except InferenceError as exc:
             await completion.end(status_for_error(exc), exc.code)
@@ -125,20 +125,32 @@ def _body(request: HttpRequest) -> bytes:
         raise InferenceError("the request body is too large; shorten the prompt", code="request_too_large") from None
 
 
-def _event_stream(completion: Completion, first: DeltaEvent | DoneEvent) -> StreamingHttpResponse:
-    response = StreamingHttpResponse(_relay(completion, first), content_type="text/event-stream")
-    response["Cache-Control"] = "no-cache"
-    response["X-Accel-Buffering"] = "no"  # proxies must not hold tokens back
-    return response
+class EventStreamResponse(StreamingHttpResponse):
+    """A completion as OpenAI's server-sent events.
+
+    A client that disconnects cancels the task sending this response. When that lands while the
+    relay awaits the engine, the relay ends the request itself. When it lands while the server
+    writes a chunk, the relay is left suspended; Django still closes the response, and closing
+    ends the request (a no-op for one that has ended).
+    """
+
+    def __init__(self, completion: Completion, first: DeltaEvent | DoneEvent) -> None:
+        super().__init__(_relay(completion, first), content_type="text/event-stream")
+        self.completion = completion
+        self["Cache-Control"] = "no-cache"
+        self["X-Accel-Buffering"] = "no"  # proxies must not hold tokens back
+
+    def close(self) -> None:
+        try:
+            if not self.completion.ended:
+                async_to_sync(self.completion.end)(Usage.Status.CANCELLED)
+        finally:
+            super().close()
 
 
 async def _relay(completion: Completion, event: DeltaEvent | DoneEvent) -> AsyncIterator[bytes]:
-    """OpenAI's server-sent events: a role chunk (chat), content chunks, a chunk with the finish reason,
-    the usage chunk when asked for, ``[DONE]``. An error after the first event is sent as an error event."""
-    # A client that disconnects cancels the task sending this response: while it awaits the engine, the
-    # CancelledError lands below; while the server sends a chunk, this generator is only left suspended,
-    # so the task's end ends the request too (a no-op once the request has ended).
-    asyncio.current_task().add_done_callback(lambda _task: completion.end_in_background(Usage.Status.CANCELLED))
+    """A role chunk (chat), content chunks, a chunk with the finish reason, the usage chunk when asked
+    for, ``[DONE]``. An error after the first event is sent as an error event."""
     try:
         if completion.kind == CHAT:
             yield render.sse_event(render.chunk_body(completion, role="assistant", text=""))
