@@ -40,6 +40,7 @@ from engine_daemon.protocol import (
 )
 from portal.adapters.errors import AdapterRejected
 from portal.adapters.selectors import ResolvedModel, adapter_resolve_for_request
+from portal.adapters.staging import CONTROL_STREAM_MAXLEN
 from portal.api_keys.errors import ApiKeyError
 from portal.api_keys.models import Scope, TenantAPIKey
 from portal.api_keys.services import api_key_authenticate_header
@@ -65,7 +66,6 @@ DEADLINE_GRACE_SECONDS = 5.0
 READ_BLOCK_SECONDS = 5.0
 # Request streams are trimmed to about this many entries (acknowledged entries are never read again).
 REQUEST_STREAM_MAXLEN = 100_000
-CONTROL_STREAM_MAXLEN = 10_000
 
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, redis.asyncio.Redis]] = (
     weakref.WeakKeyDictionary()
