@@ -188,9 +188,16 @@ def wait_for(check, what: str, timeout: float) -> None:
         time.sleep(0.5)
 
 
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     stack = Stack()
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # Ctrl-C and SIGTERM both stop every child. SIGINT is set explicitly: a shell that starts us in
+    # the background leaves it ignored, and Python then installs no handler of its own.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         stack.start_redis()
         credentials = stack.prepare_database()
