@@ -44,3 +44,30 @@ def take_new_text(seq: Sequence, finished: bool) -> str:
 
 def _longest_stop(seq: Sequence) -> int:
     return max((len(s) for s in seq.params.stop), default=0)
+
+
+def resume(seq: Sequence, token_ids: list[int], sent_text: str | None, tokenizer: Tokenizer | None) -> None:
+    """Set up a sequence that continues after tokens another engine already delivered.
+
+    The text is rebuilt up to the last token that ends on a whole character; the bytes of an
+    unfinished character stay undecoded, so they come out with the next token, as they would
+    have. Of that text, only ``sent_text`` counts as handed out (a stop-string hold-back or a
+    split character may have kept the rest from the client).
+    """
+    seq.output_ids = list(token_ids)
+    whole = len(token_ids)
+    text = ""
+    if tokenizer is not None:
+        while whole > 0:
+            text = tokenizer.decode(token_ids[:whole])
+            if not text.endswith(_INCOMPLETE):
+                break
+            whole -= 1
+        if whole == 0:
+            text = ""
+    seq.text = text
+    seq.prefix_offset = seq.read_offset = whole
+    delivered = len(text) if sent_text is None else len(sent_text)
+    if sent_text is not None and not text.startswith(sent_text):
+        delivered = 0  # cannot happen with one tokenizer; resend the whole text rather than lose any
+    seq.emitted_chars = min(delivered, len(text))

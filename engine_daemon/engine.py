@@ -202,11 +202,13 @@ class Engine:
         tenant: str = "default",
         messages: list[dict[str, Any]] | None = None,
         resume_token_ids: list[int] | None = None,
+        resume_text: str | None = None,
     ) -> str:
         """Queue one request; raises RequestError or AdapterError for this request alone.
 
         ``resume_token_ids`` continues a request that another engine had started: those tokens were
         already delivered, so they count as output and are recomputed, not sent again.
+        ``resume_text`` is the text the client already has (default: all of those tokens' text).
         """
         params = params or SamplingParams()
         request_id = request_id or uuid.uuid4().hex
@@ -241,11 +243,7 @@ class Engine:
             generator=make_generator(params.seed, self.device),
         )
         if resume_token_ids:
-            seq.output_ids = [int(t) for t in resume_token_ids]
-            if self.tokenizer is not None:
-                seq.text = self.tokenizer.decode(seq.output_ids)
-                seq.emitted_chars = len(seq.text)
-            seq.prefix_offset = seq.read_offset = len(seq.output_ids)
+            detokenizer.resume(seq, [int(t) for t in resume_token_ids], resume_text, self.tokenizer)
         self.sequences[request_id] = seq
         self.scheduler.add(seq)
         return request_id

@@ -72,6 +72,7 @@ class EngineService:
         self.base_model = engine.model_name
         self.request_stream = protocol.request_stream(self.base_model)
         self.in_flight: dict[str, InFlight] = {}
+        self.cancelled: dict[str, float] = {}  # request id → when its cancel arrived (oldest first)
         self.stop_requested = threading.Event()
         self.draining_since: float | None = None
         self._control_cursor = "$"
@@ -189,7 +190,10 @@ class EngineService:
         if request.deadline is not None and time.time() > request.deadline:
             self._fail(entry_id, stream, "deadline_exceeded", "the request's deadline passed before it could start")
             return
-        sent_ids, finished = self._already_sent(stream) if deliveries > 1 else ([], False)
+        if request.request_id in self.cancelled:  # the client left before any daemon took it
+            self._write_and_ack(entry_id, stream, DoneEvent("cancelled", 0, 0, engine_id=self.engine_id))
+            return
+        sent_ids, sent_text, finished = self._already_sent(stream) if deliveries > 1 else ([], "", False)
         if finished:  # the previous daemon finished it but died before the XACK
             self.redis.xack(self.request_stream, protocol.CONSUMER_GROUP, entry_id)
             return
@@ -207,6 +211,7 @@ class EngineService:
                 tenant=request.tenant_id,
                 messages=request.messages,
                 resume_token_ids=sent_ids or None,
+                resume_text=sent_text if sent_ids else None,
             )
         except RequestError as exc:
             self._fail(entry_id, stream, exc.code, str(exc))
@@ -219,15 +224,17 @@ class EngineService:
             return
         self.in_flight[request.request_id] = InFlight(entry_id, request, stream, sent_tokens=len(sent_ids))
 
-    def _already_sent(self, stream: str) -> tuple[list[int], bool]:
+    def _already_sent(self, stream: str) -> tuple[list[int], str, bool]:
+        """Token ids and text a previous daemon streamed for this request, and whether it ended."""
         token_ids: list[int] = []
+        texts: list[str] = []
         for _id, fields in self.redis.xrange(stream):
             event = protocol.response_event_from_redis(fields)
-            if isinstance(event, DeltaEvent):
-                token_ids += event.token_ids
-            else:
-                return token_ids, True
-        return token_ids, False
+            if not isinstance(event, DeltaEvent):
+                return token_ids, "".join(texts), True
+            token_ids += event.token_ids
+            texts.append(event.text)
+        return token_ids, "".join(texts), False
 
     def _finish_resumed(self, entry_id: str, stream: str, request: InferenceRequest, sent_ids: list[int]) -> None:
         prompt_tokens = len(self.engine._encode(request.prompt, request.messages))
@@ -314,10 +321,15 @@ class EngineService:
                 self._apply_control(event)
 
     def _apply_control(self, event: ControlEvent) -> None:
-        if event.action == ControlEvent.CANCEL and event.request_id in self.in_flight:
-            flight = self.in_flight.pop(event.request_id)
+        if event.action == ControlEvent.CANCEL and event.request_id:
+            self._remember_cancel(event.request_id)
+            flight = self.in_flight.pop(event.request_id, None)
+            if flight is None:
+                return  # not ours, or not taken yet: refused when it arrives
+            seq = self.engine.sequences.get(event.request_id)
+            prompt_tokens = len(seq.prompt_ids) if seq is not None else 0
             self.engine.abort(event.request_id)  # frees its KV blocks now
-            done = DoneEvent("cancelled", 0, flight.sent_tokens, engine_id=self.engine_id)
+            done = DoneEvent("cancelled", prompt_tokens, flight.sent_tokens, engine_id=self.engine_id)
             self._write_and_ack(flight.entry_id, flight.stream, done)
         elif event.action == ControlEvent.ADAPTER_STAGED and event.sha256 and event.base_model in (None, self.base_model):
             try:
@@ -331,6 +343,16 @@ class EngineService:
                 self.engine.remove_adapter(event.sha256)
             except AdapterError as exc:  # still serving: it goes when its requests end and it ages out
                 log.info("adapter %s not evicted yet: %s", event.sha256, exc)
+
+    def _remember_cancel(self, request_id: str) -> None:
+        """Cancelled ids are kept as long as a response stream lives, so a late arrival is refused."""
+        now = time.monotonic()
+        self.cancelled[request_id] = now
+        while self.cancelled:
+            oldest, at = next(iter(self.cancelled.items()))
+            if now - at < protocol.RESPONSE_TTL_SECONDS:
+                break
+            del self.cancelled[oldest]
 
     def _enforce_deadlines(self) -> None:
         now = time.time()

@@ -121,6 +121,25 @@ def test_streamed_text_never_splits_a_character(engine):
     assert deltas[text.encode().index("日".encode()) : text.encode().index("日".encode()) + 2] == ["", ""]
 
 
+def test_resuming_inside_a_character_loses_nothing(engine):
+    """Another daemon streamed the tokens up to the middle of 本: the client has "日" and gets "本…" next."""
+    from engine_daemon import detokenizer
+    from engine_daemon.sequence import Sequence
+
+    vocab, alphabet = engine.tokenizer.backend.get_vocab(), _byte_level_alphabet()
+    ids = [vocab[alphabet[b]] for b in "日本!".encode()]
+    sent = ids[:4]  # the three bytes of 日 and the first byte of 本
+    seq = Sequence("r", [1], SamplingParams(stop=["!!"]))
+    detokenizer.resume(seq, sent, "日", engine.tokenizer)
+    deltas = []
+    for token in ids[4:]:
+        seq.output_ids.append(token)
+        detokenizer.append_token_text(seq, engine.tokenizer)
+        deltas.append(detokenizer.take_new_text(seq, finished=False))
+    deltas.append(detokenizer.take_new_text(seq, finished=True))
+    assert "日" + "".join(deltas) == "日本!"
+
+
 def _byte_level_alphabet() -> dict[int, str]:
     """GPT-2's byte → printable character map that byte-level BPE vocabularies use."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))

@@ -135,8 +135,20 @@ def test_cancel_frees_the_kv_blocks_at_once(chat_model, redis_client, redis_url,
     redis_client.xadd(protocol.CONTROL_STREAM, ControlEvent(action="cancel", request_id=request.request_id).to_redis())
     service.run_once()
     assert service.engine.kv.blocks.num_used == 0
-    assert events(redis_client, request.request_id)[-1].finish_reason == "cancelled"
+    done = events(redis_client, request.request_id)[-1]
+    assert done.finish_reason == "cancelled" and done.prompt_tokens > 0 and done.completion_tokens >= 1
     assert pending(redis_client, service.base_model) == 0
+
+
+def test_a_cancel_that_arrives_before_the_request_is_honoured(chat_model, redis_client, redis_url, cache_dir):
+    service = make_service(chat_model, redis_client, redis_url, cache_dir)
+    redis_client.xadd(protocol.CONTROL_STREAM, ControlEvent(action="cancel", request_id="early").to_redis())
+    service.run_once()
+    enqueue(redis_client, service.base_model, request_id="early", prompt="Ahoy", sampling={**GREEDY, "max_tokens": 500})
+    run_until(service, lambda: finished(redis_client, "early"))
+    assert [e.kind for e in events(redis_client, "early")] == ["done"]
+    assert events(redis_client, "early")[0].finish_reason == "cancelled"
+    assert service.engine.kv.blocks.num_used == 0 and pending(redis_client, service.base_model) == 0
 
 
 def test_deadlines_end_requests_with_an_error(chat_model, redis_client, redis_url, cache_dir):
