@@ -327,6 +327,10 @@ def main() -> None:
             results.append(run_hf_peft(peft_model, with_adapters(workload, names), args.hf_batch_size,
                                        "HF + PEFT", count))
     limits = {b: matmul_limit(engine, b) for b in sorted({32, args.max_num_seqs, 256})}
+    # Every prompt token also passes through the GEMMs: the ceiling of this workload's output rate.
+    prompt_tokens = sum(len(r.prompt) for r in workload)
+    output_tokens = sum(r.max_tokens for r in workload)
+    workload_ceiling = output_tokens / ((prompt_tokens + output_tokens) / limits[max(limits)])
 
     base = results[0].tokens_per_second
     rows = [r.summary() for r in results]
@@ -342,11 +346,15 @@ def main() -> None:
                                                     "max_num_seqs", "hf_batch_size", "seed")},
         "results": rows,
         "matmul_limit_tokens_per_second": {str(b): round(v, 1) for b, v in limits.items()},
+        "workload_gemm_ceiling_output_tokens_per_second": round(workload_ceiling, 1),
+        "workload_tokens": {"prompt": prompt_tokens, "output": output_tokens},
         "engine": {"steps": engine.stats.steps, "preemptions": engine.scheduler.num_preemptions},
     }
     (args.out / "throughput.json").write_text(json.dumps(report, indent=2))
     write_chart(results, limits, args.out / "throughput.png")
     print_table(rows, limits)
+    print(f"GEMM ceiling of this workload ({prompt_tokens} prompt + {output_tokens} output tokens): "
+          f"{workload_ceiling:.0f} output tok/s")
     engine.close()
 
 
