@@ -124,6 +124,13 @@ def _gather_slots(block_tables: torch.Tensor, block_size: int, length: int) -> t
     return blocks * block_size + pos % block_size
 
 
+def _gather(flat: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Rows of the flat cache at `slots` (any shape) as a new float32 tensor; index_select is
+    about 1.5x faster than advanced indexing for these gathers on CPU."""
+    rows = flat.index_select(0, slots.reshape(-1)).view(*slots.shape, *flat.shape[1:])
+    return rows if rows.dtype == torch.float32 else rows.float()
+
+
 class _AttentionPlan:
     """Index tensors of one step's batch, shared by every layer (the engine passes the same
     block_tables / seq_lens / query_start_loc objects to each layer of a step)."""
@@ -200,14 +207,15 @@ def paged_attention(
 
     if plan.decode:
         # All single-query sequences in one padded call; the mask hides each one's padding.
-        keys = k_flat[plan.decode_slots].float()  # [Bd, L, Hkv, D], a fresh tensor
-        values = v_flat[plan.decode_slots].float()
+        keys = _gather(k_flat, plan.decode_slots)  # [Bd, L, Hkv, D], a fresh tensor
+        values = _gather(v_flat, plan.decode_slots)
         if plan.decode_padded:
             # Padding positions read whatever the cache holds there (even NaN): zero them, since
-            # a masked score still multiplies its value row (0 * NaN = NaN).
+            # a masked score still multiplies its value row (0 * NaN = NaN). In place: the gathered
+            # copies are ours, and a second copy of the whole context would double the traffic.
             hide = ~plan.decode_valid[:, :, None, None]
-            keys = keys.masked_fill(hide, 0.0)
-            values = values.masked_fill(hide, 0.0)
+            keys.masked_fill_(hide, 0.0)
+            values.masked_fill_(hide, 0.0)
         queries = q[plan.decode_q_rows].float().unsqueeze(2)  # [Bd, H, 1, D]
         o = F.scaled_dot_product_attention(
             queries, keys.permute(0, 2, 1, 3), values.permute(0, 2, 1, 3),
@@ -216,8 +224,8 @@ def paged_attention(
         out[plan.decode_q_rows] = o.squeeze(2).to(q.dtype)
 
     for start, end, slots, mask in plan.prefill:
-        keys = k_flat[slots].transpose(0, 1).float().unsqueeze(0)  # [1, Hkv, L, D]
-        values = v_flat[slots].transpose(0, 1).float().unsqueeze(0)
+        keys = _gather(k_flat, slots).transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
+        values = _gather(v_flat, slots).transpose(0, 1).unsqueeze(0)
         queries = q[start:end].transpose(0, 1).float().unsqueeze(0)  # [1, H, q_len, D]
         o = F.scaled_dot_product_attention(
             queries, keys, values, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
