@@ -55,12 +55,13 @@ class ProtocolError(ValueError):
     """A message that does not follow this protocol (wrong version, missing field, bad JSON)."""
 
 
-def _text(value: Any) -> str:
+def text_of(value: Any) -> str:
+    """A Redis reply field (bytes) or a str, as str."""
     return value.decode() if isinstance(value, bytes | bytearray) else str(value)
 
 
 def _decode_fields(raw: dict[Any, Any]) -> dict[str, str]:
-    return {_text(k): _text(v) for k, v in raw.items()}
+    return {text_of(k): text_of(v) for k, v in raw.items()}
 
 
 class _Message:

@@ -13,6 +13,7 @@ token twice. A live daemon keeps its own entries fresh (XCLAIM JUSTID) so nobody
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -36,6 +37,7 @@ from engine_daemon.protocol import (
     Heartbeat,
     InferenceRequest,
     ProtocolError,
+    text_of,
 )
 from engine_daemon.sampling import SamplingParams
 
@@ -91,7 +93,7 @@ class EngineService:
             if "BUSYGROUP" not in str(exc):
                 raise
         self._control_cursor = self._stream_tail(protocol.CONTROL_STREAM)
-        self.redis.hset(protocol.BASE_MODELS_KEY, self.base_model, _json(self.engine.descriptor.to_dict()))
+        self.redis.hset(protocol.BASE_MODELS_KEY, self.base_model, json.dumps(self.engine.descriptor.to_dict()))
         self._beat(force=True)
         log.info("engine %s serves %s from %s", self.engine_id, self.base_model, self.request_stream)
 
@@ -157,7 +159,7 @@ class EngineService:
         )
         for _stream, entries in reply or []:
             for entry_id, fields in entries:
-                self._accept(_text(entry_id), fields, deliveries=1)
+                self._accept(text_of(entry_id), fields, deliveries=1)
 
     def _claim_abandoned(self) -> None:
         idle_ms = int(self.config.claim_idle_seconds * 1000)
@@ -167,14 +169,14 @@ class EngineService:
                 self.request_stream, protocol.CONSUMER_GROUP, self.engine_id, idle_ms, start_id=cursor, count=100
             )
             for entry_id, fields in entries:
-                entry_id = _text(entry_id)
+                entry_id = text_of(entry_id)
                 if fields is None or entry_id in {f.entry_id for f in self.in_flight.values()}:
                     continue
                 pending = self.redis.xpending_range(self.request_stream, protocol.CONSUMER_GROUP, entry_id, entry_id, 1)
                 deliveries = pending[0]["times_delivered"] if pending else 1
                 log.info("claimed abandoned request entry %s (delivery %d)", entry_id, deliveries)
                 self._accept(entry_id, fields, deliveries=deliveries)
-            if _text(cursor) == "0-0":
+            if text_of(cursor) == "0-0":
                 return
 
     def _accept(self, entry_id: str, fields: dict, deliveries: int) -> None:
@@ -297,7 +299,7 @@ class EngineService:
     def _dead_letter(self, entry_id: str, fields: dict, reason: str, stream: str | None) -> None:
         log.warning("dead-lettering request entry %s: %s", entry_id, reason)
         pipe = self.redis.pipeline(transaction=False)
-        dead = {_text(k): _text(v) for k, v in fields.items()}
+        dead = {text_of(k): text_of(v) for k, v in fields.items()}
         dead.update({"reason": reason, "entry_id": entry_id, "engine_id": self.engine_id, "at": str(time.time())})
         pipe.xadd(protocol.dead_letter_stream(self.base_model), dead, maxlen=10000, approximate=True)
         if stream is not None:
@@ -312,7 +314,7 @@ class EngineService:
         reply = self.redis.xread({protocol.CONTROL_STREAM: self._control_cursor}, count=100)
         for _stream, entries in reply or []:
             for entry_id, fields in entries:
-                self._control_cursor = _text(entry_id)
+                self._control_cursor = text_of(entry_id)
                 try:
                     event = ControlEvent.from_redis(fields)
                 except ProtocolError as exc:
@@ -429,19 +431,9 @@ class EngineService:
 
     def _stream_tail(self, stream: str) -> str:
         last = self.redis.xrevrange(stream, count=1)
-        return _text(last[0][0]) if last else "0-0"
+        return text_of(last[0][0]) if last else "0-0"
 
 
 def install_signal_handlers(service: EngineService) -> None:
     signal.signal(signal.SIGTERM, service.request_stop)
     signal.signal(signal.SIGINT, service.request_stop)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes | bytearray) else str(value)
-
-
-def _json(value: Any) -> str:
-    import json
-
-    return json.dumps(value)
