@@ -60,7 +60,12 @@ class BlockManager:
 
 
 class KVCache:
-    """The K and V tensors of every layer: [num_blocks, block_size, kv_heads, head_dim] each."""
+    """The K and V tensors of every layer: [num_blocks, block_size, kv_heads, head_dim] views each.
+
+    In memory a block is head-major ([kv_heads, block_size, head_dim]): each head's run of positions
+    is contiguous, so the torch attention twin gathers whole (block, head) rows straight into the
+    [seqs, kv_heads, length, head_dim] layout its matmuls read. The Triton kernels take any strides.
+    """
 
     def __init__(
         self,
@@ -72,9 +77,11 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        shape = (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)
+        shape = (num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim)
         self.storage = torch.zeros(shape, dtype=dtype, device=device)
-        self.layers = [(self.storage[i, 0], self.storage[i, 1]) for i in range(num_layers)]
+        self.layers = [
+            (self.storage[i, 0].transpose(1, 2), self.storage[i, 1].transpose(1, 2)) for i in range(num_layers)
+        ]
         self.blocks = BlockManager(num_blocks, block_size)
 
     @staticmethod

@@ -24,7 +24,7 @@ BATCHES = {
 }
 
 
-def make_paged_batch(spec, block_size, n_kv_heads, group, head_dim, dtype, device, seed=0):
+def make_paged_batch(spec, block_size, n_kv_heads, group, head_dim, dtype, device, seed=0, head_major=False):
     generator = torch.Generator().manual_seed(seed)
     needed = [math.ceil(length / block_size) for length, _ in spec]
     num_blocks = sum(needed) * 2 + 3  # unused blocks are holes between the used ones
@@ -52,6 +52,8 @@ def make_paged_batch(spec, block_size, n_kv_heads, group, head_dim, dtype, devic
     q = torch.randn(sum(q_lens), n_kv_heads * group, head_dim, generator=generator)
     seq_lens = torch.tensor([length for length, _ in spec], dtype=torch.int32)
     to = dict(device=device, dtype=dtype)
+    if head_major:  # the engine's layout: [num_blocks, kv_heads, block_size, head_dim] in memory, same view
+        k_cache, v_cache = (c.transpose(1, 2).contiguous().transpose(1, 2) for c in (k_cache, v_cache))
     return (
         q.to(**to),
         k_cache.to(**to),
@@ -86,12 +88,15 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((a - e).norm() / e.norm().clamp_min(1e-30))
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "head-major"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("group", [1, 3, 8])
 @pytest.mark.parametrize("batch", sorted(BATCHES))
-def test_paged_attention(batch, group, dtype, device):
+def test_paged_attention(batch, group, dtype, layout, device):
     block_size, n_kv_heads, head_dim = 16 if group == 3 else 5, 2, 24
-    inputs = make_paged_batch(BATCHES[batch], block_size, n_kv_heads, group, head_dim, dtype, device)
+    inputs = make_paged_batch(BATCHES[batch], block_size, n_kv_heads, group, head_dim, dtype, device,
+                              head_major=layout == "head-major")
+    assert kernels.reference.is_head_major(inputs[1]) == (layout == "head-major")
     scale = head_dim**-0.5
     want = dense_attention(*inputs, scale)
     twin = reference.paged_attention(*inputs, scale)
@@ -127,11 +132,33 @@ def test_paged_attention_empty_batch(impl, device):
     assert out.shape == (0, 4, 16)
 
 
+def test_decode_lengths_far_apart_form_buckets(device):
+    """Decode sequences of very different lengths are padded per bucket, not to the longest one;
+    the result must not depend on how they were split."""
+    lengths = [3, 290, 41, 7, 260, 130, 1, 77, 300, 12, 150, 33, 200, 5, 64, 280]
+    inputs = make_paged_batch([(n, 1) for n in lengths], 16, 2, 3, 16, torch.float32, device, seed=2,
+                              head_major=True)
+    want = dense_attention(*inputs, 0.2)
+    out = reference.paged_attention(*inputs, 0.2)
+    from kernels import attention_plan
+
+    buckets = reference._last_plan.decode
+    assert len(buckets) > 1
+    assert sorted(r for b in buckets for r in b.q_rows.tolist()) == list(range(len(lengths)))
+    padded = sum(b.count * b.length for b in buckets)
+    assert padded < len(lengths) * 304  # less padding than one bucket of the longest length
+    assert not torch.isnan(out).any() and relative_error(out, want) <= 1e-5
+    assert attention_plan.is_head_major(inputs[1])
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "head-major"])
 @pytest.mark.parametrize("impl", ["torch", "triton"])
-def test_store_kv_then_attend(impl, device):
+def test_store_kv_then_attend(impl, layout, device):
     """store_kv writes where the block table says; padding slots (-1) are skipped."""
     num_blocks, block_size, n_kv_heads, head_dim = 6, 4, 2, 12
     k_cache = torch.zeros(num_blocks, block_size, n_kv_heads, head_dim, device=device)
+    if layout == "head-major":
+        k_cache = k_cache.transpose(1, 2).contiguous().transpose(1, 2)
     v_cache = torch.zeros_like(k_cache)
     # k and v as views of one fused projection output, as the model produces them.
     fused = torch.randn(7, 3, n_kv_heads, head_dim, device=device)
