@@ -71,7 +71,7 @@ class AdapterRecord:
 
 
 class SlotPool:
-    """Stacked LoRA weights: a[module][layer] [S, R, in] and b[module][layer] [S, out, R] on the device."""
+    """Stacked LoRA weights: a[module][layer] [S, R, in] and b[module][layer] [S, out, R] (views) on the device."""
 
     def __init__(self, config: ModelConfig, max_loras: int, max_rank: int, dtype: torch.dtype, device: torch.device):
         self.num_slots, self.max_rank = max_loras, max_rank
@@ -98,8 +98,14 @@ class SlotPool:
             m: [torch.zeros(max_loras, max_rank, self.in_features[m], dtype=dtype, device=device) for _ in layers]
             for m in LORA_MODULES
         }
+        # B is stored rank-major ([S, R, out] in memory) and exposed as the kernels' [S, out, R] view:
+        # a slot's first `rank` rows are then one contiguous block, so a low-rank adapter reads only
+        # its own bytes instead of a strided sliver of every R-wide row.
         self.b = {
-            m: [torch.zeros(max_loras, self.out_features[m], max_rank, dtype=dtype, device=device) for _ in layers]
+            m: [
+                torch.zeros(max_loras, max_rank, self.out_features[m], dtype=dtype, device=device).transpose(1, 2)
+                for _ in layers
+            ]
             for m in LORA_MODULES
         }
         # Each slot is computed at its adapter's own rank; scaling is folded into B. Kept on the host:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.lora_plan import LoraCpuPlan, build_cpu_plan
+
 # Tokens per Triton tile. A tile never crosses a segment boundary, so a weight tile is
 # loaded once per (segment, 16 tokens) instead of once per token.
 TILE_M = 16
@@ -37,10 +39,8 @@ class LoraMeta:
     # True when sorted_token_ids == arange(num_tokens): the twins can use views, not gathers.
     identity_order: bool = False
     num_lora_tokens: int = 0
-    # Host tensors only: when each slot's tokens already sit in one contiguous run of the batch
-    # (the engine orders its batch by slot), the segments in batch coordinates. The twins then
-    # work on views of x and base, with no gather or scatter.
-    batch_runs: tuple[tuple[int, int, int, int, float], ...] | None = None
+    # CPU tensors only: how the torch twins split the batch into matmul calls (see lora_plan).
+    cpu_plan: LoraCpuPlan | None = None
 
     @property
     def has_lora(self) -> bool:
@@ -110,9 +110,9 @@ class LoraMeta:
         sorted_token_ids = order[num_skipped:]
         # One slot for every token: the sort is the identity (the usual single-tenant prefill).
         identity_order = len(segments) == 1 and segments[0][:2] == (0, num_tokens)
-        batch_runs = None
+        cpu_plan = None
         if device.type == "cpu" and segments:
-            batch_runs = _contiguous_runs(token_slots.tolist(), ranks_host, scalings_host, len(segments))
+            cpu_plan = build_cpu_plan(token_slots.tolist(), ranks_host, scalings_host)
         return cls(
             num_tokens=num_tokens,
             segments=tuple(segments),
@@ -124,21 +124,7 @@ class LoraMeta:
             ranks=ranks.to(device=device, dtype=torch.int32),
             scalings=scalings.to(device=device, dtype=torch.float32),
             identity_order=identity_order,
-            batch_runs=batch_runs,
+            cpu_plan=cpu_plan,
             num_lora_tokens=sum(s[1] - s[0] for s in segments),
         )
 
-
-def _contiguous_runs(
-    slots: list[int], ranks: list[int], scalings: list[float], num_segments: int
-) -> tuple[tuple[int, int, int, int, float], ...] | None:
-    """(start, end, slot, rank, scaling) runs in batch order, or None if some slot is split in two."""
-    runs = []
-    start = 0
-    for end in range(1, len(slots) + 1):
-        if end == len(slots) or slots[end] != slots[start]:
-            slot = slots[start]
-            if slot >= 0 and ranks[slot] > 0:
-                runs.append((start, end, slot, ranks[slot], scalings[slot]))
-            start = end
-    return tuple(runs) if len(runs) == num_segments else None

@@ -26,16 +26,15 @@ def _check_lora_shapes(x: torch.Tensor, weight: torch.Tensor, meta: LoraMeta, wh
         raise ValueError(f"{what}: weights have {weight.shape[0]} slots but LoraMeta has {meta.num_slots}")
 
 
-# Below this many tokens per segment the matmuls are tiny: waking a second CPU thread for each one
-# costs several times the arithmetic (measured 7 us on one thread vs 29 us on two for 4x576x64).
-_THREADED_TOKENS_PER_SEGMENT = 64
+# Below this many tokens a matmul is tiny: waking a second CPU thread for it costs several times
+# the arithmetic (measured 7 us on one thread vs 29 us on two for 4x576x64).
+_THREADED_TOKENS = 64
 
 
 @contextlib.contextmanager
-def _cpu_threads_for(meta: LoraMeta, device: torch.device) -> Iterator[None]:
+def _one_thread_if(small: bool) -> Iterator[None]:
     threads = torch.get_num_threads()
-    small = meta.num_lora_tokens < _THREADED_TOKENS_PER_SEGMENT * len(meta.segments)
-    if device.type != "cpu" or threads == 1 or not small:
+    if not small or threads == 1:
         yield
         return
     torch.set_num_threads(1)
@@ -54,17 +53,25 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoraMeta) -> torch.
     y = torch.zeros(meta.num_tokens, max_rank, dtype=torch.float32, device=x.device)
     if not meta.has_lora:
         return y
-    if meta.batch_runs is not None:
-        with _cpu_threads_for(meta, x.device):
-            for start, end, slot, rank, _ in meta.batch_runs:
-                torch.matmul(x[start:end].float(), lora_a[slot, :rank].float().t(), out=y[start:end, :rank])
+    plan = meta.cpu_plan
+    if plan is not None:
+        for run in plan.direct:
+            with _one_thread_if(run.end - run.start < _THREADED_TOKENS):
+                torch.matmul(x[run.start : run.end].float(), lora_a[run.slot, : run.rank].float().t(),
+                             out=y[run.start : run.end, : run.rank])
+        for group in plan.groups:
+            rank = group.rank
+            xs = x.index_select(0, group.gather_rows).float().view(group.count, group.width, -1)
+            ys = torch.bmm(xs, group.slots(lora_a)[:, :rank].float().transpose(1, 2)).view(-1, rank)
+            if group.valid is not None:
+                ys = ys.index_select(0, group.valid)
+            y[:, :rank].index_copy_(0, group.token_rows, ys)
         return y
     # Gather the adapter tokens once; every segment is then a contiguous slice.
     x_sorted = x.index_select(0, meta.sorted_token_ids).float()
     y_sorted = torch.zeros(x_sorted.shape[0], max_rank, dtype=torch.float32, device=x.device)
-    with _cpu_threads_for(meta, x.device):
-        for start, end, slot, rank, _ in meta.segments:
-            y_sorted[start:end, :rank] = x_sorted[start:end] @ lora_a[slot, :rank].float().t()
+    for start, end, slot, rank, _ in meta.segments:
+        y_sorted[start:end, :rank] = x_sorted[start:end] @ lora_a[slot, :rank].float().t()
     y.index_copy_(0, meta.sorted_token_ids, y_sorted)
     return y
 
@@ -79,18 +86,35 @@ def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, meta: LoraMeta, base: tor
     if not meta.has_lora:
         return base
     y = y.float()
-    if meta.batch_runs is not None and base.dtype == torch.float32:
-        with _cpu_threads_for(meta, base.device):
-            for start, end, slot, rank, scaling in meta.batch_runs:
-                base[start:end].addmm_(y[start:end, :rank], lora_b[slot, :, :rank].float().t(), alpha=scaling)
+    plan = meta.cpu_plan
+    if plan is not None:
+        exact = base.dtype == torch.float32
+        for run in plan.direct:
+            rows, ys, weight = base[run.start : run.end], y[run.start : run.end, : run.rank], lora_b[run.slot, :, : run.rank]
+            with _one_thread_if(run.end - run.start < _THREADED_TOKENS):
+                if exact:
+                    rows.addmm_(ys, weight.t(), alpha=run.scaling)
+                else:  # accumulate in fp32, round once into the half-precision base
+                    rows.copy_(torch.addmm(rows.float(), ys, weight.float().t(), alpha=run.scaling))
+        for group in plan.groups:
+            rank = group.rank
+            ys = y[:, :rank].index_select(0, group.gather_rows).view(group.count, group.width, rank)
+            if group.scalings is not None:
+                ys = ys * group.scalings
+            delta = torch.bmm(ys, group.slots(lora_b)[:, :, :rank].float().transpose(1, 2)).view(-1, base.shape[1])
+            if group.valid is not None:
+                delta = delta.index_select(0, group.valid)
+            if exact:
+                base.index_add_(0, group.token_rows, delta)
+            else:
+                base.index_copy_(0, group.token_rows, (base.index_select(0, group.token_rows).float() + delta).to(base.dtype))
         return base
     # Accumulate in fp32 on a gathered copy, then write back once: one rounding per element.
     ids = meta.sorted_token_ids
     y_sorted = y.index_select(0, ids)
     acc = base.index_select(0, ids).float()
-    with _cpu_threads_for(meta, base.device):
-        for start, end, slot, rank, scaling in meta.segments:
-            acc[start:end].addmm_(y_sorted[start:end, :rank], lora_b[slot, :, :rank].float().t(), alpha=scaling)
+    for start, end, slot, rank, scaling in meta.segments:
+        acc[start:end].addmm_(y_sorted[start:end, :rank], lora_b[slot, :, :rank].float().t(), alpha=scaling)
     base.index_copy_(0, ids, acc.to(base.dtype))
     return base
 

@@ -31,6 +31,11 @@ def slot_pattern(kind: str, num_tokens: int, generator: torch.Generator) -> torc
         while len(slots) < num_tokens:
             slots += [choices[len(slots) % len(choices)]] * (1 + len(slots) % 9)
         return torch.tensor(slots[:num_tokens])
+    if kind == "engine":  # the engine's order: -1 first, then by slot; one long prefill run among decodes
+        counts = [1 + (s * 7) % 3 for s in range(NUM_SLOTS)]
+        counts[5] = 40
+        slots = [s for s in range(NUM_SLOTS) for _ in range(counts[s])]
+        return torch.tensor(([-1] * max(3, num_tokens - len(slots)) + slots)[:num_tokens])
     if kind == "one":  # a single adapter for the whole batch (the twin's identity fast path)
         return torch.full((num_tokens,), 7)
     if kind == "none":
@@ -128,8 +133,8 @@ def check_lora(impl: str, num_tokens: int, kind: str, dtype: torch.dtype, device
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("kind", ["mixed", "runs", "one", "none"])
-@pytest.mark.parametrize("num_tokens", [0, 1, 7, 33])
+@pytest.mark.parametrize("kind", ["mixed", "runs", "engine", "one", "none"])
+@pytest.mark.parametrize("num_tokens", [0, 1, 7, 33, 80])
 def test_torch_twin_matches_naive_loop(num_tokens, kind, dtype):
     check_lora("torch", num_tokens, kind, dtype, torch.device("cpu"))
 
@@ -183,6 +188,27 @@ def test_meta_groups_tokens_by_slot_stably():
     assert meta.sorted_token_ids[:5].tolist() == [2, 6, 0, 3, 4]
     assert meta.max_rank == 4 and not meta.identity_order
     assert meta.tiles.tolist() == [[0, 0, 2], [2, 2, 5]]
+
+
+def test_cpu_plan_batches_equal_rank_slots_into_one_bmm():
+    """Decode-sized segments of equal rank in evenly spaced slots become one strided group; a
+    long contiguous run stays a direct matmul; every adapter token is planned exactly once."""
+    from kernels.lora_plan import GROUP_MAX_TOKENS, _progressions
+
+    ranks = torch.tensor([8, 16, 8, 16, 8, 16, 8, 64, 32], dtype=torch.int32)
+    slots = [-1, 0, 0, 1, 2, 3, 3, 3, 4, 5, 6, 7] + [8] * (GROUP_MAX_TOKENS + 1) + [-1, 1]
+    meta = kernels.LoraMeta.build(torch.tensor(slots, dtype=torch.int32), ranks, torch.ones(9))
+    plan = meta.cpu_plan
+    assert [(r.start, r.end, r.slot) for r in plan.direct] == [(12, 12 + GROUP_MAX_TOKENS + 1, 8)]
+    groups = {(g.rank, g.first_slot, g.slot_step, g.count) for g in plan.groups}
+    assert groups == {(8, 0, 2, 4), (16, 1, 2, 3), (64, 7, 1, 1)}
+    planned = sorted(r for g in plan.groups for r in g.token_rows.tolist())
+    planned += [t for r in plan.direct for t in range(r.start, r.end)]
+    assert sorted(planned) == [t for t, s in enumerate(slots) if s >= 0]
+    rank16 = next(g for g in plan.groups if g.rank == 16)
+    assert rank16.width == 3 and rank16.valid is not None  # slot 1: 2 tokens (one far away), 3: 3, 5: 1
+    assert _progressions([0, 1, 2, 5, 8, 11, 12]) == [[0, 1, 2], [5, 8, 11], [12]]
+    assert _progressions([0, 4, 8, 12, 13]) == [[0, 4, 8, 12], [13]]
 
 
 def test_meta_splits_long_segments_into_tiles():
