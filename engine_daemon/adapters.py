@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from engine_daemon.model import ModelConfig
+from engine_daemon.model import GATE_UP, QKV, ModelConfig
 from engine_daemon.peft_format import (
     LORA_MODULES,
     WEIGHTS_FILE,
@@ -27,6 +27,9 @@ from engine_daemon.peft_format import (
     ModelDescriptor,
     validate_adapter_dir,
 )
+
+# Projections whose LoRA A matrices are stored (and shrunk) together: they read the same input.
+FUSED_PROJECTIONS = (QKV, GATE_UP)
 
 # A host copy: (module, layer) → (A [r, in], B·scaling [out, r]) in the model's dtype.
 HostWeights = dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]
@@ -94,10 +97,24 @@ class SlotPool:
             "down_proj": config.hidden_size,
         }
         layers = range(config.num_layers)
+        # Projections that read the same input share one A tensor, interleaved rank-major
+        # ([S, R, parts, in]): a slot's first `rank` rows of every part are then one contiguous
+        # [rank * parts, in] matrix, so one shrink serves q, k and v (and gate and up) at once.
+        self.fused_a = {
+            parts: [
+                torch.zeros(max_loras, max_rank, len(parts), self.in_features[parts[0]], dtype=dtype, device=device)
+                for _ in layers
+            ]
+            for parts in FUSED_PROJECTIONS
+        }
         self.a = {
             m: [torch.zeros(max_loras, max_rank, self.in_features[m], dtype=dtype, device=device) for _ in layers]
             for m in LORA_MODULES
+            if not any(m in parts for parts in FUSED_PROJECTIONS)
         }
+        for parts, per_layer in self.fused_a.items():
+            for i, part in enumerate(parts):
+                self.a[part] = [fused[:, :, i] for fused in per_layer]  # [S, R, in] views
         # B is stored rank-major ([S, R, out] in memory) and exposed as the kernels' [S, out, R] view:
         # a slot's first `rank` rows are then one contiguous block, so a low-rank adapter reads only
         # its own bytes instead of a strided sliver of every R-wide row.
@@ -113,6 +130,11 @@ class SlotPool:
         self.ranks = torch.zeros(max_loras, dtype=torch.int32)
         self.scalings = torch.ones(max_loras, dtype=torch.float32)
         self.targets: list[frozenset[tuple[str, int]]] = [frozenset()] * max_loras
+
+    def shrink_weights(self, parts: tuple[str, ...], layer: int) -> torch.Tensor:
+        """A of several fused projections as one [S, R * parts, in] stack (rank r → r * parts rows)."""
+        fused = self.fused_a[parts][layer]
+        return fused.view(fused.shape[0], -1, fused.shape[-1])
 
     @property
     def nbytes(self) -> int:

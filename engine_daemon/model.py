@@ -95,27 +95,56 @@ class LoraBatch:
     """The adapters of this step: one token→slot map (``kernels.LoraMeta``) over the slot pool's weights."""
 
     def __init__(
-        self, meta: kernels.LoraMeta, pool: Any, targets: frozenset[tuple[str, int]], timed: bool = False
+        self,
+        token_slots: torch.Tensor,
+        pool: Any,
+        targets: frozenset[tuple[str, int]],
+        timed: bool = False,
     ) -> None:
-        self.meta = meta
+        self.token_slots = token_slots  # int32 [T] on the device, -1 = no adapter
+        self.meta = kernels.LoraMeta.build(token_slots, pool.ranks, pool.scalings)
         self.pool = pool  # adapters.SlotPool: .a[module][layer] [S, R, in], .b[module][layer] [S, out, R]
         self.targets = targets  # (module, layer) pairs that some adapter of this step adapts
         self.timed = timed
         self.seconds: float | None = 0.0 if timed else None  # time spent in apply(), when timed
+        self._fused_meta: dict[int, kernels.LoraMeta] = {}
 
-    def adapts(self, module: str, layer: int) -> bool:
-        return (module, layer) in self.targets
-
-    def apply(self, x: torch.Tensor, out: torch.Tensor, layer: int, module: str) -> None:
-        """out += scaling · (x Aᵀ) Bᵀ for each token's adapter (scaling is folded into B at load)."""
+    def apply(self, x: torch.Tensor, out: torch.Tensor, layer: int, parts: tuple[str, ...]) -> None:
+        """out += scaling · (x Aᵀ) Bᵀ for each token's adapter, for the projections `parts` whose
+        outputs lie side by side in `out` (scaling is folded into B at load)."""
+        adapted = [part for part in parts if (part, layer) in self.targets]
+        if not adapted:
+            return
         if self.timed:
             _sync(x.device)
             started = time.perf_counter()
-        y = kernels.lora_shrink(x, self.pool.a[module][layer], self.meta)
-        kernels.lora_expand(y, self.pool.b[module][layer], self.meta, out)
+        pool = self.pool
+        columns, start = {}, 0
+        for part in parts:
+            columns[part] = slice(start, start + pool.out_features[part])
+            start = columns[part].stop
+        if len(adapted) > 1:
+            # One shrink for all parts: rank r of the fused stack is r · len(parts) interleaved rows.
+            y = kernels.lora_shrink(x, pool.shrink_weights(parts, layer), self._meta_for_parts(len(parts)))
+            per_part = y.view(y.shape[0], -1, len(parts))
+            for i, part in enumerate(parts):
+                if part in adapted:
+                    kernels.lora_expand(per_part[:, :, i], pool.b[part][layer], self.meta, out[:, columns[part]])
+        else:
+            part = adapted[0]
+            y = kernels.lora_shrink(x, pool.a[part][layer], self.meta)
+            kernels.lora_expand(y, pool.b[part][layer], self.meta, out[:, columns[part]])
         if self.timed:
             _sync(x.device)
             self.seconds += time.perf_counter() - started
+
+    def _meta_for_parts(self, count: int) -> kernels.LoraMeta:
+        meta = self._fused_meta.get(count)
+        if meta is None:
+            meta = self._fused_meta[count] = kernels.LoraMeta.build(
+                self.token_slots, self.pool.ranks * count, self.pool.scalings
+            )
+        return meta
 
 
 def _sync(device: torch.device) -> None:
@@ -239,12 +268,7 @@ class LlamaModel:
         if bias is not None:
             out = out + bias
         if lora is not None:
-            start = 0
-            for part in parts:
-                width = lora.pool.out_features[part]
-                if lora.adapts(part, index):
-                    lora.apply(x, out[:, start : start + width], index, part)
-                start += width
+            lora.apply(x, out, index, parts)
         return out
 
 

@@ -150,3 +150,27 @@ def test_snapshot_rates_cover_a_recent_window_and_time_the_lora_share(tiny_llama
     idle = engine.snapshot(window_seconds=0.1)
     assert idle["tokens_per_second"] == 0 and idle["step_seconds"] == 0 and idle["lora_share"] is None
     engine.close()
+
+
+def test_slot_pool_layout_fuses_shrinks_and_keeps_low_ranks_contiguous(tiny_llama, adapter_dirs):
+    """q/k/v (and gate/up) A rows of a slot interleave into one [rank * parts, in] matrix, so one
+    shrink serves them all; B is rank-major so a low-rank slot reads one contiguous block."""
+    from engine_daemon.adapters import read_adapter_weights
+    from engine_daemon.model import GATE_UP, QKV
+
+    engine = make_engine(tiny_llama, adapter_dirs)
+    serve(engine, "b")
+    record = engine.residency.get("b")
+    pool, slot, rank = engine.residency.pool, record.slot, record.manifest.rank
+    host = read_adapter_weights(record.path, record.manifest, engine.dtype)
+    for parts in (QKV, GATE_UP):
+        for layer in range(engine.model_config.num_layers):
+            fused = pool.shrink_weights(parts, layer)[slot, : rank * len(parts)]
+            assert fused.is_contiguous()
+            for i, part in enumerate(parts):
+                assert fused[i :: len(parts)].equal(host[(part, layer)][0])
+                assert pool.a[part][layer][slot, :rank].equal(host[(part, layer)][0])
+    for module, per_layer in pool.b.items():
+        b = per_layer[0][slot, :, :rank]
+        assert b.t().is_contiguous() and b.equal(host[(module, 0)][1])
+    engine.close()
