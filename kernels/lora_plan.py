@@ -56,6 +56,7 @@ class SlotGroup:
 class LoraCpuPlan:
     direct: tuple[DirectRun, ...]
     groups: tuple[SlotGroup, ...]
+    group_rows: torch.Tensor  # int64: every group's token_rows, concatenated in group order
 
 
 def build_cpu_plan(slots: list[int], ranks: list[int], scalings: list[float]) -> LoraCpuPlan:
@@ -77,7 +78,9 @@ def build_cpu_plan(slots: list[int], ranks: list[int], scalings: list[float]) ->
         for rank, members in grouped.items()
         for run in _progressions(sorted(members))
     ]
-    return LoraCpuPlan(tuple(direct), tuple(groups))
+    rows = [g.token_rows for g in groups]
+    group_rows = torch.cat(rows) if rows else torch.empty(0, dtype=torch.int64)
+    return LoraCpuPlan(tuple(direct), tuple(groups), group_rows)
 
 
 def _slot_group(rank: int, run: list[int], rows_by_slot: dict[int, list[int]], scalings: list[float]) -> SlotGroup:

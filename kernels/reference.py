@@ -96,18 +96,23 @@ def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, meta: LoraMeta, base: tor
                     rows.addmm_(ys, weight.t(), alpha=run.scaling)
                 else:  # accumulate in fp32, round once into the half-precision base
                     rows.copy_(torch.addmm(rows.float(), ys, weight.float().t(), alpha=run.scaling))
+        if not plan.groups:
+            return base
+        deltas = []
         for group in plan.groups:
             rank = group.rank
             ys = y[:, :rank].index_select(0, group.gather_rows).view(group.count, group.width, rank)
             if group.scalings is not None:
                 ys = ys * group.scalings
             delta = torch.bmm(ys, group.slots(lora_b)[:, :, :rank].float().transpose(1, 2)).view(-1, base.shape[1])
-            if group.valid is not None:
-                delta = delta.index_select(0, group.valid)
-            if exact:
-                base.index_add_(0, group.token_rows, delta)
-            else:
-                base.index_copy_(0, group.token_rows, (base.index_select(0, group.token_rows).float() + delta).to(base.dtype))
+            deltas.append(delta if group.valid is None else delta.index_select(0, group.valid))
+        # One scatter for all groups (each token is in exactly one); index_put_ is ~3x faster than
+        # index_add_ on the column slice of a fused projection output that `base` usually is.
+        delta, rows = torch.cat(deltas) if len(deltas) > 1 else deltas[0], plan.group_rows
+        if exact:
+            base.index_put_((rows,), delta, accumulate=True)
+        else:
+            base.index_copy_(0, rows, (base.index_select(0, rows).float() + delta).to(base.dtype))
         return base
     # Accumulate in fp32 on a gathered copy, then write back once: one rounding per element.
     ids = meta.sorted_token_ids
