@@ -53,7 +53,6 @@ class Sampler:
         generators: list[torch.Generator | None],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (token ids int64 [B], log-probabilities of those tokens under the model, float32 [B])."""
-        logprobs_all = torch.log_softmax(logits, dim=-1)
         greedy_tokens = logits.argmax(dim=-1)
         if all(p.greedy for p in params):
             tokens = greedy_tokens
@@ -67,7 +66,8 @@ class Sampler:
             sampled = (probs / noise).argmax(dim=-1)
             is_greedy = torch.tensor([p.greedy for p in params], device=logits.device)
             tokens = torch.where(is_greedy, greedy_tokens, sampled)
-        return tokens, logprobs_all.gather(1, tokens[:, None]).squeeze(1)
+        # log p(token) = logit - logsumexp: one reduction, not a full [B, V] log_softmax written out.
+        return tokens, logits.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
     @staticmethod
     def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
