@@ -177,6 +177,29 @@ def test_strided_inputs(impl, device):
     assert torch.allclose(wide_base[:, ::2], expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_fused_projections_in_the_engine_layout(impl, device):
+    """The engine shrinks q/k/v in one call over A rows interleaved as [S, R, parts, in] (rank r
+    reads r * parts rows), then expands each part from a strided column of y into a rank-major B
+    view. Both must equal one plain shrink/expand per part."""
+    parts, tokens = 3, 33
+    token_slots, ranks, scalings, x, _, _, base = make_case(tokens, "mixed", torch.float32, device)
+    generator = torch.Generator().manual_seed(5)
+    fused_a = torch.randn(NUM_SLOTS, MAX_RANK, parts, IN_FEATURES, generator=generator) / math.sqrt(IN_FEATURES)
+    b_stacks = [torch.randn(NUM_SLOTS, MAX_RANK, OUT_FEATURES, generator=generator) for _ in range(parts)]
+    fused_a, b_views = fused_a.to(device), [b.to(device).transpose(1, 2) for b in b_stacks]  # [S, out, R] views
+    meta = kernels.LoraMeta.build(token_slots, ranks, scalings)
+    fused_meta = kernels.LoraMeta.build(token_slots, ranks * parts, scalings)
+    y = kernels.lora_shrink(x, fused_a.view(NUM_SLOTS, MAX_RANK * parts, IN_FEATURES), fused_meta, impl=impl)
+    per_part = y.view(tokens, MAX_RANK, parts)
+    for i in range(parts):
+        got = kernels.lora_expand(per_part[:, :, i], b_views[i], meta, base.clone(), impl=impl)
+        y_i = reference.lora_shrink(x, fused_a[:, :, i].contiguous(), meta)
+        want = reference.lora_expand(y_i, b_views[i].contiguous(), meta, base.clone())
+        assert torch.allclose(per_part[:, :, i], y_i, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
 def test_meta_groups_tokens_by_slot_stably():
     token_slots = torch.tensor([2, -1, 0, 2, 2, -1, 0, 5], dtype=torch.int32)
     ranks = torch.tensor([4, 8, 2, 8, 8, 0], dtype=torch.int32)  # slot 5 has rank 0: no work
