@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+import kernels
 from engine_daemon import detokenizer
 from engine_daemon.adapters import AdapterResidency
 from engine_daemon.kv_cache import KVCache
@@ -356,14 +357,12 @@ class Engine:
         if not slots:
             return None
         pool = self.residency.pool
+        meta = kernels.LoraMeta.build(
+            torch.tensor(token_slots, dtype=torch.int32, device=self.device), pool.ranks, pool.scalings
+        )
         # Timing the LoRA kernels costs two device syncs per call on CUDA: there only one step in 32.
         timed = self.device.type == "cpu" or self.stats.steps % 32 == 0
-        return LoraBatch(
-            torch.tensor(token_slots, dtype=torch.int32, device=self.device),
-            pool,
-            frozenset().union(*(pool.targets[s] for s in slots)),
-            timed=timed,
-        )
+        return LoraBatch(meta, pool, frozenset().union(*(pool.targets[s] for s in slots)), timed=timed)
 
     def _append_token(self, seq: Sequence, token: int, logprob: float) -> StepOutput:
         now = time.monotonic()

@@ -95,14 +95,9 @@ class LoraBatch:
     """The adapters of this step: one token→slot map (``kernels.LoraMeta``) over the slot pool's weights."""
 
     def __init__(
-        self,
-        token_slots: torch.Tensor,
-        pool: Any,
-        targets: frozenset[tuple[str, int]],
-        timed: bool = False,
+        self, meta: kernels.LoraMeta, pool: Any, targets: frozenset[tuple[str, int]], timed: bool = False
     ) -> None:
-        self.token_slots = token_slots  # int32 [T] on the device, -1 = no adapter
-        self.meta = kernels.LoraMeta.build(token_slots, pool.ranks, pool.scalings)
+        self.meta = meta
         self.pool = pool  # adapters.SlotPool: .a[module][layer] [S, R, in], .b[module][layer] [S, out, R]
         self.targets = targets  # (module, layer) pairs that some adapter of this step adapts
         self.timed = timed
@@ -141,9 +136,7 @@ class LoraBatch:
     def _meta_for_parts(self, count: int) -> kernels.LoraMeta:
         meta = self._fused_meta.get(count)
         if meta is None:
-            meta = self._fused_meta[count] = kernels.LoraMeta.build(
-                self.token_slots, self.pool.ranks * count, self.pool.scalings
-            )
+            meta = self._fused_meta[count] = self.meta.scaled_ranks(count)
         return meta
 
 

@@ -15,7 +15,7 @@ kilobytes of weights. Two shapes of work are distinguished:
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -57,6 +57,14 @@ class LoraCpuPlan:
     direct: tuple[DirectRun, ...]
     groups: tuple[SlotGroup, ...]
     group_rows: torch.Tensor  # int64: every group's token_rows, concatenated in group order
+
+    def scaled_ranks(self, factor: int) -> LoraCpuPlan:
+        """This plan over a stack whose slot s holds rank · factor rows: equal ranks stay equal."""
+        return replace(
+            self,
+            direct=tuple(replace(run, rank=run.rank * factor) for run in self.direct),
+            groups=tuple(replace(group, rank=group.rank * factor) for group in self.groups),
+        )
 
 
 def build_cpu_plan(slots: list[int], ranks: list[int], scalings: list[float]) -> LoraCpuPlan:

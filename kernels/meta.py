@@ -6,6 +6,7 @@ so all sorting, segmenting and the single host sync happen here and nowhere else
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,17 @@ class LoraMeta:
     @property
     def num_tiles(self) -> int:
         return self.tiles.shape[0]
+
+    def scaled_ranks(self, factor: int) -> LoraMeta:
+        """The same batch over a stack whose slot s holds rank · factor rows (fused projections that
+        interleave their A rows): derived from this one, with no second sort or host sync."""
+        return dataclasses.replace(
+            self,
+            segments=tuple((start, end, slot, rank * factor, scaling) for start, end, slot, rank, scaling in self.segments),
+            max_rank=self.max_rank * factor,
+            ranks=self.ranks * factor,
+            cpu_plan=None if self.cpu_plan is None else self.cpu_plan.scaled_ranks(factor),
+        )
 
     @classmethod
     def build(

@@ -189,7 +189,13 @@ def test_fused_projections_in_the_engine_layout(impl, device):
     b_stacks = [torch.randn(NUM_SLOTS, MAX_RANK, OUT_FEATURES, generator=generator) for _ in range(parts)]
     fused_a, b_views = fused_a.to(device), [b.to(device).transpose(1, 2) for b in b_stacks]  # [S, out, R] views
     meta = kernels.LoraMeta.build(token_slots, ranks, scalings)
-    fused_meta = kernels.LoraMeta.build(token_slots, ranks * parts, scalings)
+    fused_meta = meta.scaled_ranks(parts)  # what the engine uses: no second sort
+    built = kernels.LoraMeta.build(token_slots, ranks * parts, scalings)
+    assert fused_meta.segments == built.segments and fused_meta.max_rank == built.max_rank
+    assert torch.equal(fused_meta.ranks, built.ranks)
+    assert [(g.rank, g.first_slot, g.slot_step, g.count) for g in fused_meta.cpu_plan.groups] == [
+        (g.rank, g.first_slot, g.slot_step, g.count) for g in built.cpu_plan.groups
+    ]
     y = kernels.lora_shrink(x, fused_a.view(NUM_SLOTS, MAX_RANK * parts, IN_FEATURES), fused_meta, impl=impl)
     per_part = y.view(tokens, MAX_RANK, parts)
     for i in range(parts):
