@@ -145,6 +145,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# Up to this many rows, x Wᵀ runs faster on CPU as (W xᵀ)ᵀ: MKL then streams the wide weight
+# once for all rows (gate/up at 64 rows: 4.4 ms against 6.0; the LM head: 78 ms against 101).
+_TRANSPOSED_GEMM_MAX_ROWS = 128
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [T, in] @ weight [out, in]ᵀ -> contiguous [T, out]."""
+    if x.device.type == "cpu" and x.shape[0] <= _TRANSPOSED_GEMM_MAX_ROWS:
+        return (weight @ x.T).T.contiguous()
+    return x @ weight.T
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Normalise in float32 as HF does, then cast back before the weight multiply.
     dtype = x.dtype
@@ -245,7 +257,7 @@ class LlamaModel:
             act = (F.silu(gate) * up).contiguous()
             h = h + self._project(act, layer, "down_proj", ("down_proj",), i, lora)
         h = rms_norm(h[logits_indices], self.norm, cfg.rms_norm_eps)
-        return (h @ self.lm_head.T).float()
+        return linear(h, self.lm_head).float()
 
     def _project(
         self,
@@ -256,7 +268,7 @@ class LlamaModel:
         index: int,
         lora: LoraBatch | None,
     ) -> torch.Tensor:
-        out = x @ layer[fused].T
+        out = linear(x, layer[fused])
         bias = layer.get(fused + ".bias")
         if bias is not None:
             out = out + bias

@@ -42,9 +42,8 @@ class SlotGroup:
     count: int  # slots in the group
     width: int  # tokens per slot after padding
     gather_rows: torch.Tensor  # int64 [count * width] batch rows, slot-major
-    valid: torch.Tensor | None  # int64 positions of real tokens in gather_rows; None: all are real
-    token_rows: torch.Tensor  # int64 batch rows of the real tokens, in the order of `valid`
     scalings: torch.Tensor | None  # float32 [count, 1, 1]; None when every scaling is 1
+    offset: int  # first row of this group's [count * width] block in the plan's padded buffer
 
     def slots(self, weights: torch.Tensor) -> torch.Tensor:
         """This group's slots of a stacked weight tensor [S, ...], as a strided view."""
@@ -54,9 +53,16 @@ class SlotGroup:
 
 @dataclass(frozen=True, eq=False)
 class LoraCpuPlan:
+    """The groups compute into one padded buffer (group after group, ``count * width`` rows each);
+    ``padded_positions[i]`` is where batch row ``group_rows[i]`` lands in it. Padding rows are
+    never read back."""
+
     direct: tuple[DirectRun, ...]
     groups: tuple[SlotGroup, ...]
-    group_rows: torch.Tensor  # int64: every group's token_rows, concatenated in group order
+    padded_rows: int
+    group_rows: torch.Tensor  # int64 ascending batch rows of every group token
+    padded_positions: torch.Tensor  # int64, aligned with group_rows
+    groups_cover_batch: bool  # group_rows == arange(num_tokens): results are added with no scatter
 
     def scaled_ranks(self, factor: int) -> LoraCpuPlan:
         """This plan over a stack whose slot s holds rank · factor rows: equal ranks stay equal."""
@@ -81,36 +87,49 @@ def build_cpu_plan(slots: list[int], ranks: list[int], scalings: list[float]) ->
             direct.append(DirectRun(rows[0], rows[-1] + 1, slot, ranks[slot], scalings[slot]))
         else:
             grouped[ranks[slot]].append(slot)
-    groups = [
-        _slot_group(rank, run, rows_by_slot, scalings)
-        for rank, members in grouped.items()
-        for run in _progressions(sorted(members))
-    ]
-    rows = [g.token_rows for g in groups]
-    group_rows = torch.cat(rows) if rows else torch.empty(0, dtype=torch.int64)
-    return LoraCpuPlan(tuple(direct), tuple(groups), group_rows)
+    groups: list[SlotGroup] = []
+    position_of_row: dict[int, int] = {}
+    offset = 0
+    for rank, members in grouped.items():
+        for run in _progressions(sorted(members)):
+            group, token_rows = _slot_group(rank, run, rows_by_slot, scalings, offset)
+            groups.append(group)
+            position_of_row.update(token_rows)
+            offset += group.count * group.width
+    rows = sorted(position_of_row)
+    return LoraCpuPlan(
+        direct=tuple(direct),
+        groups=tuple(groups),
+        padded_rows=offset,
+        group_rows=torch.tensor(rows, dtype=torch.int64),
+        padded_positions=torch.tensor([position_of_row[r] for r in rows], dtype=torch.int64),
+        groups_cover_batch=len(rows) == len(slots),
+    )
 
 
-def _slot_group(rank: int, run: list[int], rows_by_slot: dict[int, list[int]], scalings: list[float]) -> SlotGroup:
+def _slot_group(
+    rank: int, run: list[int], rows_by_slot: dict[int, list[int]], scalings: list[float], offset: int
+) -> tuple[SlotGroup, dict[int, int]]:
+    """One group, and where each of its batch rows lands in the padded buffer."""
     width = max(len(rows_by_slot[s]) for s in run)
-    gather, valid, token_rows = [], [], []
+    gather: list[int] = []
+    position_of_row = {}
     for slot in run:
         rows = rows_by_slot[slot]
-        valid += range(len(gather), len(gather) + len(rows))
-        token_rows += rows
+        position_of_row.update((row, offset + len(gather) + i) for i, row in enumerate(rows))
         gather += rows + [rows[-1]] * (width - len(rows))
     scale = [scalings[s] for s in run]
-    return SlotGroup(
+    group = SlotGroup(
         rank=rank,
         first_slot=run[0],
         slot_step=run[1] - run[0] if len(run) > 1 else 1,
         count=len(run),
         width=width,
         gather_rows=torch.tensor(gather, dtype=torch.int64),
-        valid=None if len(valid) == len(gather) else torch.tensor(valid, dtype=torch.int64),
-        token_rows=torch.tensor(token_rows, dtype=torch.int64),
+        offset=offset,
         scalings=None if all(s == 1.0 for s in scale) else torch.tensor(scale, dtype=torch.float32).view(-1, 1, 1),
     )
+    return group, position_of_row
 
 
 def _progressions(slots: list[int]) -> list[list[int]]:

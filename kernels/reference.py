@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.attention_plan import AttentionPlan, is_head_major
+from kernels.lora_plan import LoraCpuPlan
 from kernels.meta import LoraMeta
 
 
@@ -55,17 +56,18 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoraMeta) -> torch.
         return y
     plan = meta.cpu_plan
     if plan is not None:
+        if plan.groups:
+            padded = torch.zeros(plan.padded_rows, max_rank, dtype=torch.float32, device=x.device)
+            for group in plan.groups:
+                rows = slice(group.offset, group.offset + group.count * group.width)
+                xs = x.index_select(0, group.gather_rows).float().view(group.count, group.width, -1)
+                ys = torch.bmm(xs, group.slots(lora_a)[:, : group.rank].float().transpose(1, 2))
+                padded[rows, : group.rank] = ys.view(-1, group.rank)
+            _gather_back(padded, plan, y)
         for run in plan.direct:
             with _one_thread_if(run.end - run.start < _THREADED_TOKENS):
                 torch.matmul(x[run.start : run.end].float(), lora_a[run.slot, : run.rank].float().t(),
                              out=y[run.start : run.end, : run.rank])
-        for group in plan.groups:
-            rank = group.rank
-            xs = x.index_select(0, group.gather_rows).float().view(group.count, group.width, -1)
-            ys = torch.bmm(xs, group.slots(lora_a)[:, :rank].float().transpose(1, 2)).view(-1, rank)
-            if group.valid is not None:
-                ys = ys.index_select(0, group.valid)
-            y[:, :rank].index_copy_(0, group.token_rows, ys)
         return y
     # Gather the adapter tokens once; every segment is then a contiguous slice.
     x_sorted = x.index_select(0, meta.sorted_token_ids).float()
@@ -74,6 +76,22 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoraMeta) -> torch.
         y_sorted[start:end, :rank] = x_sorted[start:end] @ lora_a[slot, :rank].float().t()
     y.index_copy_(0, meta.sorted_token_ids, y_sorted)
     return y
+
+
+def _gather_back(padded: torch.Tensor, plan: LoraCpuPlan, dest: torch.Tensor, add: bool = False) -> None:
+    """Bring the groups' rows of `padded` back to batch order in `dest` (adding to it when `add`)."""
+    rows = padded.index_select(0, plan.padded_positions)
+    if plan.groups_cover_batch:  # the usual decode step: one dense op, no scatter
+        if not add:
+            dest.copy_(rows)
+        elif dest.dtype == torch.float32:
+            dest.add_(rows)
+        else:  # accumulate in fp32, round once into the half-precision base
+            dest.copy_(dest.float() + rows)
+        return
+    if add:
+        rows = dest.index_select(0, plan.group_rows).float() + rows
+    dest.index_copy_(0, plan.group_rows, rows.to(dest.dtype))
 
 
 def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, meta: LoraMeta, base: torch.Tensor) -> torch.Tensor:
@@ -98,21 +116,15 @@ def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, meta: LoraMeta, base: tor
                     rows.copy_(torch.addmm(rows.float(), ys, weight.float().t(), alpha=run.scaling))
         if not plan.groups:
             return base
-        deltas = []
+        padded = torch.empty(plan.padded_rows, base.shape[1], dtype=torch.float32, device=base.device)
         for group in plan.groups:
-            rank = group.rank
-            ys = y[:, :rank].index_select(0, group.gather_rows).view(group.count, group.width, rank)
+            rank, count, width = group.rank, group.count, group.width
+            ys = y[:, :rank].index_select(0, group.gather_rows).view(count, width, rank)
             if group.scalings is not None:
                 ys = ys * group.scalings
-            delta = torch.bmm(ys, group.slots(lora_b)[:, :, :rank].float().transpose(1, 2)).view(-1, base.shape[1])
-            deltas.append(delta if group.valid is None else delta.index_select(0, group.valid))
-        # One scatter for all groups (each token is in exactly one); index_put_ is ~3x faster than
-        # index_add_ on the column slice of a fused projection output that `base` usually is.
-        delta, rows = torch.cat(deltas) if len(deltas) > 1 else deltas[0], plan.group_rows
-        if exact:
-            base.index_put_((rows,), delta, accumulate=True)
-        else:
-            base.index_copy_(0, rows, (base.index_select(0, rows).float() + delta).to(base.dtype))
+            weights = group.slots(lora_b)[:, :, :rank].float().transpose(1, 2)
+            torch.bmm(ys, weights, out=padded[group.offset : group.offset + count * width].view(count, width, -1))
+        _gather_back(padded, plan, base, add=True)
         return base
     # Accumulate in fp32 on a gathered copy, then write back once: one rounding per element.
     ids = meta.sorted_token_ids

@@ -231,11 +231,18 @@ def test_cpu_plan_batches_equal_rank_slots_into_one_bmm():
     assert [(r.start, r.end, r.slot) for r in plan.direct] == [(12, 12 + GROUP_MAX_TOKENS + 1, 8)]
     groups = {(g.rank, g.first_slot, g.slot_step, g.count) for g in plan.groups}
     assert groups == {(8, 0, 2, 4), (16, 1, 2, 3), (64, 7, 1, 1)}
-    planned = sorted(r for g in plan.groups for r in g.token_rows.tolist())
-    planned += [t for r in plan.direct for t in range(r.start, r.end)]
+    planned = plan.group_rows.tolist() + [t for r in plan.direct for t in range(r.start, r.end)]
     assert sorted(planned) == [t for t, s in enumerate(slots) if s >= 0]
+    assert not plan.groups_cover_batch
+    # Each group token has its own row of the padded buffer, inside its group's block.
+    positions = plan.padded_positions.tolist()
+    assert len(set(positions)) == len(positions) and max(positions) < plan.padded_rows
+    assert plan.padded_rows == sum(g.count * g.width for g in plan.groups)
     rank16 = next(g for g in plan.groups if g.rank == 16)
-    assert rank16.width == 3 and rank16.valid is not None  # slot 1: 2 tokens (one far away), 3: 3, 5: 1
+    assert rank16.width == 3  # slot 1: 2 tokens (one far away), 3: 3, 5: 1
+    for row, position in zip(plan.group_rows.tolist(), positions, strict=True):
+        group = next(g for g in plan.groups if g.offset <= position < g.offset + g.count * g.width)
+        assert group.gather_rows[position - group.offset] == row
     assert _progressions([0, 1, 2, 5, 8, 11, 12]) == [[0, 1, 2], [5, 8, 11], [12]]
     assert _progressions([0, 4, 8, 12, 13]) == [[0, 4, 8, 12], [13]]
 
