@@ -51,8 +51,8 @@ class DecodeBucket:
         else:
             self.gather_rows = None
             self.slots = (table[:, positions // block_size] * block_size + positions % block_size)  # [n, length]
-        # Rows of the gathered [n * kv_heads * length, head_dim] values past each sequence's end: they
-        # may hold anything (even NaN, and 0 · NaN = NaN), so they are zeroed; their scores are masked.
+        # Rows of the gathered [n * kv_heads * length, head_dim] K and V past each sequence's end: they
+        # may hold anything (even NaN: 0 · NaN and NaN - inf are NaN), so K and V there are zeroed.
         invalid = (~self.valid)[:, None, :].expand(-1, kv_heads, -1).reshape(-1)
         self.invalid_rows = invalid.nonzero().squeeze(1) if bool(invalid.any()) else None
 
