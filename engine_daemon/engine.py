@@ -292,8 +292,10 @@ class Engine:
         outputs += self._collect_failed()
         if not batch:
             return outputs
-        # Grouped by adapter slot, each adapter's tokens form one run: the LoRA twins then use views.
-        batch.sort(key=lambda item: item.seq.slot)
+        # Ordered by (adapter rank, slot), each adapter's tokens form one run and equal-rank adapters
+        # sit side by side: the CPU LoRA twins then work on views of the batch (see kernels.lora_plan).
+        ranks = self.residency.pool.ranks.tolist()
+        batch.sort(key=lambda item: (ranks[item.seq.slot] if item.seq.slot >= 0 else -1, item.seq.slot))
         sampled = [item for item in batch if item.samples]
         logits = self._forward(batch, sampled)
         for item in batch:

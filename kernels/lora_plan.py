@@ -44,6 +44,9 @@ class SlotGroup:
     gather_rows: torch.Tensor  # int64 [count * width] batch rows, slot-major
     scalings: torch.Tensor | None  # float32 [count, 1, 1]; None when every scaling is 1
     offset: int  # first row of this group's [count * width] block in the plan's padded buffer
+    # Set when gather_rows is exactly range(row_start, row_start + count * width): the group reads
+    # and writes batch rows in place (views, no gather, no padded buffer).
+    row_start: int | None = None
 
     def slots(self, weights: torch.Tensor) -> torch.Tensor:
         """This group's slots of a stacked weight tensor [S, ...], as a strided view."""
@@ -53,14 +56,14 @@ class SlotGroup:
 
 @dataclass(frozen=True, eq=False)
 class LoraCpuPlan:
-    """The groups compute into one padded buffer (group after group, ``count * width`` rows each);
-    ``padded_positions[i]`` is where batch row ``group_rows[i]`` lands in it. Padding rows are
-    never read back."""
+    """Groups that are not in place compute into one padded buffer (group after group, ``count *
+    width`` rows each); ``padded_positions[i]`` is where batch row ``group_rows[i]`` lands in it.
+    Padding rows are never read back."""
 
     direct: tuple[DirectRun, ...]
     groups: tuple[SlotGroup, ...]
     padded_rows: int
-    group_rows: torch.Tensor  # int64 ascending batch rows of every group token
+    group_rows: torch.Tensor  # int64 ascending batch rows of every padded group's tokens
     padded_positions: torch.Tensor  # int64, aligned with group_rows
     groups_cover_batch: bool  # group_rows == arange(num_tokens): results are added with no scatter
 
@@ -94,8 +97,9 @@ def build_cpu_plan(slots: list[int], ranks: list[int], scalings: list[float]) ->
         for run in _progressions(sorted(members)):
             group, token_rows = _slot_group(rank, run, rows_by_slot, scalings, offset)
             groups.append(group)
-            position_of_row.update(token_rows)
-            offset += group.count * group.width
+            if group.row_start is None:
+                position_of_row.update(token_rows)
+                offset += group.count * group.width
     rows = sorted(position_of_row)
     return LoraCpuPlan(
         direct=tuple(direct),
@@ -119,6 +123,7 @@ def _slot_group(
         position_of_row.update((row, offset + len(gather) + i) for i, row in enumerate(rows))
         gather += rows + [rows[-1]] * (width - len(rows))
     scale = [scalings[s] for s in run]
+    in_place = gather == list(range(gather[0], gather[0] + len(gather)))
     group = SlotGroup(
         rank=rank,
         first_slot=run[0],
@@ -127,6 +132,7 @@ def _slot_group(
         width=width,
         gather_rows=torch.tensor(gather, dtype=torch.int64),
         offset=offset,
+        row_start=gather[0] if in_place else None,
         scalings=None if all(s == 1.0 for s in scale) else torch.tensor(scale, dtype=torch.float32).view(-1, 1, 1),
     )
     return group, position_of_row

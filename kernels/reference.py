@@ -56,13 +56,18 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoraMeta) -> torch.
         return y
     plan = meta.cpu_plan
     if plan is not None:
-        if plan.groups:
-            padded = torch.zeros(plan.padded_rows, max_rank, dtype=torch.float32, device=x.device)
-            for group in plan.groups:
-                rows = slice(group.offset, group.offset + group.count * group.width)
-                xs = x.index_select(0, group.gather_rows).float().view(group.count, group.width, -1)
-                ys = torch.bmm(xs, group.slots(lora_a)[:, : group.rank].float().transpose(1, 2))
-                padded[rows, : group.rank] = ys.view(-1, group.rank)
+        padded = torch.zeros(plan.padded_rows, max_rank, dtype=torch.float32, device=x.device)
+        for group in plan.groups:
+            count, width, rank = group.count, group.width, group.rank
+            if group.row_start is not None:
+                rows = slice(group.row_start, group.row_start + count * width)
+                xs, dest = x[rows], y[rows, :rank]
+            else:
+                rows = slice(group.offset, group.offset + count * width)
+                xs, dest = x.index_select(0, group.gather_rows), padded[rows, :rank]
+            ys = torch.bmm(xs.float().view(count, width, -1), group.slots(lora_a)[:, :rank].float().transpose(1, 2))
+            dest.copy_(ys.view(-1, rank))
+        if plan.padded_rows:
             _gather_back(padded, plan, y)
         for run in plan.direct:
             with _one_thread_if(run.end - run.start < _THREADED_TOKENS):
@@ -119,12 +124,26 @@ def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, meta: LoraMeta, base: tor
         padded = torch.empty(plan.padded_rows, base.shape[1], dtype=torch.float32, device=base.device)
         for group in plan.groups:
             rank, count, width = group.rank, group.count, group.width
-            ys = y[:, :rank].index_select(0, group.gather_rows).view(count, width, rank)
+            in_place = group.row_start is not None
+            if in_place:
+                rows = slice(group.row_start, group.row_start + count * width)
+                # Contiguous: bmm on a strided batch falls back to one matmul per slot.
+                ys = y[rows, :rank].contiguous().view(count, width, rank)
+            else:
+                ys = y[:, :rank].index_select(0, group.gather_rows).view(count, width, rank)
             if group.scalings is not None:
                 ys = ys * group.scalings
             weights = group.slots(lora_b)[:, :, :rank].float().transpose(1, 2)
-            torch.bmm(ys, weights, out=padded[group.offset : group.offset + count * width].view(count, width, -1))
-        _gather_back(padded, plan, base, add=True)
+            if in_place:
+                delta = torch.bmm(ys, weights).view(count * width, -1)
+                if exact:
+                    base[rows].add_(delta)
+                else:
+                    base[rows] = base[rows].float() + delta
+            else:
+                torch.bmm(ys, weights, out=padded[group.offset : group.offset + count * width].view(count, width, -1))
+        if plan.padded_rows:
+            _gather_back(padded, plan, base, add=True)
         return base
     # Accumulate in fp32 on a gathered copy, then write back once: one rounding per element.
     ids = meta.sorted_token_ids

@@ -231,20 +231,48 @@ def test_cpu_plan_batches_equal_rank_slots_into_one_bmm():
     assert [(r.start, r.end, r.slot) for r in plan.direct] == [(12, 12 + GROUP_MAX_TOKENS + 1, 8)]
     groups = {(g.rank, g.first_slot, g.slot_step, g.count) for g in plan.groups}
     assert groups == {(8, 0, 2, 4), (16, 1, 2, 3), (64, 7, 1, 1)}
+    in_place = [g for g in plan.groups if g.row_start is not None]
+    assert [(g.rank, g.row_start) for g in in_place] == [(64, 11)]  # slot 7's lone token needs no gather
     planned = plan.group_rows.tolist() + [t for r in plan.direct for t in range(r.start, r.end)]
+    planned += [t for g in in_place for t in range(g.row_start, g.row_start + g.count * g.width)]
     assert sorted(planned) == [t for t, s in enumerate(slots) if s >= 0]
     assert not plan.groups_cover_batch
     # Each group token has its own row of the padded buffer, inside its group's block.
     positions = plan.padded_positions.tolist()
     assert len(set(positions)) == len(positions) and max(positions) < plan.padded_rows
-    assert plan.padded_rows == sum(g.count * g.width for g in plan.groups)
     rank16 = next(g for g in plan.groups if g.rank == 16)
     assert rank16.width == 3  # slot 1: 2 tokens (one far away), 3: 3, 5: 1
+    assert plan.padded_rows == sum(g.count * g.width for g in plan.groups if g.row_start is None)
     for row, position in zip(plan.group_rows.tolist(), positions, strict=True):
-        group = next(g for g in plan.groups if g.offset <= position < g.offset + g.count * g.width)
+        group = next(g for g in plan.groups if g.row_start is None and g.offset <= position < g.offset + g.count * g.width)
         assert group.gather_rows[position - group.offset] == row
     assert _progressions([0, 1, 2, 5, 8, 11, 12]) == [[0, 1, 2], [5, 8, 11], [12]]
     assert _progressions([0, 4, 8, 12, 13]) == [[0, 4, 8, 12], [13]]
+
+
+def test_cpu_plan_works_in_place_on_a_batch_ordered_by_rank_then_slot():
+    """The engine's batch order: equal-rank slots side by side. Groups of equal token counts then
+    need no gather or padded buffer at all, and the result still matches the reference."""
+    ranks = torch.tensor([8, 16, 8, 16, 8, 16], dtype=torch.int32)
+    slots = [-1, 0, 0, 2, 2, 4, 4, 1, 3, 3, 5]  # rank 8: slots 0, 2, 4 (2 tokens each); rank 16: 1, 3, 5
+    meta = kernels.LoraMeta.build(torch.tensor(slots, dtype=torch.int32), ranks, torch.tensor([0.5, 1, 2, 1, 1, 3.0]))
+    plan = meta.cpu_plan
+    by_rank = {g.rank: g for g in plan.groups}
+    assert by_rank[8].row_start == 1 and by_rank[8].width == 2
+    assert by_rank[16].row_start is None  # slot 3 has two tokens, slots 1 and 5 one: padded
+    assert plan.padded_rows == 6 and plan.group_rows.tolist() == [7, 8, 9, 10]
+    torch.manual_seed(0)
+    x = torch.randn(len(slots), 24)
+    lora_a, lora_b = torch.randn(6, 16, 24), torch.randn(6, 40, 16)
+    base = torch.randn(len(slots), 40)
+    y = kernels.lora_shrink(x, lora_a, meta, impl="torch")
+    got = kernels.lora_expand(y, lora_b, meta, base.clone(), impl="torch")
+    want = base.clone()
+    for t, slot in enumerate(slots):
+        if slot >= 0:
+            r = int(ranks[slot])
+            want[t] += float(meta.scalings[slot]) * (x[t] @ lora_a[slot, :r].T) @ lora_b[slot, :, :r].T
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_meta_splits_long_segments_into_tiles():
