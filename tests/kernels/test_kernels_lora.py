@@ -250,7 +250,8 @@ def test_cpu_plan_batches_equal_rank_slots_into_one_bmm():
     assert _progressions([0, 4, 8, 12, 13]) == [[0, 4, 8, 12], [13]]
 
 
-def test_cpu_plan_works_in_place_on_a_batch_ordered_by_rank_then_slot():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_plan_works_in_place_on_a_batch_ordered_by_rank_then_slot(dtype):
     """The engine's batch order: equal-rank slots side by side. Groups of equal token counts then
     need no gather or padded buffer at all, and the result still matches the reference."""
     ranks = torch.tensor([8, 16, 8, 16, 8, 16], dtype=torch.int32)
@@ -265,14 +266,18 @@ def test_cpu_plan_works_in_place_on_a_batch_ordered_by_rank_then_slot():
     x = torch.randn(len(slots), 24)
     lora_a, lora_b = torch.randn(6, 16, 24), torch.randn(6, 40, 16)
     base = torch.randn(len(slots), 40)
+    x, lora_a, lora_b, base = (t.to(dtype) for t in (x, lora_a, lora_b, base))
     y = kernels.lora_shrink(x, lora_a, meta, impl="torch")
     got = kernels.lora_expand(y, lora_b, meta, base.clone(), impl="torch")
-    want = base.clone()
+    assert got.dtype == dtype
+    want = base.float()
     for t, slot in enumerate(slots):
         if slot >= 0:
             r = int(ranks[slot])
-            want[t] += float(meta.scalings[slot]) * (x[t] @ lora_a[slot, :r].T) @ lora_b[slot, :, :r].T
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            a, b = lora_a[slot, :r].float(), lora_b[slot, :, :r].float()
+            want[t] += float(meta.scalings[slot]) * (x[t].float() @ a.T) @ b.T
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want, rtol=tolerance, atol=tolerance * 10)
 
 
 def test_meta_splits_long_segments_into_tiles():
