@@ -32,6 +32,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_TENANT = "demo"
 DEMO_USER = "demo"
+DEMO_OPERATOR = "ops"
 DEMO_ADAPTERS = {"pirate": "Answers in pirate speak (demo)", "shouty": "Answers in enthusiastic capitals (demo)"}
 
 
@@ -107,6 +108,10 @@ class Stack:
         credentials.setdefault("username", DEMO_USER)
         credentials.setdefault("password", secrets.token_urlsafe(12))
         self.manage("create_tenant", DEMO_TENANT, "--owner", credentials["username"], "--password", credentials["password"])
+        # The ops dashboard is for staff: a separate operator account, in no tenant.
+        credentials.setdefault("operator", DEMO_OPERATOR)
+        credentials.setdefault("operator_password", secrets.token_urlsafe(12))
+        self.manage("create_operator", credentials["operator"], "--password", credentials["operator_password"])
         if "api_key" not in credentials:
             output = self.manage("create_api_key", DEMO_TENANT, "--name", "demo", "--scopes", "inference,manage")
             credentials["api_key"] = output.strip().splitlines()[-1]
@@ -162,7 +167,7 @@ class Stack:
         say("")
         say("lorafleet is running")
         say(f"  portal:     {site}/            (user {credentials['username']}, password {credentials['password']})")
-        say(f"  ops:        {site}/ops/        (staff only: python manage.py createsuperuser)")
+        say(f"  ops:        {site}/ops/        (user {credentials['operator']}, password {credentials['operator_password']})")
         say(f"  API docs:   {site}/api/docs/")
         say(f"  health:     {site}/healthz")
         say(f"  API key:    {credentials['api_key']}")

@@ -46,6 +46,21 @@ def test_create_api_key_prints_the_secret_last():
         run("create_api_key", "acme", "--name", "x", "--scopes", "root")
 
 
+def test_create_operator_makes_a_staff_user_who_may_open_the_ops_dashboard(client):
+    run("create_operator", "ops", "--password", "correct-horse-battery")
+    operator = authenticate(username="ops", password="correct-horse-battery")
+    assert operator.is_staff and not operator.is_superuser
+    assert not Membership.objects.filter(user=operator).exists()  # an operator belongs to no tenant
+    client.force_login(operator)
+    assert client.get("/ops/").status_code == 200
+
+    lines = run("create_operator", "ops")
+    assert "already existed" in lines[-1]
+    assert authenticate(username="ops", password="correct-horse-battery") is not None  # password kept
+    with pytest.raises(CommandError, match="give --password"):
+        run("create_operator", "nobody")
+
+
 def test_register_base_model():
     lines = run("register_base_model", "random:tiny")
     base = BaseModel.objects.get(name="random:tiny")
