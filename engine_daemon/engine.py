@@ -214,7 +214,7 @@ class Engine:
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.sequences:
             raise RequestError(f"request id {request_id!r} is already in use")
-        prompt_ids = self._encode(prompt, messages)
+        prompt_ids = self.encode(prompt, messages)
         if not prompt_ids:
             raise RequestError("the prompt is empty")
         if any(not 0 <= t < self.model_config.vocab_size for t in prompt_ids):
@@ -248,7 +248,8 @@ class Engine:
         self.scheduler.add(seq)
         return request_id
 
-    def _encode(self, prompt: str | list[int] | None, messages: list[dict[str, Any]] | None) -> list[int]:
+    def encode(self, prompt: str | list[int] | None, messages: list[dict[str, Any]] | None) -> list[int]:
+        """The prompt token ids of a request: text, token ids, or chat messages through the template."""
         if messages is not None:
             if self.tokenizer is None:
                 raise RequestError(f"{self.model_name} ships no tokenizer; send token ids")

@@ -239,7 +239,7 @@ class EngineService:
         return token_ids, "".join(texts), False
 
     def _finish_resumed(self, entry_id: str, stream: str, request: InferenceRequest, sent_ids: list[int]) -> None:
-        prompt_tokens = len(self.engine._encode(request.prompt, request.messages))
+        prompt_tokens = len(self.engine.encode(request.prompt, request.messages))
         done = DoneEvent("length", prompt_tokens, len(sent_ids), engine_id=self.engine_id)
         self._write_and_ack(entry_id, stream, done)
 

@@ -37,8 +37,6 @@ class LoraMeta:
     tiles: torch.Tensor  # int32 [num_tiles, 3]: (slot, start, end) into sorted_token_ids
     ranks: torch.Tensor  # int32 [S] on the compute device
     scalings: torch.Tensor  # float32 [S] on the compute device
-    # True when sorted_token_ids == arange(num_tokens): the twins can use views, not gathers.
-    identity_order: bool = False
     num_lora_tokens: int = 0
     # CPU tensors only: how the torch twins split the batch into matmul calls (see lora_plan).
     cpu_plan: LoraCpuPlan | None = None
@@ -120,8 +118,6 @@ class LoraMeta:
         # Keep positions in sorted_token_ids consistent with the segments above (rank-0
         # segments keep their place; they are simply never read).
         sorted_token_ids = order[num_skipped:]
-        # One slot for every token: the sort is the identity (the usual single-tenant prefill).
-        identity_order = len(segments) == 1 and segments[0][:2] == (0, num_tokens)
         cpu_plan = None
         if device.type == "cpu" and segments:
             cpu_plan = build_cpu_plan(token_slots.tolist(), ranks_host, scalings_host)
@@ -135,7 +131,6 @@ class LoraMeta:
             tiles=torch.tensor(tiles, dtype=torch.int32).reshape(-1, 3).to(device),
             ranks=ranks.to(device=device, dtype=torch.int32),
             scalings=scalings.to(device=device, dtype=torch.float32),
-            identity_order=identity_order,
             cpu_plan=cpu_plan,
             num_lora_tokens=sum(s[1] - s[0] for s in segments),
         )

@@ -215,7 +215,7 @@ def test_meta_groups_tokens_by_slot_stably():
     assert meta.active_slots == (0, 2)
     assert meta.segments == ((0, 2, 0, 4, 0.5), (2, 5, 2, 2, 2.0))
     assert meta.sorted_token_ids[:5].tolist() == [2, 6, 0, 3, 4]
-    assert meta.max_rank == 4 and not meta.identity_order
+    assert meta.max_rank == 4
     assert meta.tiles.tolist() == [[0, 0, 2], [2, 2, 5]]
 
 
@@ -284,7 +284,6 @@ def test_meta_splits_long_segments_into_tiles():
     meta = kernels.LoraMeta.build(
         torch.full((40,), 1, dtype=torch.int32), torch.tensor([8, 8]), torch.ones(2)
     )
-    assert meta.identity_order
     assert meta.tiles.tolist() == [[1, 0, 16], [1, 16, 32], [1, 32, 40]]
 
 
