@@ -5,7 +5,8 @@ segment is hundreds of tiny calls per layer, each paying ~10 us of overhead to r
 kilobytes of weights. Two shapes of work are distinguished:
 
 - **Direct runs**: a slot's tokens sit in one contiguous run of the batch (the engine orders its
-  batch by slot) and there are many of them (a prefill chunk): one matmul on views, no copies.
+  batch by adapter rank, then slot) and there are many of them (a prefill chunk): one matmul on
+  views, no copies.
 - **Slot groups**: the other slots, grouped by rank into arithmetic progressions of slot index
   (``first, first + step, ...``). The weights of such a group are one strided view of the pool,
   ``lora_a[first::step, :rank]``, so the whole group is one `bmm` at its true rank. Tokens are

@@ -22,6 +22,12 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
+def slot_ranks() -> torch.Tensor:
+    ranks = torch.tensor([(1, 8, 64)[s % 3] for s in range(NUM_SLOTS)], dtype=torch.int32)
+    ranks[7] = 16
+    return ranks
+
+
 def slot_pattern(kind: str, num_tokens: int, generator: torch.Generator) -> torch.Tensor:
     if kind == "mixed":  # decode-like: singleton segments with -1 interleaved
         return torch.randint(-1, NUM_SLOTS, (num_tokens,), generator=generator)
@@ -31,10 +37,13 @@ def slot_pattern(kind: str, num_tokens: int, generator: torch.Generator) -> torc
         while len(slots) < num_tokens:
             slots += [choices[len(slots) % len(choices)]] * (1 + len(slots) % 9)
         return torch.tensor(slots[:num_tokens])
-    if kind == "engine":  # the engine's order: -1 first, then by slot; one long prefill run among decodes
-        counts = [1 + (s * 7) % 3 for s in range(NUM_SLOTS)]
+    if kind == "engine":  # the engine's order: -1 first, then by (rank, slot); one long prefill run among decodes
+        ranks = slot_ranks()
+        # Rank-1 slots: two tokens each (in-place groups); the others 1-3 (padded groups).
+        counts = [2 if ranks[s] == 1 else 1 + (s * 7) % 3 for s in range(NUM_SLOTS)]
         counts[5] = 40
-        slots = [s for s in range(NUM_SLOTS) for _ in range(counts[s])]
+        order = sorted(range(NUM_SLOTS), key=lambda s: (int(ranks[s]), s))
+        slots = [s for s in order for _ in range(counts[s])]
         return torch.tensor(([-1] * max(3, num_tokens - len(slots)) + slots)[:num_tokens])
     if kind == "one":  # a single adapter for the whole batch (the twin's identity fast path)
         return torch.full((num_tokens,), 7)
@@ -46,8 +55,7 @@ def slot_pattern(kind: str, num_tokens: int, generator: torch.Generator) -> torc
 def make_case(num_tokens: int, kind: str, dtype: torch.dtype, device: torch.device, seed: int = 0):
     generator = torch.Generator().manual_seed(seed * 1000 + num_tokens)
     token_slots = slot_pattern(kind, num_tokens, generator).to(torch.int32)
-    ranks = torch.tensor([(1, 8, 64)[s % 3] for s in range(NUM_SLOTS)], dtype=torch.int32)
-    ranks[7] = 16
+    ranks = slot_ranks()
     scalings = torch.rand(NUM_SLOTS, generator=generator) * 2
     x = torch.randn(num_tokens, IN_FEATURES, generator=generator)
     lora_a = torch.randn(NUM_SLOTS, MAX_RANK, IN_FEATURES, generator=generator) / math.sqrt(IN_FEATURES)
