@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from engine_daemon.peft_format import descriptor_from_config
 
 # Projections that may carry LoRA, in the order the fused base weights hold them.
 QKV = ("q_proj", "k_proj", "v_proj")
@@ -44,28 +45,29 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, config: dict[str, Any]) -> ModelConfig:
-        arch = (config.get("architectures") or ["LlamaForCausalLM"])[0]
-        heads = int(config["num_attention_heads"])
+        # The shapes come from the same parser the portal validates adapters with, so the two can
+        # never disagree on e.g. the head_dim default.
+        shape = descriptor_from_config("", config)
         eos = config.get("eos_token_id")
         # transformers 5 writes rope_parameters (theta inside); older configs rope_theta + rope_scaling.
         rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
         rope_kind = rope.get("rope_type", rope.get("type"))
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         return cls(
-            architecture=arch,
-            vocab_size=int(config["vocab_size"]),
-            hidden_size=int(config["hidden_size"]),
-            intermediate_size=int(config["intermediate_size"]),
-            num_layers=int(config["num_hidden_layers"]),
-            num_heads=heads,
-            num_kv_heads=int(config.get("num_key_value_heads") or heads),
-            head_dim=int(config.get("head_dim") or config["hidden_size"] // heads),
+            architecture=shape.architecture,
+            vocab_size=shape.vocab_size,
+            hidden_size=shape.hidden_size,
+            intermediate_size=shape.intermediate_size,
+            num_layers=shape.num_layers,
+            num_heads=shape.num_heads,
+            num_kv_heads=shape.num_kv_heads,
+            head_dim=shape.head_dim,
             rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
             rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
-            max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
+            max_position_embeddings=shape.max_position_embeddings,
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             # Qwen2 always has q/k/v biases; Llama may declare them.
-            attention_bias=arch == "Qwen2ForCausalLM" or bool(config.get("attention_bias", False)),
+            attention_bias=shape.architecture == "Qwen2ForCausalLM" or bool(config.get("attention_bias", False)),
             rope_scaling=rope if rope_kind not in (None, "default") else None,
             sliding_window=config.get("sliding_window") if config.get("use_sliding_window", True) else None,
             bos_token_id=config.get("bos_token_id"),
