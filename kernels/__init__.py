@@ -1,8 +1,9 @@
 """Batched multi-LoRA and paged-attention kernels, dispatched by device.
 
-`impl="auto"` runs Triton on CUDA tensors and the torch twins (`kernels.reference`)
-otherwise; `"triton"` / `"torch"` force one path. Triton is imported only when the Triton
-path is taken, so the torch path works wherever torch does.
+`impl="auto"` runs Triton on CUDA tensors; on CPU tensors it runs the native kernels
+(`kernels.cpu`, C compiled on first use) where a C compiler is at hand, else the torch twins
+(`kernels.reference`). `"triton"`, `"native"` and `"torch"` force one path. Triton is
+imported only when the Triton path is taken, so the torch path works wherever torch does.
 """
 
 from __future__ import annotations
@@ -13,19 +14,20 @@ from typing import Literal
 
 import torch
 
-from kernels import reference
+from kernels import native, reference
 from kernels.meta import LoraMeta
 
 __all__ = [
     "LoraMeta",
     "lora_expand",
     "lora_shrink",
+    "native_available",
     "paged_attention",
     "store_kv",
     "triton_available",
 ]
 
-Impl = Literal["auto", "triton", "torch"]
+Impl = Literal["auto", "triton", "native", "torch"]
 
 
 @functools.cache
@@ -40,22 +42,40 @@ def triton_available() -> bool:
     return True
 
 
-def _use_triton(impl: str, tensor: torch.Tensor) -> bool:
+def native_available() -> bool:
+    """Whether the native CPU kernels are enabled and built (compiling them on first call)."""
+    return native.available()
+
+
+def _backend(impl: str, tensor: torch.Tensor) -> str:
+    """Which implementation serves a call on `tensor`: "triton", "native" or "torch"."""
     if impl == "torch":
-        return False
+        return "torch"
     if impl == "triton":
         if not triton_available():
             raise RuntimeError("impl='triton' was requested but triton cannot be imported; use impl='torch'")
-        return True
+        return "triton"
+    if impl == "native":
+        if tensor.is_cuda:
+            raise ValueError("impl='native' runs on CPU tensors only")
+        native.library()  # raises NativeUnavailable with the compiler's message
+        return "native"
     if impl == "auto":
-        return tensor.is_cuda and triton_available()
-    raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {impl!r}")
+        if tensor.is_cuda:
+            return "triton" if triton_available() else "torch"
+        return "native" if native.available() else "torch"
+    raise ValueError(f"impl must be 'auto', 'triton', 'native' or 'torch', got {impl!r}")
 
 
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoraMeta, impl: Impl = "auto") -> torch.Tensor:
     """x [T, in], lora_a [S, R, in] -> y float32 [T, R]; y[t, :rank] = x[t] A[slot]ᵀ, rest 0."""
-    if not _use_triton(impl, x):
+    backend = _backend(impl, x)
+    if backend == "torch":
         return reference.lora_shrink(x, lora_a, meta)
+    if backend == "native":
+        from kernels import cpu
+
+        return cpu.lora_shrink(x, lora_a, meta)
     from kernels import lora
 
     reference._check_lora_shapes(x, lora_a, meta, "lora_shrink")
@@ -70,8 +90,13 @@ def lora_expand(
     impl: Impl = "auto",
 ) -> torch.Tensor:
     """base [T, out] += scaling[slot] · y[:, :rank] B[slot][:, :rank]ᵀ in place; returns base."""
-    if not _use_triton(impl, base):
+    backend = _backend(impl, base)
+    if backend == "torch":
         return reference.lora_expand(y, lora_b, meta, base)
+    if backend == "native":
+        from kernels import cpu
+
+        return cpu.lora_expand(y, lora_b, meta, base)
     from kernels import lora
 
     reference._check_lora_shapes(y, lora_b, meta, "lora_expand")
@@ -93,8 +118,13 @@ def paged_attention(
     impl: Impl = "auto",
 ) -> torch.Tensor:
     """Causal attention of q [T, H, D] over the paged K/V cache -> [T, H, D] in q's dtype."""
-    if not _use_triton(impl, q):
+    backend = _backend(impl, q)
+    if backend == "torch":
         return reference.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
+    if backend == "native":
+        from kernels import cpu
+
+        return cpu.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
     from kernels import attention
 
     return attention.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
@@ -109,7 +139,7 @@ def store_kv(
     impl: Impl = "auto",
 ) -> None:
     """Write k, v [T, n_kv_heads, head_dim] into the paged cache at slot_mapping (in place)."""
-    if not _use_triton(impl, k):
+    if _backend(impl, k) != "triton":  # one index_copy_ per tensor: nothing for a native kernel to win
         reference.store_kv(k, v, k_cache, v_cache, slot_mapping)
         return
     from kernels import attention

@@ -15,6 +15,8 @@ in every layer. Two choices here keep that traffic near its minimum:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 # A decode bucket's fixed cost (about ten small tensor ops per layer), in padded
@@ -97,8 +99,18 @@ class AttentionPlan:
                 decode.append(b)
             elif end > start:
                 self.prefill.append(PrefillSeq(start, end, lens[b], block_tables[b], block_size, kv_heads, head_major))
-        decode.sort(key=lambda b: -lens[b])
-        self.decode = [
+        # All decode sequences, unpadded, for the native kernel: batch entries and their query rows.
+        self.decode_seqs = torch.tensor(decode, dtype=torch.int64)
+        self.decode_q_rows = torch.tensor([starts[b] for b in decode], dtype=torch.int64)
+        self._lens, self._starts = lens, starts
+
+    @functools.cached_property
+    def decode(self) -> list[DecodeBucket]:
+        """Length buckets of the decode sequences, for the torch twin (built on first use)."""
+        block_tables, _, _, block_size, kv_heads, head_major = self.key
+        lens, starts = self._lens, self._starts
+        decode = sorted(self.decode_seqs.tolist(), key=lambda b: -lens[b])
+        return [
             DecodeBucket(group, [lens[b] for b in group], block_tables, block_size, kv_heads,
                          [starts[b] for b in group], head_major)
             for group in _buckets(decode, [-(-lens[b] // block_size) * block_size for b in decode])

@@ -11,6 +11,9 @@ kilobytes of weights. Two shapes of work are distinguished:
   (``first, first + step, ...``). The weights of such a group are one strided view of the pool,
   ``lora_a[first::step, :rank]``, so the whole group is one `bmm` at its true rank. Tokens are
   gathered into ``[slots, width, in]`` (padding repeats a real row; padded results are dropped).
+
+The native kernels (``kernels.native``) take the same slots as plain segments instead
+(`SlotSegments`): one call per projection covers them all, at any width, with no padding.
 """
 
 from __future__ import annotations
@@ -56,6 +59,22 @@ class SlotGroup:
 
 
 @dataclass(frozen=True, eq=False)
+class SlotSegments:
+    """The batch rows of each slot not in a direct run, as the native kernels read them: segment
+    i is rows[starts[i]:starts[i + 1]], all of slot slots[i]."""
+
+    starts: torch.Tensor  # int64 [n + 1]
+    rows: torch.Tensor  # int64, batch rows slot by slot
+    slots: torch.Tensor  # int64 [n]
+    ranks: torch.Tensor  # int64 [n]
+    scalings: torch.Tensor  # float32 [n]
+
+    @property
+    def count(self) -> int:
+        return self.slots.numel()
+
+
+@dataclass(frozen=True, eq=False)
 class LoraCpuPlan:
     """Groups that are not in place compute into one padded buffer (group after group, ``count *
     width`` rows each); ``padded_positions[i]`` is where batch row ``group_rows[i]`` lands in it.
@@ -67,6 +86,7 @@ class LoraCpuPlan:
     group_rows: torch.Tensor  # int64 ascending batch rows of every padded group's tokens
     padded_positions: torch.Tensor  # int64, aligned with group_rows
     groups_cover_batch: bool  # group_rows == arange(num_tokens): results are added with no scatter
+    segments: SlotSegments  # the grouped slots again, for the native kernels
 
     def scaled_ranks(self, factor: int) -> LoraCpuPlan:
         """This plan over a stack whose slot s holds rank · factor rows: equal ranks stay equal."""
@@ -74,6 +94,7 @@ class LoraCpuPlan:
             self,
             direct=tuple(replace(run, rank=run.rank * factor) for run in self.direct),
             groups=tuple(replace(group, rank=group.rank * factor) for group in self.groups),
+            segments=replace(self.segments, ranks=self.segments.ranks * factor),
         )
 
 
@@ -102,6 +123,7 @@ def build_cpu_plan(slots: list[int], ranks: list[int], scalings: list[float]) ->
                 position_of_row.update(token_rows)
                 offset += group.count * group.width
     rows = sorted(position_of_row)
+    segment_slots = [slot for members in grouped.values() for slot in members]
     return LoraCpuPlan(
         direct=tuple(direct),
         groups=tuple(groups),
@@ -109,6 +131,21 @@ def build_cpu_plan(slots: list[int], ranks: list[int], scalings: list[float]) ->
         group_rows=torch.tensor(rows, dtype=torch.int64),
         padded_positions=torch.tensor([position_of_row[r] for r in rows], dtype=torch.int64),
         groups_cover_batch=len(rows) == len(slots),
+        segments=_segments(segment_slots, rows_by_slot, ranks, scalings),
+    )
+
+
+def _segments(slots: list[int], rows_by_slot: dict[int, list[int]], ranks: list[int],
+              scalings: list[float]) -> SlotSegments:
+    starts = [0]
+    for slot in slots:
+        starts.append(starts[-1] + len(rows_by_slot[slot]))
+    return SlotSegments(
+        starts=torch.tensor(starts, dtype=torch.int64),
+        rows=torch.tensor([row for slot in slots for row in rows_by_slot[slot]], dtype=torch.int64),
+        slots=torch.tensor(slots, dtype=torch.int64),
+        ranks=torch.tensor([ranks[slot] for slot in slots], dtype=torch.int64),
+        scalings=torch.tensor([scalings[slot] for slot in slots], dtype=torch.float32),
     )
 
 

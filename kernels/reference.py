@@ -69,10 +69,7 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoraMeta) -> torch.
             dest.copy_(ys.view(-1, rank))
         if plan.padded_rows:
             _gather_back(padded, plan, y)
-        for run in plan.direct:
-            with _one_thread_if(run.end - run.start < _THREADED_TOKENS):
-                torch.matmul(x[run.start : run.end].float(), lora_a[run.slot, : run.rank].float().t(),
-                             out=y[run.start : run.end, : run.rank])
+        shrink_direct_runs(x, lora_a, plan, y)
         return y
     # Gather the adapter tokens once; every segment is then a contiguous slice.
     x_sorted = x.index_select(0, meta.sorted_token_ids).float()
@@ -81,6 +78,25 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoraMeta) -> torch.
         y_sorted[start:end, :rank] = x_sorted[start:end] @ lora_a[slot, :rank].float().t()
     y.index_copy_(0, meta.sorted_token_ids, y_sorted)
     return y
+
+
+def shrink_direct_runs(x: torch.Tensor, lora_a: torch.Tensor, plan: LoraCpuPlan, y: torch.Tensor) -> None:
+    """The plan's long single-slot runs (prefill chunks): one matmul each, on views of x and y."""
+    for run in plan.direct:
+        with _one_thread_if(run.end - run.start < _THREADED_TOKENS):
+            torch.matmul(x[run.start : run.end].float(), lora_a[run.slot, : run.rank].float().t(),
+                         out=y[run.start : run.end, : run.rank])
+
+
+def expand_direct_runs(y: torch.Tensor, lora_b: torch.Tensor, plan: LoraCpuPlan, base: torch.Tensor) -> None:
+    """The plan's long single-slot runs: base rows += scaling · y B, one addmm each."""
+    for run in plan.direct:
+        rows, ys, weight = base[run.start : run.end], y[run.start : run.end, : run.rank], lora_b[run.slot, :, : run.rank]
+        with _one_thread_if(run.end - run.start < _THREADED_TOKENS):
+            if base.dtype == torch.float32:
+                rows.addmm_(ys, weight.t(), alpha=run.scaling)
+            else:  # accumulate in fp32, round once into the half-precision base
+                rows.copy_(torch.addmm(rows.float(), ys, weight.float().t(), alpha=run.scaling))
 
 
 def _gather_back(padded: torch.Tensor, plan: LoraCpuPlan, dest: torch.Tensor, add: bool = False) -> None:
@@ -112,13 +128,7 @@ def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, meta: LoraMeta, base: tor
     plan = meta.cpu_plan
     if plan is not None:
         exact = base.dtype == torch.float32
-        for run in plan.direct:
-            rows, ys, weight = base[run.start : run.end], y[run.start : run.end, : run.rank], lora_b[run.slot, :, : run.rank]
-            with _one_thread_if(run.end - run.start < _THREADED_TOKENS):
-                if exact:
-                    rows.addmm_(ys, weight.t(), alpha=run.scaling)
-                else:  # accumulate in fp32, round once into the half-precision base
-                    rows.copy_(torch.addmm(rows.float(), ys, weight.float().t(), alpha=run.scaling))
+        expand_direct_runs(y, lora_b, plan, base)
         if not plan.groups:
             return base
         padded = torch.empty(plan.padded_rows, base.shape[1], dtype=torch.float32, device=base.device)
@@ -197,7 +207,8 @@ def _context(cache: torch.Tensor, gather_rows: torch.Tensor | None, slots: torch
 _last_plan: AttentionPlan | None = None
 
 
-def _plan_for(block_tables, seq_lens, query_start_loc, block_size, kv_heads, head_major) -> AttentionPlan:
+def plan_for(block_tables, seq_lens, query_start_loc, block_size, kv_heads, head_major) -> AttentionPlan:
+    """The step's attention plan: built by the first layer, reused by the others (same tensors)."""
     global _last_plan
     key = (block_tables, seq_lens, query_start_loc, block_size, kv_heads, head_major)
     plan = _last_plan
@@ -228,7 +239,7 @@ def paged_attention(
         raise ValueError(f"paged_attention: {n_heads} query heads is not a multiple of {kv_heads} kv heads")
     group = n_heads // kv_heads
     head_major = is_head_major(k_cache) and is_head_major(v_cache)
-    plan = _plan_for(block_tables, seq_lens, query_start_loc, block_size, kv_heads, head_major)
+    plan = plan_for(block_tables, seq_lens, query_start_loc, block_size, kv_heads, head_major)
 
     for bucket in plan.decode:
         n, length = bucket.count, bucket.length
@@ -244,6 +255,13 @@ def paged_attention(
         o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=bucket.valid[:, None, None, :], scale=scale)
         out.index_copy_(0, bucket.q_rows, o.reshape(n, n_heads, head_dim).to(q.dtype))
 
+    prefill_attention(q, k_cache, v_cache, plan, scale, out)
+    return out
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan,
+                      scale: float, out: torch.Tensor) -> None:
+    """The plan's prefill chunks: one fused SDPA call per sequence over its gathered context."""
     for seq in plan.prefill:
         keys = _context(k_cache, seq.gather_rows, seq.slots, 1, seq.length)  # [1, Hkv, L, D]
         values = _context(v_cache, seq.gather_rows, seq.slots, 1, seq.length)
@@ -252,4 +270,3 @@ def paged_attention(
             queries, keys, values, attn_mask=seq.mask, is_causal=seq.mask is None, scale=scale, enable_gqa=True
         )
         out[seq.start : seq.end] = o[0].transpose(0, 1).to(q.dtype)
-    return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import kernels
 from engine_daemon import Engine, EngineConfig, SamplingParams
 from tests.engine.builders import PeftReference, write_adapter, write_tiny_model
 
@@ -61,8 +62,13 @@ VARIANTS = {
 }
 
 
+@pytest.mark.parametrize("cpu_kernels", ["native", "torch"])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_mixed_adapter_batch_matches_peft(tmp_path, variant):
+def test_mixed_adapter_batch_matches_peft(tmp_path, variant, cpu_kernels, monkeypatch):
+    """Both CPU kernel paths: the native kernels (the default where a C compiler exists) and the
+    torch twins (the fallback without one)."""
+    monkeypatch.setenv("LORAFLEET_NATIVE_KERNELS", "1" if cpu_kernels == "native" else "0")
+    assert kernels.native_available() == (cpu_kernels == "native")
     arch, overrides = VARIANTS[variant]
     base = write_tiny_model(tmp_path / "base", arch, **overrides)
     adapters = {

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import reference
+from kernels import native, reference
 
 NUM_SLOTS = 16
 MAX_RANK = 64
@@ -118,6 +118,11 @@ def check_lora(impl: str, num_tokens: int, kind: str, dtype: torch.dtype, device
     if impl == "torch":
         y = reference.lora_shrink(x, lora_a, meta)
         out = reference.lora_expand(poisoned_y(y, token_slots, ranks), lora_b, meta, base.clone())
+    elif impl == "native":
+        from kernels import cpu
+
+        y = cpu.lora_shrink(x, lora_a, meta)
+        out = cpu.lora_expand(poisoned_y(y, token_slots, ranks), lora_b, meta, base.clone())
     else:
         from kernels import lora
 
@@ -147,6 +152,13 @@ def test_torch_twin_matches_naive_loop(num_tokens, kind, dtype):
     check_lora("torch", num_tokens, kind, dtype, torch.device("cpu"))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)  # half precision: kernels.cpu hands it to the twin
+@pytest.mark.parametrize("kind", ["mixed", "runs", "engine", "one", "none"])
+@pytest.mark.parametrize("num_tokens", [0, 1, 7, 33, 80])
+def test_native_matches_naive_loop(num_tokens, kind, dtype):
+    check_lora("native", num_tokens, kind, dtype, torch.device("cpu"))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind", ["mixed", "runs", "one", "none"])
 @pytest.mark.parametrize("num_tokens", [0, 1, 7, 33])
@@ -167,9 +179,11 @@ def test_triton_tuning_knobs_do_not_change_results(tuning, device):
     check_lora("triton", 33, "runs", torch.float16, device, **tuning)
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", ["torch", "triton", "native"])
 def test_strided_inputs(impl, device):
     """Activations are often views (a slice of a fused projection): strides must be honoured."""
+    if impl == "native" and device.type != "cpu":
+        pytest.skip("the native kernels run on CPU tensors")
     token_slots, ranks, scalings, x, lora_a, lora_b, base = make_case(7, "mixed", torch.float32, device)
     wide = torch.randn(7, IN_FEATURES + 13, device=device)
     wide[:, 5 : 5 + IN_FEATURES] = x
@@ -185,11 +199,13 @@ def test_strided_inputs(impl, device):
     assert torch.allclose(wide_base[:, ::2], expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", ["torch", "triton", "native"])
 def test_fused_projections_in_the_engine_layout(impl, device):
     """The engine shrinks q/k/v in one call over A rows interleaved as [S, R, parts, in] (rank r
     reads r * parts rows), then expands each part from a strided column of y into a rank-major B
     view. Both must equal one plain shrink/expand per part."""
+    if impl == "native" and device.type != "cpu":
+        pytest.skip("the native kernels run on CPU tensors")
     parts, tokens = 3, 33
     token_slots, ranks, scalings, x, _, _, base = make_case(tokens, "mixed", torch.float32, device)
     generator = torch.Generator().manual_seed(5)
@@ -311,17 +327,25 @@ def test_meta_rejects_bad_slots():
         kernels.LoraMeta.build(torch.tensor([0, -3], dtype=torch.int32), torch.tensor([8, 8]), torch.ones(2))
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", ["torch", "triton", "native"])
 def test_rank_above_stacked_rank_is_rejected(impl):
     meta = kernels.LoraMeta.build(torch.tensor([0], dtype=torch.int32), torch.tensor([32]), torch.ones(1))
     with pytest.raises(ValueError, match="rank 32"):
         kernels.lora_shrink(torch.randn(1, 8), torch.randn(1, 16, 8), meta, impl=impl)
 
 
-def test_auto_dispatch_uses_torch_on_cpu_and_rejects_unknown_impl():
+def test_auto_dispatch_on_cpu_and_unknown_impl(monkeypatch):
+    """auto on CPU: the native kernels when they build, else the twin; both give the same y."""
     meta = kernels.LoraMeta.build(torch.tensor([0], dtype=torch.int32), torch.tensor([4]), torch.ones(1))
     x, lora_a = torch.randn(1, 8), torch.randn(1, 4, 8)
-    assert torch.equal(kernels.lora_shrink(x, lora_a, meta), reference.lora_shrink(x, lora_a, meta))
+    want = reference.lora_shrink(x, lora_a, meta)
+    assert kernels._backend("auto", x) == "native"
+    assert torch.allclose(kernels.lora_shrink(x, lora_a, meta), want, rtol=1e-6, atol=1e-7)
+    monkeypatch.setenv("LORAFLEET_NATIVE_KERNELS", "0")
+    assert kernels._backend("auto", x) == "torch"
+    assert torch.equal(kernels.lora_shrink(x, lora_a, meta), want)
+    with pytest.raises(native.NativeUnavailable, match="LORAFLEET_NATIVE_KERNELS"):
+        kernels.lora_shrink(x, lora_a, meta, impl="native")
     with pytest.raises(ValueError, match="impl must be"):
         kernels.lora_shrink(x, lora_a, meta, impl="cuda")
 

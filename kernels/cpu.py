@@ -1,0 +1,117 @@
+"""The CPU fast path: the native kernels (``kernels.native``) where they apply, the torch twins
+for the rest, with the twins' exact signatures and semantics.
+
+- LoRA: float32 tensors with unit inner strides. A plan's long single-slot runs (prefill
+  chunks) stay one MKL matmul each; every other slot is one native call per projection.
+- Attention: float32 queries over a float32 head-major cache. All decode sequences are one
+  native call per layer that reads the paged cache in place; prefill chunks stay fused SDPA.
+
+Anything else (half precision, other layouts, shapes past the kernels' limits) goes to the
+torch twin unchanged, so callers never need to know which ran.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels import native, reference
+from kernels.attention_plan import is_head_major
+from kernels.meta import LoraMeta
+
+_F32 = torch.float32
+
+
+def _ptr(tensor: torch.Tensor) -> int:
+    return tensor.data_ptr()
+
+
+def _lora_native_ok(*tensors: torch.Tensor) -> bool:
+    return all(t.dtype == _F32 and t.device.type == "cpu" and t.stride(-1) == 1 for t in tensors)
+
+
+def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoraMeta) -> torch.Tensor:
+    """y[t, :rank] = x[t] A[slot]ᵀ (float32 [T, R]; other entries 0), as `reference.lora_shrink`."""
+    plan = meta.cpu_plan
+    if plan is None or not _lora_native_ok(x, lora_a):
+        return reference.lora_shrink(x, lora_a, meta)
+    reference._check_lora_shapes(x, lora_a, meta, "lora_shrink")
+    if meta.max_rank > lora_a.shape[1]:
+        raise ValueError(f"lora_shrink: a slot has rank {meta.max_rank} > lora_a's {lora_a.shape[1]} rows")
+    y = torch.zeros(meta.num_tokens, lora_a.shape[1], dtype=_F32)
+    reference.shrink_direct_runs(x, lora_a, plan, y)
+    seg = plan.segments
+    if seg.count:
+        status = native.library().lorafleet_lora_shrink_f32(
+            _ptr(x), x.stride(0), x.shape[1], _ptr(lora_a), lora_a.stride(0), lora_a.stride(1),
+            _ptr(y), y.stride(0), seg.count, _ptr(seg.starts), _ptr(seg.rows), _ptr(seg.slots), _ptr(seg.ranks),
+        )
+        if status:
+            raise MemoryError("lora_shrink: the native kernel could not allocate its work list")
+    return y
+
+
+def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, meta: LoraMeta, base: torch.Tensor) -> torch.Tensor:
+    """base[t] += scaling · y[t, :rank] B[slot][:, :rank]ᵀ in place, as `reference.lora_expand`."""
+    plan = meta.cpu_plan
+    # y may be a strided view (a fused shrink's interleaved part): only B and base need unit strides.
+    if plan is None or y.dtype != _F32 or not _lora_native_ok(base) or lora_b.dtype != _F32:
+        return reference.lora_expand(y, lora_b, meta, base)
+    reference._check_lora_shapes(y, lora_b, meta, "lora_expand")
+    if base.shape != (meta.num_tokens, lora_b.shape[1]):
+        raise ValueError(
+            f"lora_expand: base is {tuple(base.shape)}, expected [{meta.num_tokens}, {lora_b.shape[1]}]"
+        )
+    reference.expand_direct_runs(y, lora_b, plan, base)
+    seg = plan.segments
+    if seg.count:
+        status = native.library().lorafleet_lora_expand_f32(
+            _ptr(y), y.stride(0), y.stride(1), _ptr(lora_b), lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
+            lora_b.shape[1], _ptr(base), base.stride(0),
+            seg.count, _ptr(seg.starts), _ptr(seg.rows), _ptr(seg.slots), _ptr(seg.ranks), _ptr(seg.scalings),
+        )
+        if status:
+            raise MemoryError("lora_expand: the native kernel could not allocate its buffers")
+    return base
+
+
+def _attention_native_ok(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         block_tables: torch.Tensor, seq_lens: torch.Tensor) -> bool:
+    num_tokens, n_heads, head_dim = q.shape
+    _, block_size, kv_heads, _ = k_cache.shape
+    lib = native.library()
+    return (
+        q.dtype == k_cache.dtype == v_cache.dtype == _F32
+        and q.stride(2) == 1 and q.stride(1) == head_dim
+        and is_head_major(k_cache) and is_head_major(v_cache) and k_cache.stride() == v_cache.stride()
+        and k_cache.stride(1) == head_dim
+        and block_tables.dtype == seq_lens.dtype == torch.int32
+        and block_tables.stride(-1) == 1 and seq_lens.is_contiguous()
+        and n_heads % kv_heads == 0
+        and n_heads // kv_heads <= lib.lorafleet_attention_limits(0)
+        and head_dim <= lib.lorafleet_attention_limits(1)
+        and block_size <= lib.lorafleet_attention_limits(2)
+    )
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention over the paged cache, as `reference.paged_attention`."""
+    if not _attention_native_ok(q, k_cache, v_cache, block_tables, seq_lens):
+        return reference.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
+    num_tokens, n_heads, head_dim = q.shape
+    out = torch.empty(q.shape, dtype=q.dtype)  # contiguous: the kernel writes head h at h * head_dim
+    if num_tokens == 0:
+        return out
+    _, block_size, kv_heads, _ = k_cache.shape
+    plan = reference.plan_for(block_tables, seq_lens, query_start_loc, block_size, kv_heads, True)
+    if plan.decode_seqs.numel():
+        status = native.library().lorafleet_paged_decode_attention_f32(
+            _ptr(q), q.stride(0), _ptr(out), out.stride(0), _ptr(k_cache), _ptr(v_cache),
+            k_cache.stride(0), k_cache.stride(2), block_size, head_dim, n_heads, kv_heads,
+            _ptr(block_tables), block_tables.stride(0), _ptr(seq_lens),
+            _ptr(plan.decode_seqs), _ptr(plan.decode_q_rows), plan.decode_seqs.numel(), scale,
+        )
+        if status:
+            raise ValueError("paged_attention: shapes past the native kernel's limits")
+    reference.prefill_attention(q, k_cache, v_cache, plan, scale, out)
+    return out

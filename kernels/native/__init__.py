@@ -1,0 +1,128 @@
+"""Native CPU kernels: C sources in this folder, compiled on first use for the machine at hand.
+
+The CPU engine's multi-LoRA and decode-attention work is memory-bound on a few tokens per
+adapter; as torch calls it is thousands of tiny ops per step, each paying dispatcher overhead
+and, for attention, a gathered copy of every context. These kernels do one call per projection
+(or per layer) and read each weight and cache byte once.
+
+The library is built with the system C compiler (``$CC``, else ``cc``) and ``-march=native``,
+then cached under ``$LORAFLEET_KERNEL_CACHE`` (default ``~/.cache/lorafleet/kernels``) by a hash
+of the sources, flags and CPU. It links the same OpenMP runtime torch has already loaded
+(``libgomp.so.1``), so both share one thread pool. Without a compiler, ``library()`` raises
+`NativeUnavailable` and callers use the torch twins; ``LORAFLEET_NATIVE_KERNELS=0`` forces that.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch  # noqa: F401  (loads torch's libgomp first: the library then shares it)
+
+logger = logging.getLogger(__name__)
+
+SOURCES = ("lora.c", "attention.c")
+HEADERS = ("vectors.h",)
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+_HERE = Path(__file__).resolve().parent
+
+P, I64 = ctypes.c_void_p, ctypes.c_int64
+_SIGNATURES = {
+    "lorafleet_lora_shrink_f32": (ctypes.c_int, [P, I64, I64, P, I64, I64, P, I64, I64, P, P, P, P]),
+    "lorafleet_lora_expand_f32": (ctypes.c_int, [P, I64, I64, P, I64, I64, I64, I64, P, I64, I64, P, P, P, P, P]),
+    "lorafleet_paged_decode_attention_f32": (
+        ctypes.c_int,
+        [P, I64, P, I64, P, P, I64, I64, I64, I64, I64, I64, P, I64, P, P, P, I64, ctypes.c_float],
+    ),
+    "lorafleet_attention_limits": (I64, [I64]),
+}
+
+
+class NativeUnavailable(RuntimeError):
+    """The native kernels cannot be built or loaded here; the torch twins serve instead."""
+
+
+def enabled() -> bool:
+    return os.environ.get("LORAFLEET_NATIVE_KERNELS", "1").lower() not in ("0", "false", "no", "off")
+
+
+def available() -> bool:
+    """Whether the native kernels are enabled and load (compiling them on first use)."""
+    if not enabled():
+        return False
+    try:
+        library()
+    except NativeUnavailable:
+        return False
+    return True
+
+
+def library() -> ctypes.CDLL:
+    """The loaded kernel library, compiled first if this machine has no cached build of it."""
+    if not enabled():
+        raise NativeUnavailable("disabled by LORAFLEET_NATIVE_KERNELS=0")
+    return _load()
+
+
+@functools.cache
+def _load() -> ctypes.CDLL:
+    path = _build()
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as error:
+        raise NativeUnavailable(f"cannot load {path}: {error}") from error
+    for name, (result, arguments) in _SIGNATURES.items():
+        function = getattr(lib, name)
+        function.restype, function.argtypes = result, arguments
+    return lib
+
+
+def _compiler() -> str:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        raise NativeUnavailable("no C compiler (set CC, or install gcc)")
+    return compiler
+
+
+def _cpu_signature() -> str:
+    """The CPU's feature flags: a build for one machine's -march=native never runs on another's."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _build() -> Path:
+    compiler = _compiler()
+    digest = hashlib.sha256()
+    for name in (*SOURCES, *HEADERS):
+        digest.update((_HERE / name).read_bytes())
+    digest.update(" ".join((compiler, *FLAGS, _cpu_signature())).encode())
+    cache = Path(os.environ.get("LORAFLEET_KERNEL_CACHE") or Path.home() / ".cache" / "lorafleet" / "kernels")
+    target = cache / f"liblorafleet_kernels-{digest.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    # Build beside the target, then rename: concurrent builders never load a half-written file.
+    with tempfile.TemporaryDirectory(dir=cache) as scratch:
+        built = Path(scratch) / target.name
+        command = [compiler, *FLAGS, "-o", str(built), *(str(_HERE / name) for name in SOURCES)]
+        try:
+            subprocess.run(command, check=True, capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.SubprocessError) as error:
+            detail = getattr(error, "stderr", "") or str(error)
+            raise NativeUnavailable(f"compiling the native kernels failed: {detail.strip()[:2000]}") from error
+        os.replace(built, target)
+    logger.info("built native CPU kernels at %s", target)
+    return target

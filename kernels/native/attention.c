@@ -1,0 +1,85 @@
+/* Paged decode attention for float32 on the CPU: one query per sequence, read straight from the
+   head-major paged cache (no gathered copy of the context), online softmax over blocks.
+
+   Cache layout: the block_size x head_dim floats of (block, kv head) lie contiguous at
+   cache + block * block_stride + head * head_stride. Query head h reads kv head h / group. */
+#include <math.h>
+#include <stdint.h>
+
+#include "vectors.h"
+
+#define MAX_GROUP 16
+#define MAX_HEAD_DIM 256
+#define MAX_BLOCK_SIZE 64
+
+/* Limits of the fixed-size per-item buffers; the Python side checks them before calling. */
+int64_t lorafleet_attention_limits(int64_t which)
+{
+    return which == 0 ? MAX_GROUP : which == 1 ? MAX_HEAD_DIM : MAX_BLOCK_SIZE;
+}
+
+static inline float dot(const float *a, const float *b, int64_t n)
+{
+    v16 acc = {0};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) acc += *(const v16 *)(a + i) * *(const v16 *)(b + i);
+    float s = hsum16(acc);
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* out[q_rows[i], h] = softmax(scale * q . K) V over the seq_lens[seqs[i]] cached positions of
+   batch entry seqs[i], for i < n_seqs. Returns 0, or -1 when a shape exceeds the limits. */
+int lorafleet_paged_decode_attention_f32(const float *q, int64_t q_stride, float *out, int64_t out_stride,
+                                         const float *k_cache, const float *v_cache,
+                                         int64_t block_stride, int64_t head_stride,
+                                         int64_t block_size, int64_t head_dim, int64_t n_heads, int64_t kv_heads,
+                                         const int32_t *block_tables, int64_t table_stride, const int32_t *seq_lens,
+                                         const int64_t *seqs, const int64_t *q_rows, int64_t n_seqs, float scale)
+{
+    int64_t group = n_heads / kv_heads;
+    if (group > MAX_GROUP || head_dim > MAX_HEAD_DIM || block_size > MAX_BLOCK_SIZE || group * kv_heads != n_heads)
+        return -1;
+    #pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t item = 0; item < n_seqs * kv_heads; item++) {
+        int64_t i = item / kv_heads, h = item % kv_heads, b = seqs[i], len = seq_lens[b];
+        const float *qh = q + q_rows[i] * q_stride + h * group * head_dim;
+        const int32_t *table = block_tables + b * table_stride;
+        float acc[MAX_GROUP][MAX_HEAD_DIM], running_max[MAX_GROUP], total[MAX_GROUP], score[MAX_BLOCK_SIZE];
+        for (int64_t g = 0; g < group; g++) {
+            running_max[g] = -INFINITY;
+            total[g] = 0.f;
+            for (int64_t d = 0; d < head_dim; d++) acc[g][d] = 0.f;
+        }
+        for (int64_t start = 0; start < len; start += block_size) {
+            int64_t n = len - start < block_size ? len - start : block_size;
+            int64_t offset = (int64_t)table[start / block_size] * block_stride + h * head_stride;
+            const float *kb = k_cache + offset, *vb = v_cache + offset;
+            for (int64_t g = 0; g < group; g++) {
+                const float *qg = qh + g * head_dim;
+                float block_max = running_max[g];
+                for (int64_t p = 0; p < n; p++) {
+                    score[p] = dot(qg, kb + p * head_dim, head_dim) * scale;
+                    if (score[p] > block_max) block_max = score[p];
+                }
+                /* Rescale what was summed under the old maximum (exp(-inf) = 0 on the first block). */
+                float correction = expf(running_max[g] - block_max);
+                running_max[g] = block_max;
+                total[g] *= correction;
+                for (int64_t d = 0; d < head_dim; d++) acc[g][d] *= correction;
+                for (int64_t p = 0; p < n; p++) {
+                    float w = expf(score[p] - block_max);
+                    const float *vr = vb + p * head_dim;
+                    total[g] += w;
+                    for (int64_t d = 0; d < head_dim; d++) acc[g][d] += w * vr[d];
+                }
+            }
+        }
+        for (int64_t g = 0; g < group; g++) {
+            float *o = out + q_rows[i] * out_stride + (h * group + g) * head_dim;
+            float inverse = total[g] > 0.f ? 1.f / total[g] : 0.f;
+            for (int64_t d = 0; d < head_dim; d++) o[d] = acc[g][d] * inverse;
+        }
+    }
+    return 0;
+}

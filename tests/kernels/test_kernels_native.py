@@ -1,0 +1,117 @@
+"""The native CPU kernels: they build here, the fast path really runs them (no silent fallback to
+the twins), decode attention matches dense attention, and a machine without a compiler falls
+back to the torch twins with a clear reason."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+import torch
+
+import kernels
+from kernels import cpu, native, reference
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                                reason="no C compiler: the native kernels cannot build on this machine")
+
+
+def test_the_library_builds_and_is_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAFLEET_KERNEL_CACHE", str(tmp_path))
+    first = native._build()
+    assert first.parent == tmp_path and first.name.startswith("liblorafleet_kernels-")
+    stamp = first.stat().st_mtime_ns
+    assert native._build() == first and first.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    assert list(tmp_path.iterdir()) == [first]  # no scratch folder left behind
+    assert kernels.native_available()
+
+
+def test_a_failing_compiler_means_unavailable_with_its_message(tmp_path, monkeypatch):
+    broken = tmp_path / "cc"
+    broken.write_text("#!/bin/sh\necho 'cc: fatal error: no such compiler' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CC", str(broken))
+    monkeypatch.setenv("LORAFLEET_KERNEL_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(native.NativeUnavailable, match="no such compiler"):
+        native._build()
+
+
+def engine_like_lora(tokens_per_slot: list[int], in_features=200, out_features=130, slots=8, max_rank=32):
+    """A decode-like batch in the engine's (rank, slot) order over a rank-major B pool."""
+    generator = torch.Generator().manual_seed(0)
+    ranks = torch.tensor([(4, 8, 16, 32)[s % 4] for s in range(slots)], dtype=torch.int32)
+    order = sorted(range(slots), key=lambda s: (int(ranks[s]), s))
+    token_slots = torch.tensor([-1, -1] + [s for s in order for _ in range(tokens_per_slot[s])], dtype=torch.int32)
+    x = torch.randn(len(token_slots), in_features, generator=generator)
+    lora_a = torch.randn(slots, max_rank, in_features, generator=generator) / math.sqrt(in_features)
+    lora_b = torch.randn(slots, max_rank, out_features, generator=generator).transpose(1, 2)  # [S, out, R] view
+    scalings = torch.rand(slots, generator=generator) + 0.5
+    meta = kernels.LoraMeta.build(token_slots, ranks, scalings)
+    return x, lora_a, lora_b, meta
+
+
+def test_fp32_lora_runs_natively_not_through_the_twin(monkeypatch):
+    x, lora_a, lora_b, meta = engine_like_lora([1, 3, 2, 5, 1, 2, 40, 4])  # slot 6: a direct (prefill) run
+    want_y = reference.lora_shrink(x, lora_a, meta)
+    want = reference.lora_expand(want_y, lora_b, meta, torch.zeros(x.shape[0], lora_b.shape[1]))
+
+    def no_twin(*args, **kwargs):
+        raise AssertionError("the fp32 fast path fell back to the torch twin")
+
+    monkeypatch.setattr(reference, "lora_shrink", no_twin)
+    monkeypatch.setattr(reference, "lora_expand", no_twin)
+    assert meta.cpu_plan.direct and meta.cpu_plan.segments.count == 7
+    y = kernels.lora_shrink(x, lora_a, meta)
+    got = kernels.lora_expand(y, lora_b, meta, torch.zeros(x.shape[0], lora_b.shape[1]))
+    assert torch.allclose(y, want_y, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.all(got[:2] == 0)  # tokens without an adapter are untouched
+
+
+@pytest.mark.parametrize("group", [1, 3, 8])
+@pytest.mark.parametrize("block_size", [5, 16])
+def test_decode_attention_reads_the_paged_cache_in_place(group, block_size, monkeypatch):
+    """Decode sequences of very different lengths over a shuffled head-major cache that holds NaN
+    everywhere outside the contexts; prefill chunks in the same batch still go through SDPA."""
+    generator = torch.Generator().manual_seed(group * 100 + block_size)
+    kv_heads, head_dim = 2, 40
+    spec = [(37, 1), (1, 1), (90, 1), (23, 23), (16, 1), (50, 13), (5, 1)]  # (context, query length)
+    needed = [math.ceil(length / block_size) for length, _ in spec]
+    num_blocks = 2 * sum(needed) + 3
+    physical = torch.randperm(num_blocks, generator=generator)
+    storage = torch.full((2, num_blocks, kv_heads, block_size, head_dim), float("nan"))
+    tables = torch.full((len(spec), max(needed) + 2), -1, dtype=torch.int32)
+    used = 0
+    for b, (length, _) in enumerate(spec):
+        blocks = physical[used : used + 2 * needed[b] : 2]
+        used += 2 * needed[b]
+        tables[b, : needed[b]] = blocks.to(torch.int32)
+        for p in range(length):
+            storage[:, blocks[p // block_size], :, p % block_size] = torch.randn(2, kv_heads, head_dim, generator=generator)
+    k_cache, v_cache = (storage[i].transpose(1, 2) for i in range(2))  # head-major [blocks, block_size, heads, dim]
+    q_lens = [q_len for _, q_len in spec]
+    query_start = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(sum(q_lens), kv_heads * group, head_dim, generator=generator)
+    seq_lens = torch.tensor([length for length, _ in spec], dtype=torch.int32)
+    inputs = (q, k_cache, v_cache, tables, seq_lens, query_start, head_dim**-0.5)
+
+    want = reference.paged_attention(*inputs)
+    monkeypatch.setattr(reference, "paged_attention", lambda *a, **k: pytest.fail("fell back to the twin"))
+    got = kernels.paged_attention(*inputs, impl="native")
+    assert not torch.isnan(got).any()
+    assert float((got - want).norm() / want.norm()) < 1e-5
+
+
+def test_attention_outside_the_native_layout_uses_the_twin():
+    """A token-major cache or half precision: kernels.cpu hands the call to the twin unchanged."""
+    q = torch.randn(2, 4, 16)
+    cache = torch.randn(3, 8, 2, 16)  # contiguous [blocks, block_size, heads, dim]: not head-major
+    tables = torch.tensor([[0, 1], [2, 0]], dtype=torch.int32)
+    seq_lens = torch.tensor([9, 3], dtype=torch.int32)
+    start = torch.tensor([0, 1, 2], dtype=torch.int32)
+    want = reference.paged_attention(q, cache, cache, tables, seq_lens, start, 0.25)
+    assert torch.equal(cpu.paged_attention(q, cache, cache, tables, seq_lens, start, 0.25), want)
+    half = [t.bfloat16() for t in (q, cache)]
+    want = reference.paged_attention(half[0], half[1], half[1], tables, seq_lens, start, 0.25)
+    assert torch.equal(cpu.paged_attention(half[0], half[1], half[1], tables, seq_lens, start, 0.25), want)
