@@ -13,7 +13,7 @@ One run, one machine, one workload, so the ratios are fair even on a noisy share
 Reports output tokens/s, time to first token and inter-token latency (p50/p99), writes
 ``throughput.json`` and ``throughput.png`` under --out.
 
-    python benchmarks/throughput.py                      # the full comparison (~15 minutes on 2 cores)
+    python benchmarks/throughput.py                      # the full comparison (~30-50 minutes on 2 cores; HF is most of it)
     python benchmarks/throughput.py --requests 16 --max-output 32 --adapters 8   # a quick look
 """
 
@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare checkout
 
+import kernels  # noqa: E402
 from engine_daemon import Engine, EngineConfig, SamplingParams  # noqa: E402
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -341,7 +342,9 @@ def main() -> None:
             row["vs_hf_peft"] = round(result.tokens_per_second / hf.tokens_per_second, 2)
     report = {
         "model": args.model,
-        "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
+        "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__,
+                    # Which CPU kernels the engine ran: the native C ones, or the torch twins without a compiler.
+                    "cpu_kernels": "native" if kernels.native_available() else "torch"},
         "workload": {k: getattr(args, k) for k in ("requests", "min_prompt", "max_prompt", "min_output", "max_output",
                                                     "max_num_seqs", "hf_batch_size", "seed")},
         "results": rows,
