@@ -78,7 +78,7 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoraMeta, impl: Imp
         return cpu.lora_shrink(x, lora_a, meta)
     from kernels import lora
 
-    reference._check_lora_shapes(x, lora_a, meta, "lora_shrink")
+    reference.check_shrink(x, lora_a, meta)
     return lora.lora_shrink(x, lora_a, meta)
 
 
@@ -99,11 +99,7 @@ def lora_expand(
         return cpu.lora_expand(y, lora_b, meta, base)
     from kernels import lora
 
-    reference._check_lora_shapes(y, lora_b, meta, "lora_expand")
-    if base.shape != (meta.num_tokens, lora_b.shape[1]):
-        raise ValueError(
-            f"lora_expand: base is {tuple(base.shape)}, expected [{meta.num_tokens}, {lora_b.shape[1]}]"
-        )
+    reference.check_expand(y, lora_b, meta, base)
     return lora.lora_expand(y, lora_b, meta, base)
 
 

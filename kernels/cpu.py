@@ -34,9 +34,7 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoraMeta) -> torch.
     plan = meta.cpu_plan
     if plan is None or not _lora_native_ok(x, lora_a):
         return reference.lora_shrink(x, lora_a, meta)
-    reference._check_lora_shapes(x, lora_a, meta, "lora_shrink")
-    if meta.max_rank > lora_a.shape[1]:
-        raise ValueError(f"lora_shrink: a slot has rank {meta.max_rank} > lora_a's {lora_a.shape[1]} rows")
+    reference.check_shrink(x, lora_a, meta)
     y = torch.zeros(meta.num_tokens, lora_a.shape[1], dtype=_F32)
     reference.shrink_direct_runs(x, lora_a, plan, y)
     seg = plan.segments
@@ -56,11 +54,7 @@ def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, meta: LoraMeta, base: tor
     # y may be a strided view (a fused shrink's interleaved part): only B and base need unit strides.
     if plan is None or y.dtype != _F32 or not _lora_native_ok(base) or lora_b.dtype != _F32:
         return reference.lora_expand(y, lora_b, meta, base)
-    reference._check_lora_shapes(y, lora_b, meta, "lora_expand")
-    if base.shape != (meta.num_tokens, lora_b.shape[1]):
-        raise ValueError(
-            f"lora_expand: base is {tuple(base.shape)}, expected [{meta.num_tokens}, {lora_b.shape[1]}]"
-        )
+    reference.check_expand(y, lora_b, meta, base)
     reference.expand_direct_runs(y, lora_b, plan, base)
     seg = plan.segments
     if seg.count:

@@ -27,6 +27,23 @@ def _check_lora_shapes(x: torch.Tensor, weight: torch.Tensor, meta: LoraMeta, wh
         raise ValueError(f"{what}: weights have {weight.shape[0]} slots but LoraMeta has {meta.num_slots}")
 
 
+def check_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoraMeta) -> None:
+    """The shrink contract every implementation enforces: one row per token, one stack per slot,
+    every slot's rank within the stack."""
+    _check_lora_shapes(x, lora_a, meta, "lora_shrink")
+    if meta.max_rank > lora_a.shape[1]:
+        raise ValueError(f"lora_shrink: a slot has rank {meta.max_rank} > lora_a's {lora_a.shape[1]} rows")
+
+
+def check_expand(y: torch.Tensor, lora_b: torch.Tensor, meta: LoraMeta, base: torch.Tensor) -> None:
+    """The expand contract: y and base have one row per token, base one column per B output."""
+    _check_lora_shapes(y, lora_b, meta, "lora_expand")
+    if base.shape[0] != meta.num_tokens or base.shape[1] != lora_b.shape[1]:
+        raise ValueError(
+            f"lora_expand: base is {tuple(base.shape)}, expected [{meta.num_tokens}, {lora_b.shape[1]}]"
+        )
+
+
 # Below this many tokens a matmul is tiny: waking a second CPU thread for it costs several times
 # the arithmetic (measured 7 us on one thread vs 29 us on two for 4x576x64).
 _THREADED_TOKENS = 64
@@ -47,10 +64,8 @@ def _one_thread_if(small: bool) -> Iterator[None]:
 
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoraMeta) -> torch.Tensor:
     """y[t, :rank] = x[t] @ A[slot]ᵀ[:, :rank] in fp32; other entries of y are 0."""
-    _check_lora_shapes(x, lora_a, meta, "lora_shrink")
+    check_shrink(x, lora_a, meta)
     max_rank = lora_a.shape[1]
-    if meta.max_rank > max_rank:
-        raise ValueError(f"lora_shrink: a slot has rank {meta.max_rank} > lora_a's {max_rank} rows")
     y = torch.zeros(meta.num_tokens, max_rank, dtype=torch.float32, device=x.device)
     if not meta.has_lora:
         return y
@@ -117,11 +132,7 @@ def _gather_back(padded: torch.Tensor, plan: LoraCpuPlan, dest: torch.Tensor, ad
 
 def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, meta: LoraMeta, base: torch.Tensor) -> torch.Tensor:
     """base[t] += scaling[slot] * y[t, :rank] @ B[slot][:, :rank]ᵀ, in place; returns base."""
-    _check_lora_shapes(y, lora_b, meta, "lora_expand")
-    if base.shape[0] != meta.num_tokens or base.shape[1] != lora_b.shape[1]:
-        raise ValueError(
-            f"lora_expand: base is {tuple(base.shape)}, expected [{meta.num_tokens}, {lora_b.shape[1]}]"
-        )
+    check_expand(y, lora_b, meta, base)
     if not meta.has_lora:
         return base
     y = y.float()
