@@ -12,6 +12,8 @@ torch twin unchanged, so callers never need to know which ran.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from kernels import native, reference
@@ -68,11 +70,18 @@ def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, meta: LoraMeta, base: tor
     return base
 
 
+@functools.cache
+def _attention_limits() -> tuple[int, int, int]:
+    """The native decode kernel's largest GQA group, head_dim and block_size (fixed-size buffers)."""
+    limit = native.library().lorafleet_attention_limits
+    return limit(0), limit(1), limit(2)
+
+
 def _attention_native_ok(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          block_tables: torch.Tensor, seq_lens: torch.Tensor) -> bool:
     num_tokens, n_heads, head_dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
-    lib = native.library()
+    max_group, max_head_dim, max_block_size = _attention_limits()
     return (
         q.dtype == k_cache.dtype == v_cache.dtype == _F32
         and q.stride(2) == 1 and q.stride(1) == head_dim
@@ -81,9 +90,9 @@ def _attention_native_ok(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         and block_tables.dtype == seq_lens.dtype == torch.int32
         and block_tables.stride(-1) == 1 and seq_lens.is_contiguous()
         and n_heads % kv_heads == 0
-        and n_heads // kv_heads <= lib.lorafleet_attention_limits(0)
-        and head_dim <= lib.lorafleet_attention_limits(1)
-        and block_size <= lib.lorafleet_attention_limits(2)
+        and n_heads // kv_heads <= max_group
+        and head_dim <= max_head_dim
+        and block_size <= max_block_size
     )
 
 

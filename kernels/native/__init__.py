@@ -58,9 +58,9 @@ def available() -> bool:
     """Whether the native kernels are enabled and load (compiling them on first use)."""
     if not enabled():
         return False
-    try:
-        library()
-    except NativeUnavailable:
+    loaded = _load()
+    if isinstance(loaded, NativeUnavailable):
+        _warn_once(str(loaded))
         return False
     return True
 
@@ -69,20 +69,31 @@ def library() -> ctypes.CDLL:
     """The loaded kernel library, compiled first if this machine has no cached build of it."""
     if not enabled():
         raise NativeUnavailable("disabled by LORAFLEET_NATIVE_KERNELS=0")
-    return _load()
+    loaded = _load()
+    if isinstance(loaded, NativeUnavailable):
+        raise NativeUnavailable(str(loaded))
+    return loaded
 
 
 @functools.cache
-def _load() -> ctypes.CDLL:
-    path = _build()
+def _load() -> ctypes.CDLL | NativeUnavailable:
+    """Build and load once per process; a failure is remembered too (no compiler run per call)."""
     try:
+        path = _build()
         lib = ctypes.CDLL(str(path))
+    except NativeUnavailable as error:
+        return error
     except OSError as error:
-        raise NativeUnavailable(f"cannot load {path}: {error}") from error
+        return NativeUnavailable(f"cannot build or load the native kernels: {error}")
     for name, (result, arguments) in _SIGNATURES.items():
         function = getattr(lib, name)
         function.restype, function.argtypes = result, arguments
     return lib
+
+
+@functools.cache
+def _warn_once(reason: str) -> None:
+    logger.warning("native CPU kernels unavailable, the torch twins run instead: %s", reason)
 
 
 def _compiler() -> str:

@@ -4,6 +4,7 @@ back to the torch twins with a clear reason."""
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 
@@ -35,6 +36,33 @@ def test_a_failing_compiler_means_unavailable_with_its_message(tmp_path, monkeyp
     monkeypatch.setenv("LORAFLEET_KERNEL_CACHE", str(tmp_path / "cache"))
     with pytest.raises(native.NativeUnavailable, match="no such compiler"):
         native._build()
+
+
+def test_without_a_working_compiler_the_twins_serve_and_say_why_once(tmp_path, monkeypatch, caplog):
+    calls = tmp_path / "calls"
+    broken = tmp_path / "cc"
+    broken.write_text(f"#!/bin/sh\necho run >> {calls}\necho 'cc: fatal error: no such compiler' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CC", str(broken))
+    monkeypatch.setenv("LORAFLEET_KERNEL_CACHE", str(tmp_path / "cache"))
+    meta = kernels.LoraMeta.build(torch.tensor([0, -1], dtype=torch.int32), torch.tensor([4]), torch.ones(1))
+    x, lora_a = torch.randn(2, 8), torch.randn(1, 4, 8)
+    native._load.cache_clear()
+    native._warn_once.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="kernels.native"):
+            for _ in range(3):
+                assert not kernels.native_available()
+                assert kernels._backend("auto", x) == "torch"
+                assert torch.equal(kernels.lora_shrink(x, lora_a, meta), reference.lora_shrink(x, lora_a, meta))
+        assert calls.read_text().count("run") == 1  # the failure is remembered, not retried per call
+        reasons = [r.getMessage() for r in caplog.records if "no such compiler" in r.getMessage()]
+        assert len(reasons) == 1 and "torch twins run instead" in reasons[0]
+        with pytest.raises(native.NativeUnavailable, match="no such compiler"):
+            kernels.lora_shrink(x, lora_a, meta, impl="native")
+    finally:
+        native._load.cache_clear()
+        native._warn_once.cache_clear()
 
 
 def engine_like_lora(tokens_per_slot: list[int], in_features=200, out_features=130, slots=8, max_rank=32):
