@@ -260,7 +260,8 @@ def write_chart(results: list[Result], limits: dict[int, float], path: Path) -> 
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    labels = [f"{r.system}\n({r.adapters} adapters)" if r.adapters else r.system for r in results]
+    # One phrase per line: at this width "lorafleet, multi-LoRA" beside its neighbour overlaps.
+    labels = [r.system.replace(", ", ",\n") + (f"\n({r.adapters} adapters)" if r.adapters else "") for r in results]
     colours = ["#4c72b0" if r.system.startswith("lorafleet") else "#c44e52" for r in results]
     left.bar(labels, [r.tokens_per_second for r in results], color=colours)
     for batch, limit in limits.items():
