@@ -56,6 +56,7 @@ class Result:
     seconds: float
     ttft: list[float] = field(default_factory=list)
     itl: list[float] = field(default_factory=list)
+    phases: dict | None = None  # the engine's step time split by kind of step (engine runs only)
 
     @property
     def tokens_per_second(self) -> float:
@@ -72,7 +73,7 @@ class Result:
             "ttft_p99_s": _percentile(self.ttft, 99),
             "itl_p50_ms": _ms(_percentile(self.itl, 50)),
             "itl_p99_ms": _ms(_percentile(self.itl, 99)),
-        }
+        } | ({"phases": self.phases} if self.phases else {})
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -108,6 +109,7 @@ def run_engine(engine: Engine, workload: list[Request], label: str, adapters: in
             engine.prefetch_adapter(request.adapter)
     engine.wait_for_adapters()
     token_times: dict[str, list[float]] = {}
+    first_step = engine.stats.steps
     start = time.perf_counter()
     for i, request in enumerate(workload):
         params = SamplingParams(max_tokens=request.max_tokens, temperature=0.0, ignore_eos=True)
@@ -125,10 +127,25 @@ def run_engine(engine: Engine, workload: list[Request], label: str, adapters: in
             bar.update(len(outputs))
     seconds = time.perf_counter() - start
     result = Result(label, adapters, sum(len(t) for t in token_times.values()), seconds)
+    steps = engine.stats.steps - first_step
+    result.phases = step_phases(list(engine.stats.recent)[-steps:] if steps else [])
     for times in token_times.values():
         result.ttft.append(times[0] - start)
         result.itl += [b - a for a, b in zip(times, times[1:], strict=False)]
     return result
+
+
+def step_phases(records: list) -> dict:
+    """Seconds (and LoRA-kernel seconds) of the steps that carried prefill tokens and of the
+    decode-only ones: where a ratio is lost, prefill or decode."""
+    phases = {}
+    for name, steps in (("prefill", [r for r in records if r.num_tokens > r.num_sampled]),
+                        ("decode", [r for r in records if r.num_tokens == r.num_sampled])):
+        phases[f"{name}_steps"] = len(steps)
+        phases[f"{name}_tokens"] = sum(r.num_tokens for r in steps)
+        phases[f"{name}_s"] = round(sum(r.seconds for r in steps), 2)
+        phases[f"{name}_lora_s"] = round(sum(r.lora_seconds or 0.0 for r in steps), 2)
+    return phases
 
 
 # ---- HF transformers + PEFT ------------------------------------------------------------------
@@ -373,6 +390,11 @@ def print_table(rows: list[dict], limits: dict[int, float]) -> None:
             f"| {row['itl_p50_ms']} / {row['itl_p99_ms']} |"
         )
     print("GEMM limit (tok/s): " + ", ".join(f"batch {b}: {v:.0f}" for b, v in limits.items()))
+    for row in rows:
+        if "phases" in row:
+            p = row["phases"]
+            print(f"{row['system']} ({row['adapters'] or 'no'} adapters): prefill steps {p['prefill_s']} s "
+                  f"(LoRA {p['prefill_lora_s']} s), decode steps {p['decode_s']} s (LoRA {p['decode_lora_s']} s)")
 
 
 if __name__ == "__main__":
