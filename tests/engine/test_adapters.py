@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -174,3 +178,36 @@ def test_slot_pool_layout_fuses_shrinks_and_keeps_low_ranks_contiguous(tiny_llam
         b = per_layer[0][slot, :, :rank]
         assert b.t().is_contiguous() and b.equal(host[(module, 0)][1])
     engine.close()
+
+
+_THREAD_PROBE = """
+import os, sys, threading, torch
+from engine_daemon.adapters import run_torch_inline_on_this_thread
+torch.set_num_threads(2)
+torch.ones(1 << 20).add_(1)  # the stepping thread's OpenMP team exists
+before = len(os.listdir("/proc/self/task"))
+seen = []
+def load():
+    if sys.argv[1] == "inline":
+        run_torch_inline_on_this_thread()
+    torch.ones(1 << 22).mul_(2)  # large enough for ATen to split it across threads
+    seen.append(len(os.listdir("/proc/self/task")))
+thread = threading.Thread(target=load)
+thread.start()
+thread.join()
+print(seen[0] - before)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task") or (os.cpu_count() or 1) < 2,
+                    reason="counts threads in /proc on a machine with 2+ CPUs")
+def test_the_loader_thread_runs_torch_without_a_second_openmp_team():
+    """A background thread's torch ops must not start an OpenMP team of their own: libgomp would
+    then throttle its spin-wait and every parallel region of the engine step pays a wake-up."""
+    def extra_threads(mode: str) -> int:
+        run = subprocess.run([sys.executable, "-c", _THREAD_PROBE, mode], capture_output=True, text=True,
+                             timeout=120, check=True, cwd=Path(__file__).resolve().parents[2])
+        return int(run.stdout.strip())
+
+    assert extra_threads("team") == 2  # control: the thread itself plus its own OpenMP worker
+    assert extra_threads("inline") == 1  # the thread alone
