@@ -79,7 +79,7 @@ def _attention_limits() -> tuple[int, int, int]:
 
 def _attention_native_ok(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          block_tables: torch.Tensor, seq_lens: torch.Tensor) -> bool:
-    num_tokens, n_heads, head_dim = q.shape
+    _, n_heads, head_dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
     max_group, max_head_dim, max_block_size = _attention_limits()
     return (
