@@ -1,8 +1,9 @@
 """The CPU fast path: the native kernels (``kernels.native``) where they apply, the torch twins
 for the rest, with the twins' exact signatures and semantics.
 
-- LoRA: float32 tensors with unit inner strides. A plan's long single-slot runs (prefill
-  chunks) stay one MKL matmul each; every other slot is one native call per projection.
+- LoRA: float32 activations, float32 or bfloat16 weights, unit inner strides. A plan's long
+  single-slot runs (prefill chunks) stay one MKL matmul each; every other slot is one native
+  call per projection.
 - Attention: float32 queries over a float32 head-major cache. All decode sequences are one
   native call per layer that reads the paged cache in place; prefill chunks stay fused SDPA.
 
@@ -21,27 +22,38 @@ from kernels.attention_plan import is_head_major
 from kernels.meta import LoraMeta
 
 _F32 = torch.float32
+# Weight dtype -> suffix of the native LoRA kernels that read it.
+_WEIGHT_KERNELS = {torch.float32: "f32", torch.bfloat16: "bf16w"}
 
 
 def _ptr(tensor: torch.Tensor) -> int:
     return tensor.data_ptr()
 
 
-def _lora_native_ok(*tensors: torch.Tensor) -> bool:
-    return all(t.dtype == _F32 and t.device.type == "cpu" and t.stride(-1) == 1 for t in tensors)
+def _lora_native_ok(activations: torch.Tensor, weights: torch.Tensor) -> bool:
+    """Dtypes and devices the native kernels read; the callers add their layout needs."""
+    return (
+        activations.dtype == _F32 and weights.dtype in _WEIGHT_KERNELS
+        and activations.device.type == weights.device.type == "cpu"
+        and activations.stride(-1) == 1
+    )
+
+
+def _lora_kernel(kind: str, weights: torch.Tensor):
+    return getattr(native.library(), f"lorafleet_lora_{kind}_{_WEIGHT_KERNELS[weights.dtype]}")
 
 
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoraMeta) -> torch.Tensor:
     """y[t, :rank] = x[t] A[slot]ᵀ (float32 [T, R]; other entries 0), as `reference.lora_shrink`."""
     plan = meta.cpu_plan
-    if plan is None or not _lora_native_ok(x, lora_a):
+    if plan is None or not _lora_native_ok(x, lora_a) or lora_a.stride(-1) != 1:
         return reference.lora_shrink(x, lora_a, meta)
     reference.check_shrink(x, lora_a, meta)
     y = torch.zeros(meta.num_tokens, lora_a.shape[1], dtype=_F32)
     reference.shrink_direct_runs(x, lora_a, plan, y)
     seg = plan.segments
     if seg.count:
-        status = native.library().lorafleet_lora_shrink_f32(
+        status = _lora_kernel("shrink", lora_a)(
             _ptr(x), x.stride(0), x.shape[1], _ptr(lora_a), lora_a.stride(0), lora_a.stride(1),
             _ptr(y), y.stride(0), seg.count, _ptr(seg.starts), _ptr(seg.rows), _ptr(seg.slots), _ptr(seg.ranks),
         )
@@ -53,14 +65,15 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoraMeta) -> torch.
 def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, meta: LoraMeta, base: torch.Tensor) -> torch.Tensor:
     """base[t] += scaling · y[t, :rank] B[slot][:, :rank]ᵀ in place, as `reference.lora_expand`."""
     plan = meta.cpu_plan
-    # y may be a strided view (a fused shrink's interleaved part): only B and base need unit strides.
-    if plan is None or y.dtype != _F32 or not _lora_native_ok(base) or lora_b.dtype != _F32:
+    # y may be a strided view (a fused shrink's interleaved part) and B any layout: only base needs
+    # a unit inner stride.
+    if plan is None or y.dtype != _F32 or not _lora_native_ok(base, lora_b):
         return reference.lora_expand(y, lora_b, meta, base)
     reference.check_expand(y, lora_b, meta, base)
     reference.expand_direct_runs(y, lora_b, plan, base)
     seg = plan.segments
     if seg.count:
-        status = native.library().lorafleet_lora_expand_f32(
+        status = _lora_kernel("expand", lora_b)(
             _ptr(y), y.stride(0), y.stride(1), _ptr(lora_b), lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
             lora_b.shape[1], _ptr(base), base.stride(0),
             seg.count, _ptr(seg.starts), _ptr(seg.rows), _ptr(seg.slots), _ptr(seg.ranks), _ptr(seg.scalings),

@@ -200,6 +200,6 @@ def lora_expand(
         lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
         base.stride(0), base.stride(1),
         BLOCK_M=TILE_M, BLOCK_N=block_n, BLOCK_R=16,
-        FP32_DOT=_fp32_dot(lora_b.dtype),
+        FP32_DOT=_fp32_dot(lora_b.dtype, base.dtype),  # fp32 sums stay fp32 over half weights
     )  # fmt: skip
     return base

@@ -109,7 +109,7 @@ def expand_direct_runs(y: torch.Tensor, lora_b: torch.Tensor, plan: LoraCpuPlan,
         rows, ys, weight = base[run.start : run.end], y[run.start : run.end, : run.rank], lora_b[run.slot, :, : run.rank]
         with _one_thread_if(run.end - run.start < _THREADED_TOKENS):
             if base.dtype == torch.float32:
-                rows.addmm_(ys, weight.t(), alpha=run.scaling)
+                rows.addmm_(ys, weight.float().t(), alpha=run.scaling)
             else:  # accumulate in fp32, round once into the half-precision base
                 rows.copy_(torch.addmm(rows.float(), ys, weight.float().t(), alpha=run.scaling))
 

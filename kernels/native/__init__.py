@@ -36,8 +36,11 @@ _HERE = Path(__file__).resolve().parent
 
 P, I64 = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
-    "lorafleet_lora_shrink_f32": (ctypes.c_int, [P, I64, I64, P, I64, I64, P, I64, I64, P, P, P, P]),
-    "lorafleet_lora_expand_f32": (ctypes.c_int, [P, I64, I64, P, I64, I64, I64, I64, P, I64, I64, P, P, P, P, P]),
+    # Each LoRA kernel comes twice: float32 weights (_f32) and bfloat16 weights (_bf16w).
+    **{f"lorafleet_lora_shrink_{w}": (ctypes.c_int, [P, I64, I64, P, I64, I64, P, I64, I64, P, P, P, P])
+       for w in ("f32", "bf16w")},
+    **{f"lorafleet_lora_expand_{w}": (ctypes.c_int, [P, I64, I64, P, I64, I64, I64, I64, P, I64, I64, P, P, P, P, P])
+       for w in ("f32", "bf16w")},
     "lorafleet_paged_decode_attention_f32": (
         ctypes.c_int,
         [P, I64, P, I64, P, P, I64, I64, I64, I64, I64, I64, P, I64, P, P, P, I64, ctypes.c_float],

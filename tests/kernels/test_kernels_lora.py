@@ -200,6 +200,31 @@ def test_strided_inputs(impl, device):
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton", "native"])
+@pytest.mark.parametrize("kind", ["mixed", "runs", "engine"])
+@pytest.mark.parametrize("b_layout", ["plain", "rank_major"])
+def test_bfloat16_weights_over_float32_activations(impl, kind, b_layout, device):
+    """The engine's lora_dtype=bfloat16 pool: weights stored in bf16, activations and sums in
+    fp32. Widening a bf16 weight is exact, so the result must be the fp32 loop's over the same
+    (rounded) weights, to fp32 accuracy, not bf16's."""
+    if impl == "native" and device.type != "cpu":
+        pytest.skip("the native kernels run on CPU tensors")
+    token_slots, ranks, scalings, x, lora_a, lora_b, base = make_case(33, kind, torch.float32, device)
+    lora_a = lora_a.to(torch.bfloat16)
+    lora_b = lora_b.to(torch.bfloat16)
+    if b_layout == "rank_major":  # the engine's pool: [S, R, out] in memory, seen as [S, out, R]
+        lora_b = lora_b.transpose(1, 2).contiguous().transpose(1, 2)
+    meta = kernels.LoraMeta.build(token_slots, ranks, scalings)
+    want_y, want_out = naive_lora(x, lora_a, lora_b, token_slots, ranks, scalings, base)
+    y = kernels.lora_shrink(x, lora_a, meta, impl=impl)
+    out = kernels.lora_expand(poisoned_y(y, token_slots, ranks), lora_b, meta, base.clone(), impl=impl)
+    rows = token_slots >= 0
+    assert out.dtype == torch.float32
+    assert relative_error(y, want_y, rows) <= 1e-5
+    assert relative_error(out, want_out, rows) <= 1e-5
+    assert torch.isnan(out[~rows]).all()
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton", "native"])
 def test_fused_projections_in_the_engine_layout(impl, device):
     """The engine shrinks q/k/v in one call over A rows interleaved as [S, R, parts, in] (rank r
     reads r * parts rows), then expands each part from a strided column of y into a rank-major B

@@ -79,13 +79,15 @@ def engine_like_lora(tokens_per_slot: list[int], in_features=200, out_features=1
     return x, lora_a, lora_b, meta
 
 
-def test_fp32_lora_runs_natively_not_through_the_twin(monkeypatch):
+@pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16], ids=str)
+def test_fp32_lora_runs_natively_not_through_the_twin(weights, monkeypatch):
     x, lora_a, lora_b, meta = engine_like_lora([1, 3, 2, 5, 1, 2, 40, 4])  # slot 6: a direct (prefill) run
+    lora_a, lora_b = lora_a.to(weights), lora_b.to(weights)
     want_y = reference.lora_shrink(x, lora_a, meta)
     want = reference.lora_expand(want_y, lora_b, meta, torch.zeros(x.shape[0], lora_b.shape[1]))
 
     def no_twin(*args, **kwargs):
-        raise AssertionError("the fp32 fast path fell back to the torch twin")
+        raise AssertionError(f"the fast path for {weights} weights fell back to the torch twin")
 
     monkeypatch.setattr(reference, "lora_shrink", no_twin)
     monkeypatch.setattr(reference, "lora_expand", no_twin)
