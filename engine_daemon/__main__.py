@@ -30,6 +30,8 @@ SERVE_FLAGS: list[tuple[str, str, type, object, str]] = [
      "base model: 'smollm2-135m-instruct' (bundled GGUF), 'random:<preset>', an HF directory or a .gguf file"),
     ("--device", "LORAFLEET_DEVICE", str, "auto", "'auto', 'cpu', 'cuda' or 'cuda:N'"),
     ("--dtype", "LORAFLEET_DTYPE", str, "auto", "'auto' (bfloat16 on CUDA, float32 on CPU), float32, float16, bfloat16"),
+    ("--lora-dtype", "LORAFLEET_LORA_DTYPE", str, "auto",
+     "adapter weights: 'auto' (the model's dtype, exact), or bfloat16/float16 (half the memory, rounded once)"),
     ("--redis-url", "REDIS_URL", str, None, "Redis to consume from (default: the embedded server's socket in LORAFLEET_VAR_DIR)"),
     ("--adapter-cache-dir", "ADAPTER_CACHE_DIR", Path, None,
      "the shared adapter cache written by the Celery workers (default: LORAFLEET_VAR_DIR/adapter-cache)"),
@@ -81,7 +83,7 @@ def serve(args: argparse.Namespace) -> None:
     if args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
     config = EngineConfig(
-        model=args.model, device=args.device, dtype=args.dtype, max_loras=args.max_loras,
+        model=args.model, device=args.device, dtype=args.dtype, lora_dtype=args.lora_dtype, max_loras=args.max_loras,
         max_cpu_loras=args.max_cpu_loras, max_lora_rank=args.max_lora_rank, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         kv_cache_bytes=args.kv_cache_bytes, gpu_memory_utilization=args.gpu_memory_utilization,

@@ -32,7 +32,7 @@ from engine_daemon.peft_format import (
 # Projections whose LoRA A matrices are stored (and shrunk) together: they read the same input.
 FUSED_PROJECTIONS = (QKV, GATE_UP)
 
-# A host copy: (module, layer) → (A [r, in], B·scaling [out, r]) in the model's dtype.
+# A host copy: (module, layer) → (A [r, in], B·scaling [out, r]) in the pool's dtype (lora_dtype).
 HostWeights = dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -442,7 +442,10 @@ class AdapterResidency:
 
 
 def read_adapter_weights(path: Path, manifest: AdapterManifest, dtype: torch.dtype) -> HostWeights:
-    """Read a PEFT safetensors file (never a pickle) into host tensors, scaling folded into B."""
+    """Read a PEFT safetensors file (never a pickle) into host tensors, scaling folded into B.
+
+    The fold happens in float32, then each tensor is rounded once to `dtype`: exact when `dtype`
+    holds the file's values (a bfloat16 file into a bfloat16 pool, scaling a power of two)."""
     from safetensors.torch import load_file
 
     tensors = load_file(str(Path(path) / WEIGHTS_FILE), device="cpu")

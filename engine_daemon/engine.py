@@ -41,6 +41,9 @@ class EngineConfig:
     model: str = "smollm2-135m-instruct"
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     dtype: str = "auto"  # "auto" (bfloat16 on CUDA, float32 on CPU) | "float32" | "float16" | "bfloat16"
+    # Adapter weights in slots and host RAM: "auto" = the model's dtype (exact parity with PEFT). A
+    # half dtype halves their memory and what a decode step reads; sums stay in the model's dtype.
+    lora_dtype: str = "auto"
     max_loras: int = 8  # adapter slots on the device, i.e. distinct adapters per step
     max_cpu_loras: int = 64  # adapters kept in host RAM
     max_lora_rank: int = 64
@@ -106,6 +109,9 @@ class Engine:
         self.config = config
         self.device = _resolve_device(config.device)
         self.dtype = _resolve_dtype(config.dtype, self.device)
+        self.lora_dtype = (
+            self.dtype if config.lora_dtype == "auto" else _resolve_dtype(config.lora_dtype, self.device, "lora_dtype")
+        )
         source = resolve_model(config.model)
         architecture = (source.config.get("architectures") or ["LlamaForCausalLM"])[0]
         if architecture not in SUPPORTED_ARCHITECTURES:
@@ -129,7 +135,7 @@ class Engine:
             max_loras=config.max_loras,
             max_cpu_loras=config.max_cpu_loras,
             max_lora_rank=config.max_lora_rank,
-            dtype=self.dtype,
+            dtype=self.lora_dtype,
             device=self.device,
         )
         self.kv = self._allocate_kv_cache()
@@ -535,6 +541,7 @@ class Engine:
             "model": self.model_name,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
+            "lora_dtype": str(self.lora_dtype).removeprefix("torch."),
             "started": self.started,
             "memory": self.memory_breakdown(),
             "kv_blocks_total": blocks.num_blocks,
@@ -582,9 +589,9 @@ def _resolve_device(name: str) -> torch.device:
     return device
 
 
-def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def _resolve_dtype(name: str, device: torch.device, setting: str = "dtype") -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or 'auto', got {name!r}")
+        raise ValueError(f"{setting} must be one of {sorted(_DTYPES)} or 'auto', got {name!r}")
     return _DTYPES[name]

@@ -119,6 +119,15 @@ def save_random_adapter(model: Any, config: Any, path: Path, *, seed: int, b_std
     return path
 
 
+def cast_adapter_file(path: Path, dtype: torch.dtype) -> Path:
+    """Rewrite an adapter's safetensors in another dtype, as training in that dtype saves it."""
+    from safetensors.torch import load_file, save_file
+
+    file = path / "adapter_model.safetensors"
+    save_file({name: tensor.to(dtype) for name, tensor in load_file(file).items()}, file)
+    return path
+
+
 class PeftReference:
     """HF transformers + PEFT with several adapters loaded: what the engine must reproduce."""
 

@@ -11,7 +11,7 @@ import torch
 
 import kernels
 from engine_daemon import Engine, EngineConfig, SamplingParams
-from tests.engine.builders import PeftReference, write_adapter, write_tiny_model
+from tests.engine.builders import PeftReference, cast_adapter_file, write_adapter, write_tiny_model
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PROMPTS = [
@@ -108,6 +108,51 @@ def test_mixed_adapter_batch_matches_peft(tmp_path, variant, cpu_kernels, monkey
     base_logits = reference.next_token_logits(PROMPTS[0], None)
     assert relative_error(logits["0"], base_logits) > 1e-3
     engine.close()
+
+
+@pytest.mark.parametrize("cpu_kernels", ["native", "torch"])
+@pytest.mark.parametrize("file_dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_a_bfloat16_adapter_pool_under_a_float32_model(tmp_path, file_dtype, cpu_kernels, monkeypatch):
+    """lora_dtype="bfloat16": adapters sit in slots and host RAM as bf16, sums stay fp32. A file
+    saved in bf16 (scalings 2, 0.5 and 1: powers of two) loses nothing, so PEFT's fp32 result is
+    matched as tightly as with an fp32 pool; an fp32 file is rounded once, to bf16 accuracy."""
+    monkeypatch.setenv("LORAFLEET_NATIVE_KERNELS", "1" if cpu_kernels == "native" else "0")
+    base = write_tiny_model(tmp_path / "base", "llama")
+    adapters = {
+        "r8-all": write_adapter(base, tmp_path / "a1", r=8, lora_alpha=16, seed=1),
+        "r16-qv": write_adapter(base, tmp_path / "a2", r=16, lora_alpha=8, target_modules=("q_proj", "v_proj"), seed=2),
+        "r64-mlp": write_adapter(base, tmp_path / "a3", r=64, lora_alpha=64,
+                                 target_modules=("gate_proj", "up_proj", "down_proj"), seed=3),
+    }
+    for path in adapters.values():
+        cast_adapter_file(path, file_dtype)
+    reference = PeftReference.from_dir(base, adapters)
+    engine = Engine(EngineConfig(model=str(base), device="cpu", dtype="float32", lora_dtype="bfloat16",
+                                 max_loras=4, max_lora_rank=64))
+    pool = engine.residency.pool
+    assert pool.a["q_proj"][0].dtype == pool.b["down_proj"][0].dtype == torch.bfloat16
+    assert engine.snapshot()["lora_dtype"] == "bfloat16"
+    for name, path in adapters.items():
+        engine.add_adapter(name, str(path))
+        engine.prefetch_adapter(name)
+    engine.wait_for_adapters()
+    names = [*adapters, None]
+    prompts = PROMPTS[: len(names)]
+    logits = capture_logits(engine)
+    outs = engine.generate(prompts, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True), adapters=names)
+    for i, (prompt, adapter) in enumerate(zip(prompts, names, strict=True)):
+        want = reference.next_token_logits(prompt, adapter)
+        if file_dtype == torch.bfloat16 or adapter is None:
+            assert relative_error(logits[str(i)], want) < 1e-4, adapter
+            assert outs[i].token_ids == reference.greedy(prompt, adapter, 6), adapter
+        else:
+            assert 1e-7 < relative_error(logits[str(i)], want) < 1e-2, adapter  # rounded, and only that
+    engine.close()
+
+
+def test_an_unknown_lora_dtype_is_refused(tiny_llama):
+    with pytest.raises(ValueError, match="lora_dtype must be one of"):
+        Engine(EngineConfig(model=str(tiny_llama), device="cpu", lora_dtype="int8"))
 
 
 def test_logprobs_are_the_model_distribution(tmp_path, tiny_llama):
