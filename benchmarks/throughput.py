@@ -7,6 +7,8 @@ One run, one machine, one workload, so the ratios are fair even on a noisy share
 - systems: lorafleet without adapters, lorafleet with the mixed adapters, and HF transformers +
   PEFT generating mixed-adapter batches with ``adapter_names=`` (static batches, the way a user
   would serve adapters with PEFT today);
+- the multi-LoRA runs again with the adapters stored in bfloat16 (``lora_dtype="bfloat16"``:
+  files cast to bf16, as bf16 training saves them; half the bytes a decode step reads);
 - plus the pure matrix-multiply limit of the same model at the same batch size: the time of
   the model's GEMMs alone, the physical ceiling of this machine.
 
@@ -252,6 +254,34 @@ def make_adapters(hf_model, count: int, folder: Path) -> dict[str, Path]:
     return paths
 
 
+def cast_adapters(paths: dict[str, Path], dtype: str, folder: Path) -> dict[str, Path]:
+    """Copies of the adapters with their weights saved in `dtype`, cached between runs."""
+    from safetensors.torch import load_file, save_file
+
+    cast = {}
+    for name, source in paths.items():
+        target = folder / name
+        if not (target / "adapter_model.safetensors").exists():
+            target.mkdir(parents=True, exist_ok=True)
+            (target / "adapter_config.json").write_text((source / "adapter_config.json").read_text())
+            tensors = load_file(source / "adapter_model.safetensors")
+            save_file({k: v.to(getattr(torch, dtype)) for k, v in tensors.items()}, target / "adapter_model.safetensors")
+        cast[name] = target
+    return cast
+
+
+def make_engine(args, adapter_paths: dict[str, Path], count: int, lora_dtype: str = "auto") -> Engine:
+    engine = Engine(EngineConfig(model=args.model, device="cpu", dtype="float32", lora_dtype=lora_dtype,
+                                 max_loras=count, max_cpu_loras=count, max_lora_rank=max(RANKS),
+                                 max_num_seqs=args.max_num_seqs))
+    for name, path in adapter_paths.items():
+        engine.add_adapter(name, str(path))
+    # Warm-up: the first forward passes pay for allocator growth and lazy initialisation.
+    warm = make_workload(8, engine.model_config.vocab_size, args.seed + 1, 16, 64, 4, 8)
+    run_engine(engine, with_adapters(warm, [None, *list(adapter_paths)[:7]]), "warm-up", 0)
+    return engine
+
+
 def load_hf_model(model: str):
     import transformers
 
@@ -309,6 +339,8 @@ def main() -> None:
     parser.add_argument("--max-output", type=int, default=256)
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--hf-batch-size", type=int, default=32)
+    parser.add_argument("--lora-dtypes", default="auto,bfloat16",
+                        help="adapter storage dtypes to run multi-LoRA with ('auto' = the model's float32)")
     parser.add_argument("--skip-hf", action="store_true", help="leave out HF + PEFT (the slowest part)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
@@ -320,20 +352,22 @@ def main() -> None:
     hf_model = load_hf_model(args.model)
     hf_model.eval()
     adapter_paths = make_adapters(hf_model, max(counts), args.adapter_cache / args.model.replace("/", "_"))
-    engine = Engine(EngineConfig(model=args.model, device="cpu", dtype="float32", max_loras=max(counts),
-                                 max_cpu_loras=max(counts), max_lora_rank=max(RANKS), max_num_seqs=args.max_num_seqs))
-    for name, path in adapter_paths.items():
-        engine.add_adapter(name, str(path))
+    lora_dtypes = [d for d in args.lora_dtypes.split(",") if d]
+    engine = make_engine(args, adapter_paths, max(counts))
     workload = make_workload(args.requests, engine.model_config.vocab_size, args.seed, args.min_prompt,
                              args.max_prompt, args.min_output, args.max_output)
-
-    # Warm-up: the first forward passes pay for allocator growth and lazy initialisation.
-    warm = make_workload(8, engine.model_config.vocab_size, args.seed + 1, 16, 64, 4, 8)
-    run_engine(engine, with_adapters(warm, [None, *list(adapter_paths)[:7]]), "warm-up", 0)
     results = [run_engine(engine, workload, "lorafleet, no adapters", 0)]
-    for count in counts:
-        names = [f"bench-{i}" for i in range(count)]
-        results.append(run_engine(engine, with_adapters(workload, names), "lorafleet, multi-LoRA", count))
+    for lora_dtype in lora_dtypes:
+        label = "lorafleet, multi-LoRA" + ("" if lora_dtype == "auto" else f", {lora_dtype} adapters")
+        runner = engine
+        if lora_dtype != "auto":
+            cast = cast_adapters(adapter_paths, lora_dtype, args.adapter_cache / f"{args.model.replace('/', '_')}-{lora_dtype}")
+            runner = make_engine(args, cast, max(counts), lora_dtype)
+        for count in counts:
+            names = [f"bench-{i}" for i in range(count)]
+            results.append(run_engine(runner, with_adapters(workload, names), label, count))
+        if runner is not engine:
+            runner.close()
     if not args.skip_hf:
         from peft import PeftModel
 
@@ -364,7 +398,7 @@ def main() -> None:
                     # Which CPU kernels the engine ran: the native C ones, or the torch twins without a compiler.
                     "cpu_kernels": "native" if kernels.native_available() else "torch"},
         "workload": {k: getattr(args, k) for k in ("requests", "min_prompt", "max_prompt", "min_output", "max_output",
-                                                    "max_num_seqs", "hf_batch_size", "seed")},
+                                                    "max_num_seqs", "hf_batch_size", "seed", "lora_dtypes")},
         "results": rows,
         "matmul_limit_tokens_per_second": {str(b): round(v, 1) for b, v in limits.items()},
         "workload_gemm_ceiling_output_tokens_per_second": round(workload_ceiling, 1),
