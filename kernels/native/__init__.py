@@ -31,7 +31,9 @@ logger = logging.getLogger(__name__)
 
 SOURCES = ("lora.c", "attention.c")
 HEADERS = ("vectors.h",)
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+# -ffp-contract=fast: ISO C mode would otherwise keep every `acc += x * w` a multiply and an add
+# (twice the arithmetic instructions of one FMA; the decode LoRA kernels ran ~10% slower).
+FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 _HERE = Path(__file__).resolve().parent
 
 P, I64 = ctypes.c_void_p, ctypes.c_int64
