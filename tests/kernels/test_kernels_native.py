@@ -100,10 +100,11 @@ def test_fp32_lora_runs_natively_not_through_the_twin(weights, monkeypatch):
 
 
 @pytest.mark.parametrize("group", [1, 3, 8])
-@pytest.mark.parametrize("block_size", [5, 16])
+@pytest.mark.parametrize("block_size", [5, 16, 40])  # 40: the vector exp's full and partial 16-lane chunks
 def test_decode_attention_reads_the_paged_cache_in_place(group, block_size, monkeypatch):
     """Decode sequences of very different lengths over a shuffled head-major cache that holds NaN
-    everywhere outside the contexts; prefill chunks in the same batch still go through SDPA."""
+    everywhere outside the contexts; prefill chunks in the same batch still go through SDPA.
+    Queries are scaled up so that scores span tens of units: the softmax's exp over a wide range."""
     generator = torch.Generator().manual_seed(group * 100 + block_size)
     kv_heads, head_dim = 2, 40
     spec = [(37, 1), (1, 1), (90, 1), (23, 23), (16, 1), (50, 13), (5, 1)]  # (context, query length)
@@ -122,7 +123,7 @@ def test_decode_attention_reads_the_paged_cache_in_place(group, block_size, monk
     k_cache, v_cache = (storage[i].transpose(1, 2) for i in range(2))  # head-major [blocks, block_size, heads, dim]
     q_lens = [q_len for _, q_len in spec]
     query_start = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
-    q = torch.randn(sum(q_lens), kv_heads * group, head_dim, generator=generator)
+    q = 5 * torch.randn(sum(q_lens), kv_heads * group, head_dim, generator=generator)
     seq_lens = torch.tensor([length for length, _ in spec], dtype=torch.int32)
     inputs = (q, k_cache, v_cache, tables, seq_lens, query_start, head_dim**-0.5)
 
