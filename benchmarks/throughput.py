@@ -300,26 +300,35 @@ def load_hf_model(model: str):
 # ---- report ------------------------------------------------------------------------------------
 
 
-def write_chart(results: list[Result], limits: dict[int, float], path: Path) -> None:
+def _chart_label(row: dict) -> str:
+    """Short enough that seven bars side by side do not overlap."""
+    system = "HF + PEFT" if row["system"].startswith("HF") else "lorafleet"
+    if "bfloat16" in row["system"]:
+        return f"{system}\n{row['adapters']} adapters\nbf16 storage"
+    return f"{system}\n{row['adapters']} adapters" if row["adapters"] else f"{system}\nno adapters"
+
+
+def write_chart(rows: list[dict], limits: dict[int, float], path: Path) -> None:
+    """Throughput and ITL bars from the report's rows (so `--replot` can redraw a saved run)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    # One phrase per line: at this width "lorafleet, multi-LoRA" beside its neighbour overlaps.
-    labels = [r.system.replace(", ", ",\n") + (f"\n({r.adapters} adapters)" if r.adapters else "") for r in results]
-    colours = ["#4c72b0" if r.system.startswith("lorafleet") else "#c44e52" for r in results]
-    left.bar(labels, [r.tokens_per_second for r in results], color=colours)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 4.8))
+    labels = [_chart_label(row) for row in rows]
+    colours = ["#c44e52" if row["system"].startswith("HF") else "#8fb0d9" if "bfloat16" in row["system"]
+               else "#4c72b0" for row in rows]
+    left.bar(labels, [row["tokens_per_second"] for row in rows], color=colours)
     for batch, limit in limits.items():
         left.axhline(limit, linestyle="--", color="grey", linewidth=1)
-        left.text(len(results) - 0.5, limit, f"GEMM limit, batch {batch}", ha="right", va="bottom", fontsize=8)
+        left.text(len(rows) - 0.5, limit, f"GEMM limit, batch {batch}", ha="right", va="bottom", fontsize=8)
     left.set_ylabel("output tokens / s")
     left.set_title("Throughput")
     left.tick_params(axis="x", labelsize=8)
-    x = range(len(results))
-    right.bar([i - 0.2 for i in x], [_ms(_percentile(r.itl, 50)) or 0 for r in results], width=0.4, label="ITL p50")
-    right.bar([i + 0.2 for i in x], [_ms(_percentile(r.itl, 99)) or 0 for r in results], width=0.4, label="ITL p99")
+    x = range(len(rows))
+    right.bar([i - 0.2 for i in x], [row["itl_p50_ms"] or 0 for row in rows], width=0.4, label="ITL p50")
+    right.bar([i + 0.2 for i in x], [row["itl_p99_ms"] or 0 for row in rows], width=0.4, label="ITL p99")
     right.set_xticks(list(x), labels, fontsize=8)
     right.set_ylabel("ms")
     right.set_title("Inter-token latency")
@@ -341,11 +350,18 @@ def main() -> None:
     parser.add_argument("--hf-batch-size", type=int, default=32)
     parser.add_argument("--lora-dtypes", default="auto,bfloat16",
                         help="adapter storage dtypes to run multi-LoRA with ('auto' = the model's float32)")
+    parser.add_argument("--replot", type=Path, metavar="JSON",
+                        help="only redraw the chart of a saved throughput.json (beside it, as .png)")
     parser.add_argument("--skip-hf", action="store_true", help="leave out HF + PEFT (the slowest part)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     parser.add_argument("--adapter-cache", type=Path, default=Path("var/bench-adapters"))
     args = parser.parse_args()
+    if args.replot:
+        report = json.loads(args.replot.read_text())
+        limits = {int(b): v for b, v in report["matmul_limit_tokens_per_second"].items()}
+        write_chart(report["results"], limits, args.replot.with_suffix(".png"))
+        return
     counts = [int(c) for c in args.adapters.split(",") if c]
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -406,7 +422,7 @@ def main() -> None:
         "engine": {"steps": engine.stats.steps, "preemptions": engine.scheduler.num_preemptions},
     }
     (args.out / "throughput.json").write_text(json.dumps(report, indent=2))
-    write_chart(results, limits, args.out / "throughput.png")
+    write_chart(rows, limits, args.out / "throughput.png")
     print_table(rows, limits)
     print(f"GEMM ceiling of this workload ({prompt_tokens} prompt + {output_tokens} output tokens): "
           f"{workload_ceiling:.0f} output tok/s")
