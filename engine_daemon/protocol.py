@@ -223,6 +223,7 @@ class Heartbeat:
     dtype: str
     started: float
     updated: float
+    lora_dtype: str = ""  # adapter weights in slots and host RAM ("" from engines before the field)
     memory: dict[str, int] = field(default_factory=dict)
     kv_blocks_total: int = 0
     kv_blocks_used: int = 0

@@ -377,6 +377,7 @@ class EngineService:
             base_model=self.base_model,
             device=snap["device"],
             dtype=snap["dtype"],
+            lora_dtype=snap["lora_dtype"],
             started=snap["started"],
             updated=now,
             memory=snap["memory"],

@@ -219,6 +219,7 @@ def test_heartbeat_and_metrics_report_the_engine(chat_model, redis_client, redis
     beat = Heartbeat.from_redis(redis_client.hgetall(protocol.heartbeat_key("test-engine")))
     snap = service.engine.snapshot()
     assert beat.base_model == service.base_model and beat.device == "cpu"
+    assert beat.dtype == beat.lora_dtype == "float32"
     assert beat.memory == snap["memory"] and beat.memory["weights"] > 0 and beat.memory["kv_cache"] > 0
     assert beat.kv_blocks_total == snap["kv_blocks_total"] and beat.generated_tokens == 12
     assert [(a["name"], a["tier"], a["requests"]) for a in beat.adapters] == [(sha, "gpu", 1)]

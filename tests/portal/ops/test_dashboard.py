@@ -159,6 +159,11 @@ def test_a_gpu_heartbeat_splits_device_memory_and_shows_every_tier_state(staff_c
     assert memory == {"weights": str(16 * gib), "kv_cache": str(100 * gib), "adapter_pool": str(2 * gib),
                       "other": str(10 * gib), "free": str(12 * gib)}
     assert "140 GiB on the device" in html and "2 h 0 min" in html
+    assert 'data-field="lora_dtype"' not in html  # adapters stored in the model's dtype: nothing to add
+    beat.dtype, beat.lora_dtype = "float32", "bfloat16"
+    redis_client.hset(protocol.heartbeat_key("gpu-0"), mapping=beat.to_redis())
+    html = staff_client.get("/ops/").content.decode()
+    assert 'float32, adapters in <span data-field="lora_dtype">bfloat16</span>' in html
     assert "<strong>250</strong> of 1000 blocks in use (25.0%)" in html
     failed, loading = adapter_row(html, "a" * 64), adapter_row(html, "b" * 64)
     assert failed["tier"] == "failed" and "NaN or Inf" in html and loading["tier"] == "loading"
