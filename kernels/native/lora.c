@@ -25,6 +25,11 @@
    then waited on memory (decode expand, 32 adapters, 30 layers: 27.0 -> 22.7 ms). float32
    rows are 256 bytes and gain nothing from it. */
 #define BF16_PREFETCH_ROWS 8
+/* Shrink: prefetch each of the tile's 4 A rows this many elements ahead (hints only; past a
+   row's end they fetch the next rows, which come soon anyway). Four interleaved streams per
+   thread outran the hardware prefetcher: the decode shrink of 32 adapters over 30 layers took
+   31.3 -> 26.5 ms in float32 and 24.7 -> 21.4 ms in bfloat16. */
+#define SHRINK_PREFETCH_AHEAD 128
 
 /* Each kernel body below is one always-inlined function taking the weight type as a `bf16`
    flag, instantiated by one exported function per type. The OpenMP region must sit in the
@@ -45,6 +50,7 @@
             v16 xv[TT], av[4];                                                                    \
             for (int t = 0; t < TT; t++) xv[t] = *(const v16 *)(xr[t] + i);                       \
             for (int j = 0; j < 4; j++) av[j] = load_weight16(weight_at(ar[j], i, bf16), bf16);    \
+            for (int j = 0; j < 4; j++) __builtin_prefetch(weight_at(ar[j], i + SHRINK_PREFETCH_AHEAD, bf16)); \
             for (int t = 0; t < TT; t++)                                                          \
                 for (int j = 0; j < 4; j++) acc[t][j] += xv[t] * av[j];                           \
         }                                                                                         \
