@@ -17,6 +17,7 @@ Reports output tokens/s, time to first token and inter-token latency (p50/p99), 
 
     python benchmarks/throughput.py                      # the full comparison (~30-50 minutes on 2 cores; HF is most of it)
     python benchmarks/throughput.py --requests 16 --max-output 32 --adapters 8   # a quick look
+    python benchmarks/throughput.py --skip-hf --repeats 3   # engine ratios as medians of 3 rounds
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import copy
 import json
 import platform
 import random
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -135,6 +137,11 @@ def run_engine(engine: Engine, workload: list[Request], label: str, adapters: in
         result.ttft.append(times[0] - start)
         result.itl += [b - a for a, b in zip(times, times[1:], strict=False)]
     return result
+
+
+def _median_result(results: list[Result]) -> Result:
+    """The run of median throughput among repeats of one configuration (its latencies come along)."""
+    return sorted(results, key=lambda r: r.tokens_per_second)[len(results) // 2]
 
 
 def step_phases(records: list) -> dict:
@@ -350,6 +357,8 @@ def main() -> None:
     parser.add_argument("--hf-batch-size", type=int, default=32)
     parser.add_argument("--lora-dtypes", default="auto,bfloat16",
                         help="adapter storage dtypes to run multi-LoRA with ('auto' = the model's float32)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run the engine configurations this many rounds; report medians (HF + PEFT runs once)")
     parser.add_argument("--replot", type=Path, metavar="JSON",
                         help="only redraw the chart of a saved throughput.json (beside it, as .png)")
     parser.add_argument("--skip-hf", action="store_true", help="leave out HF + PEFT (the slowest part)")
@@ -372,18 +381,27 @@ def main() -> None:
     engine = make_engine(args, adapter_paths, max(counts))
     workload = make_workload(args.requests, engine.model_config.vocab_size, args.seed, args.min_prompt,
                              args.max_prompt, args.min_output, args.max_output)
-    results = [run_engine(engine, workload, "lorafleet, no adapters", 0)]
+    runners = {"auto": engine}
     for lora_dtype in lora_dtypes:
-        label = "lorafleet, multi-LoRA" + ("" if lora_dtype == "auto" else f", {lora_dtype} adapters")
-        runner = engine
-        if lora_dtype != "auto":
+        if lora_dtype not in runners:
             cast = cast_adapters(adapter_paths, lora_dtype, args.adapter_cache / f"{args.model.replace('/', '_')}-{lora_dtype}")
-            runner = make_engine(args, cast, max(counts), lora_dtype)
-        for count in counts:
-            names = [f"bench-{i}" for i in range(count)]
-            results.append(run_engine(runner, with_adapters(workload, names), label, count))
+            runners[lora_dtype] = make_engine(args, cast, max(counts), lora_dtype)
+    # With --repeats, every engine configuration runs once per round, rounds one after another, so
+    # that a slow stretch of a shared host hits each configuration alike; ratios are per round.
+    rounds: list[list[Result]] = []
+    for _ in range(args.repeats):
+        done = [run_engine(engine, workload, "lorafleet, no adapters", 0)]
+        for lora_dtype in lora_dtypes:
+            label = "lorafleet, multi-LoRA" + ("" if lora_dtype == "auto" else f", {lora_dtype} adapters")
+            for count in counts:
+                names = [f"bench-{i}" for i in range(count)]
+                done.append(run_engine(runners[lora_dtype], with_adapters(workload, names), label, count))
+        rounds.append(done)
+    for runner in runners.values():
         if runner is not engine:
             runner.close()
+    results = [_median_result([r[i] for r in rounds]) for i in range(len(rounds[0]))]
+    round_ratios = [[round(r.tokens_per_second / run[0].tokens_per_second, 3) for r in run] for run in rounds]
     if not args.skip_hf:
         from peft import PeftModel
 
@@ -403,8 +421,13 @@ def main() -> None:
 
     base = results[0].tokens_per_second
     rows = [r.summary() for r in results]
-    for row, result in zip(rows, results, strict=True):
+    for i, (row, result) in enumerate(zip(rows, results, strict=True)):
         row["vs_engine_no_adapters"] = round(result.tokens_per_second / base, 3)
+        if i < len(rounds[0]) and len(rounds) > 1:
+            ratios = [ratios[i] for ratios in round_ratios]
+            row["vs_engine_no_adapters"] = statistics.median(ratios)  # the median of the rounds' ratios
+            row["rounds"] = {"tokens_per_second": [round(r[i].tokens_per_second, 1) for r in rounds],
+                             "vs_engine_no_adapters": ratios}
         hf = next((h for h in results if h.system == "HF + PEFT" and h.adapters == result.adapters), None)
         if hf is not None and result.system.startswith("lorafleet"):
             row["vs_hf_peft"] = round(result.tokens_per_second / hf.tokens_per_second, 2)
@@ -414,7 +437,7 @@ def main() -> None:
                     # Which CPU kernels the engine ran: the native C ones, or the torch twins without a compiler.
                     "cpu_kernels": "native" if kernels.native_available() else "torch"},
         "workload": {k: getattr(args, k) for k in ("requests", "min_prompt", "max_prompt", "min_output", "max_output",
-                                                    "max_num_seqs", "hf_batch_size", "seed", "lora_dtypes")},
+                                                    "max_num_seqs", "hf_batch_size", "seed", "lora_dtypes", "repeats")},
         "results": rows,
         "matmul_limit_tokens_per_second": {str(b): round(v, 1) for b, v in limits.items()},
         "workload_gemm_ceiling_output_tokens_per_second": round(workload_ceiling, 1),
@@ -440,6 +463,10 @@ def print_table(rows: list[dict], limits: dict[int, float]) -> None:
             f"| {row['itl_p50_ms']} / {row['itl_p99_ms']} |"
         )
     print("GEMM limit (tok/s): " + ", ".join(f"batch {b}: {v:.0f}" for b, v in limits.items()))
+    for row in rows:
+        if "rounds" in row:
+            print(f"{row['system']} ({row['adapters'] or 'no'} adapters), per round: tok/s {row['rounds']['tokens_per_second']}"
+                  f", vs no adapters {row['rounds']['vs_engine_no_adapters']}")
     for row in rows:
         if "phases" in row:
             p = row["phases"]
