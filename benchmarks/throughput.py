@@ -422,12 +422,14 @@ def main() -> None:
     base = results[0].tokens_per_second
     rows = [r.summary() for r in results]
     for i, (row, result) in enumerate(zip(rows, results, strict=True)):
-        row["vs_engine_no_adapters"] = round(result.tokens_per_second / base, 3)
-        if i < len(rounds[0]) and len(rounds) > 1:
-            ratios = [ratios[i] for ratios in round_ratios]
-            row["vs_engine_no_adapters"] = statistics.median(ratios)  # the median of the rounds' ratios
-            row["rounds"] = {"tokens_per_second": [round(r[i].tokens_per_second, 1) for r in rounds],
-                             "vs_engine_no_adapters": ratios}
+        if i < len(rounds[0]):  # an engine row: the median of the rounds' ratios (one round: its ratio)
+            per_round = [ratios[i] for ratios in round_ratios]
+            row["vs_engine_no_adapters"] = round(statistics.median(per_round), 3)
+            if len(rounds) > 1:
+                row["rounds"] = {"tokens_per_second": [round(r[i].tokens_per_second, 1) for r in rounds],
+                                 "vs_engine_no_adapters": per_round}
+        else:
+            row["vs_engine_no_adapters"] = round(result.tokens_per_second / base, 3)
         hf = next((h for h in results if h.system == "HF + PEFT" and h.adapters == result.adapters), None)
         if hf is not None and result.system.startswith("lorafleet"):
             row["vs_hf_peft"] = round(result.tokens_per_second / hf.tokens_per_second, 2)

@@ -10,7 +10,6 @@
 
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
 
-
 /* The sum of the 16 lanes. As a plain loop (no -ffast-math) it is 15 dependent scalar adds;
    AVX-512 does it as a shuffle tree in 8 instructions (another order of summation). */
 static inline float hsum16(v16 v)
