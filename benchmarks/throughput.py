@@ -1,6 +1,8 @@
 """End-to-end throughput: the engine without adapters, the engine with multi-LoRA, and HF + PEFT.
 
-One run, one machine, one workload, so the ratios are fair even on a noisy shared box:
+One run, one machine, one workload. Each multi-LoRA configuration takes turns of a few steps
+with a no-adapter run of the same workload, each timed on its own clock, so its ratio to the
+no-adapter engine holds even while a shared host speeds up and slows down:
 
 - requests with prompt lengths 16-512 and output lengths 16-256 (seeded), all arriving at t=0;
 - adapters with ranks {8, 16, 32, 64} on all seven projections, made by PEFT, 8 and 32 distinct;
@@ -17,7 +19,7 @@ Reports output tokens/s, time to first token and inter-token latency (p50/p99), 
 
     python benchmarks/throughput.py                      # the full comparison (~30-50 minutes on 2 cores; HF is most of it)
     python benchmarks/throughput.py --requests 16 --max-output 32 --adapters 8   # a quick look
-    python benchmarks/throughput.py --skip-hf --repeats 3   # engine ratios as medians of 3 rounds
+    python benchmarks/throughput.py --skip-hf            # the engine's ratios only (~15 minutes)
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import copy
 import json
 import platform
 import random
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -61,6 +62,7 @@ class Result:
     ttft: list[float] = field(default_factory=list)
     itl: list[float] = field(default_factory=list)
     phases: dict | None = None  # the engine's step time split by kind of step (engine runs only)
+    paired_no_adapters: float | None = None  # tok/s of the no-adapter run interleaved with this one
 
     @property
     def tokens_per_second(self) -> float:
@@ -107,40 +109,72 @@ def with_adapters(workload: list[Request], names: list[str | None]) -> list[Requ
 # ---- lorafleet -------------------------------------------------------------------------------
 
 
+class EngineRun:
+    """One engine working through one workload, timed on its own clock: the sum of its own steps'
+    wall times. Runs that take turns (`run_interleaved`) then each read as if they ran alone."""
+
+    def __init__(self, engine: Engine, workload: list[Request], label: str, adapters: int) -> None:
+        self.engine, self.label, self.adapters = engine, label, adapters
+        for request in workload:
+            if request.adapter:
+                engine.prefetch_adapter(request.adapter)
+        engine.wait_for_adapters()
+        self.first_step = engine.stats.steps
+        self.clock = 0.0
+        self.token_times: dict[str, list[float]] = {}
+        for i, request in enumerate(workload):
+            params = SamplingParams(max_tokens=request.max_tokens, temperature=0.0, ignore_eos=True)
+            engine.add_request(request.prompt, params, request_id=f"{label}-{i}", adapter=request.adapter,
+                               tenant=f"tenant-{i % 4}")
+        self.bar = tqdm(total=sum(r.max_tokens for r in workload), desc=label, unit="tok")
+
+    @property
+    def done(self) -> bool:
+        return not self.engine.has_unfinished()
+
+    def step(self) -> None:
+        started = time.perf_counter()
+        outputs = self.engine.step()
+        self.clock += time.perf_counter() - started
+        for out in outputs:
+            self.token_times.setdefault(out.request_id, []).append(self.clock)
+            if out.finished:
+                self.engine.pop_finished(out.request_id)
+        self.bar.update(len(outputs))
+
+    def result(self) -> Result:
+        self.bar.close()
+        result = Result(self.label, self.adapters, sum(len(t) for t in self.token_times.values()), self.clock)
+        steps = self.engine.stats.steps - self.first_step
+        result.phases = step_phases(list(self.engine.stats.recent)[-steps:] if steps else [])
+        for times in self.token_times.values():
+            result.ttft.append(times[0])
+            result.itl += [b - a for a, b in zip(times, times[1:], strict=False)]
+        return result
+
+
 def run_engine(engine: Engine, workload: list[Request], label: str, adapters: int) -> Result:
-    for request in workload:
-        if request.adapter:
-            engine.prefetch_adapter(request.adapter)
-    engine.wait_for_adapters()
-    token_times: dict[str, list[float]] = {}
-    first_step = engine.stats.steps
-    start = time.perf_counter()
-    for i, request in enumerate(workload):
-        params = SamplingParams(max_tokens=request.max_tokens, temperature=0.0, ignore_eos=True)
-        engine.add_request(request.prompt, params, request_id=f"{label}-{i}", adapter=request.adapter,
-                           tenant=f"tenant-{i % 4}")
-    total = sum(r.max_tokens for r in workload)
-    with tqdm(total=total, desc=label, unit="tok") as bar:
-        while engine.has_unfinished():
-            outputs = engine.step()
-            now = time.perf_counter()
-            for out in outputs:
-                token_times.setdefault(out.request_id, []).append(now)
-                if out.finished:
-                    engine.pop_finished(out.request_id)
-            bar.update(len(outputs))
-    seconds = time.perf_counter() - start
-    result = Result(label, adapters, sum(len(t) for t in token_times.values()), seconds)
-    steps = engine.stats.steps - first_step
-    result.phases = step_phases(list(engine.stats.recent)[-steps:] if steps else [])
-    for times in token_times.values():
-        result.ttft.append(times[0] - start)
-        result.itl += [b - a for a, b in zip(times, times[1:], strict=False)]
-    return result
+    return run_interleaved([EngineRun(engine, workload, label, adapters)])[0]
+
+
+def run_interleaved(runs: list[EngineRun], block_steps: int = 8) -> list[Result]:
+    """Step the runs in turns of `block_steps` steps each until all are done.
+
+    Same workload, same schedule: turn k of every run does the same token work within seconds of
+    the others', so a slow stretch of a shared host slows them alike and their ratio holds. Turns
+    of several steps, not one: a run keeps its own weights warm in the cache within a turn, as
+    it would alone (one-step turns would flush them between every two steps)."""
+    while not all(run.done for run in runs):
+        for run in runs:
+            for _ in range(block_steps):
+                if run.done:
+                    break
+                run.step()
+    return [run.result() for run in runs]
 
 
 def _median_result(results: list[Result]) -> Result:
-    """The run of median throughput among repeats of one configuration (its latencies come along)."""
+    """The run of median throughput among runs of one configuration (its latencies come along)."""
     return sorted(results, key=lambda r: r.tokens_per_second)[len(results) // 2]
 
 
@@ -357,8 +391,8 @@ def main() -> None:
     parser.add_argument("--hf-batch-size", type=int, default=32)
     parser.add_argument("--lora-dtypes", default="auto,bfloat16",
                         help="adapter storage dtypes to run multi-LoRA with ('auto' = the model's float32)")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="run the engine configurations this many rounds; report medians (HF + PEFT runs once)")
+    parser.add_argument("--turn-steps", type=int, default=8,
+                        help="engine steps per turn when a multi-LoRA run and its no-adapter run take turns")
     parser.add_argument("--replot", type=Path, metavar="JSON",
                         help="only redraw the chart of a saved throughput.json (beside it, as .png)")
     parser.add_argument("--skip-hf", action="store_true", help="leave out HF + PEFT (the slowest part)")
@@ -381,27 +415,26 @@ def main() -> None:
     engine = make_engine(args, adapter_paths, max(counts))
     workload = make_workload(args.requests, engine.model_config.vocab_size, args.seed, args.min_prompt,
                              args.max_prompt, args.min_output, args.max_output)
-    runners = {"auto": engine}
+    # Each multi-LoRA configuration runs interleaved with its own no-adapter run of the same
+    # workload (turns of --turn-steps steps), so its ratio is measured under the same host load.
+    # The no-adapter engine is configured exactly like the others; only its requests carry no adapter.
+    results = []
+    no_adapter_runs: list[Result] = []
     for lora_dtype in lora_dtypes:
-        if lora_dtype not in runners:
-            cast = cast_adapters(adapter_paths, lora_dtype, args.adapter_cache / f"{args.model.replace('/', '_')}-{lora_dtype}")
-            runners[lora_dtype] = make_engine(args, cast, max(counts), lora_dtype)
-    # With --repeats, every engine configuration runs once per round, rounds one after another, so
-    # that a slow stretch of a shared host hits each configuration alike; ratios are per round.
-    rounds: list[list[Result]] = []
-    for _ in range(args.repeats):
-        done = [run_engine(engine, workload, "lorafleet, no adapters", 0)]
-        for lora_dtype in lora_dtypes:
-            label = "lorafleet, multi-LoRA" + ("" if lora_dtype == "auto" else f", {lora_dtype} adapters")
-            for count in counts:
-                names = [f"bench-{i}" for i in range(count)]
-                done.append(run_engine(runners[lora_dtype], with_adapters(workload, names), label, count))
-        rounds.append(done)
-    for runner in runners.values():
-        if runner is not engine:
-            runner.close()
-    results = [_median_result([r[i] for r in rounds]) for i in range(len(rounds[0]))]
-    round_ratios = [[round(r.tokens_per_second / run[0].tokens_per_second, 3) for r in run] for run in rounds]
+        paths = adapter_paths if lora_dtype == "auto" else cast_adapters(
+            adapter_paths, lora_dtype, args.adapter_cache / f"{args.model.replace('/', '_')}-{lora_dtype}")
+        runner = make_engine(args, paths, max(counts), lora_dtype)
+        label = "lorafleet, multi-LoRA" + ("" if lora_dtype == "auto" else f", {lora_dtype} adapters")
+        for count in counts:
+            names = [f"bench-{i}" for i in range(count)]
+            alone, multi = run_interleaved([EngineRun(engine, workload, "lorafleet, no adapters", 0),
+                                            EngineRun(runner, with_adapters(workload, names), label, count)],
+                                           args.turn_steps)
+            multi.paired_no_adapters = alone.tokens_per_second
+            no_adapter_runs.append(alone)
+            results.append(multi)
+        runner.close()
+    results.insert(0, _median_result(no_adapter_runs))
     if not args.skip_hf:
         from peft import PeftModel
 
@@ -421,15 +454,12 @@ def main() -> None:
 
     base = results[0].tokens_per_second
     rows = [r.summary() for r in results]
-    for i, (row, result) in enumerate(zip(rows, results, strict=True)):
-        if i < len(rounds[0]):  # an engine row: the median of the rounds' ratios (one round: its ratio)
-            per_round = [ratios[i] for ratios in round_ratios]
-            row["vs_engine_no_adapters"] = round(statistics.median(per_round), 3)
-            if len(rounds) > 1:
-                row["rounds"] = {"tokens_per_second": [round(r[i].tokens_per_second, 1) for r in rounds],
-                                 "vs_engine_no_adapters": per_round}
-        else:
-            row["vs_engine_no_adapters"] = round(result.tokens_per_second / base, 3)
+    for row, result in zip(rows, results, strict=True):
+        # An engine row's ratio is against its own interleaved no-adapter run; HF's against the median one.
+        paired = result.paired_no_adapters or base
+        row["vs_engine_no_adapters"] = round(result.tokens_per_second / paired, 3)
+        if result.paired_no_adapters:
+            row["paired_no_adapters_tokens_per_second"] = round(paired, 1)
         hf = next((h for h in results if h.system == "HF + PEFT" and h.adapters == result.adapters), None)
         if hf is not None and result.system.startswith("lorafleet"):
             row["vs_hf_peft"] = round(result.tokens_per_second / hf.tokens_per_second, 2)
@@ -439,7 +469,7 @@ def main() -> None:
                     # Which CPU kernels the engine ran: the native C ones, or the torch twins without a compiler.
                     "cpu_kernels": "native" if kernels.native_available() else "torch"},
         "workload": {k: getattr(args, k) for k in ("requests", "min_prompt", "max_prompt", "min_output", "max_output",
-                                                    "max_num_seqs", "hf_batch_size", "seed", "lora_dtypes", "repeats")},
+                                                    "max_num_seqs", "hf_batch_size", "seed", "lora_dtypes", "turn_steps")},
         "results": rows,
         "matmul_limit_tokens_per_second": {str(b): round(v, 1) for b, v in limits.items()},
         "workload_gemm_ceiling_output_tokens_per_second": round(workload_ceiling, 1),
@@ -466,9 +496,9 @@ def print_table(rows: list[dict], limits: dict[int, float]) -> None:
         )
     print("GEMM limit (tok/s): " + ", ".join(f"batch {b}: {v:.0f}" for b, v in limits.items()))
     for row in rows:
-        if "rounds" in row:
-            print(f"{row['system']} ({row['adapters'] or 'no'} adapters), per round: tok/s {row['rounds']['tokens_per_second']}"
-                  f", vs no adapters {row['rounds']['vs_engine_no_adapters']}")
+        if "paired_no_adapters_tokens_per_second" in row:
+            print(f"{row['system']} ({row['adapters']} adapters): its interleaved no-adapter run "
+                  f"{row['paired_no_adapters_tokens_per_second']} tok/s")
     for row in rows:
         if "phases" in row:
             p = row["phases"]
