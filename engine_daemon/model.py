@@ -104,7 +104,7 @@ class LoraBatch:
         self.targets = targets  # (module, layer) pairs that some adapter of this step adapts
         self.timed = timed
         self.seconds: float | None = 0.0 if timed else None  # time spent in apply(), when timed
-        self._fused_meta: dict[int, kernels.LoraMeta] = {}
+        self._columns: dict[tuple[str, ...], dict[str, slice]] = {}  # per projection group, where each part's outputs lie
 
     def apply(self, x: torch.Tensor, out: torch.Tensor, layer: int, parts: tuple[str, ...]) -> None:
         """out += scaling · (x Aᵀ) Bᵀ for each token's adapter, for the projections `parts` whose
@@ -116,30 +116,28 @@ class LoraBatch:
             _sync(x.device)
             started = time.perf_counter()
         pool = self.pool
-        columns, start = {}, 0
-        for part in parts:
-            columns[part] = slice(start, start + pool.out_features[part])
-            start = columns[part].stop
-        if len(adapted) > 1:
-            # One shrink for all parts: rank r of the fused stack is r · len(parts) interleaved rows.
-            y = kernels.lora_shrink(x, pool.shrink_weights(parts, layer), self._meta_for_parts(len(parts)))
-            per_part = y.view(y.shape[0], -1, len(parts))
-            for i, part in enumerate(parts):
-                if part in adapted:
-                    kernels.lora_expand(per_part[:, :, i], pool.b[part][layer], self.meta, out[:, columns[part]])
-        else:
-            part = adapted[0]
-            y = kernels.lora_shrink(x, pool.a[part][layer], self.meta)
-            kernels.lora_expand(y, pool.b[part][layer], self.meta, out[:, columns[part]])
+        columns = self._columns.get(parts)
+        if columns is None:
+            columns = self._columns[parts] = _side_by_side({part: pool.out_features[part] for part in parts})
+        if len(adapted) > 1:  # one shrink over the fused A stack of all parts (see SlotPool)
+            lora_a = pool.shrink_weights(parts, layer)
+            outputs = [(pool.b[p][layer], out[:, columns[p]]) if p in adapted else None for p in parts]
+        else:  # one part: its own A rows only
+            lora_a = pool.a[adapted[0]][layer]
+            outputs = [(pool.b[adapted[0]][layer], out[:, columns[adapted[0]]])]
+        kernels.lora_apply(x, lora_a, outputs, self.meta)
         if self.timed:
             _sync(x.device)
             self.seconds += time.perf_counter() - started
 
-    def _meta_for_parts(self, count: int) -> kernels.LoraMeta:
-        meta = self._fused_meta.get(count)
-        if meta is None:
-            meta = self._fused_meta[count] = self.meta.scaled_ranks(count)
-        return meta
+
+def _side_by_side(widths: dict[str, int]) -> dict[str, slice]:
+    """The column range of each part when their outputs are concatenated in this order."""
+    columns, start = {}, 0
+    for part, width in widths.items():
+        columns[part] = slice(start, start + width)
+        start += width
+    return columns
 
 
 def _sync(device: torch.device) -> None:

@@ -19,6 +19,7 @@ from kernels.meta import LoraMeta
 
 __all__ = [
     "LoraMeta",
+    "lora_apply",
     "lora_expand",
     "lora_shrink",
     "native_available",
@@ -101,6 +102,33 @@ def lora_expand(
 
     reference.check_expand(y, lora_b, meta, base)
     return lora.lora_expand(y, lora_b, meta, base)
+
+
+LoraPart = tuple[torch.Tensor, torch.Tensor] | None
+
+
+def lora_apply(x: torch.Tensor, lora_a: torch.Tensor, parts: list[LoraPart], meta: LoraMeta, impl: Impl = "auto") -> None:
+    """The whole LoRA term of one projection group, in place: out_i += scaling · (x A_iᵀ) B_iᵀ.
+
+    lora_a [S, R·n, in] stacks the A of the group's n parts interleaved (a slot's row j·n + i is
+    part i's rank row j; n = 1 is a plain A); parts[i] is (lora_b [S, out_i, R], out_i [T, out_i])
+    or None for a part no adapter of this step adapts (its output is left alone). On CPU it is
+    one native call (shrink and every expand in one parallel region); elsewhere a shrink and an
+    expand per part, with the same result."""
+    backend = _backend(impl, x)
+    if backend == "native":
+        from kernels import cpu
+
+        if cpu.lora_apply(x, lora_a, parts, meta):
+            return
+    reference.check_apply(x, lora_a, parts, meta)
+    n = len(parts)
+    y = lora_shrink(x, lora_a, meta.scaled_ranks(n) if n > 1 else meta, impl=backend)
+    per_part = y.view(y.shape[0], -1, n)
+    for i, part in enumerate(parts):
+        if part is not None:
+            lora_b, out = part
+            lora_expand(per_part[:, :, i], lora_b, meta, out, impl=backend)
 
 
 def paged_attention(

@@ -13,6 +13,7 @@ torch twin unchanged, so callers never need to know which ran.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 
 import torch
@@ -81,6 +82,50 @@ def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, meta: LoraMeta, base: tor
         if status:
             raise MemoryError("lora_expand: the native kernel could not allocate its buffers")
     return base
+
+
+# Fields per part of the native apply's part table (see lora.c, APPLY_PART_FIELDS), and its limit.
+_APPLY_PART_FIELDS = 7
+_APPLY_MAX_PARTS = 8
+
+
+def lora_apply(x: torch.Tensor, lora_a: torch.Tensor, parts: list, meta: LoraMeta) -> bool:
+    """`kernels.lora_apply` as one native call; False (nothing done) where the kernel does not apply."""
+    plan = meta.cpu_plan
+    live = [part for part in parts if part is not None]
+    if (
+        plan is None or not live or len(parts) > _APPLY_MAX_PARTS
+        or not _lora_native_ok(x, lora_a) or lora_a.stride(-1) != 1
+        or any(b.dtype != lora_a.dtype or not _lora_native_ok(out, b) for b, out in live)
+    ):
+        return False
+    n = len(parts)
+    stacked = meta.scaled_ranks(n) if n > 1 else meta
+    reference.check_apply(x, lora_a, parts, meta)
+    y = torch.empty(meta.num_tokens, lora_a.shape[1], dtype=_F32)  # only the rows of the plan are read
+    if plan.direct:  # long single-slot runs (prefill chunks): MKL matmuls on views, as the twins do
+        reference.shrink_direct_runs(x, lora_a, stacked.cpu_plan, y)
+        per_part = y.view(y.shape[0], -1, n)
+        for i, part in enumerate(parts):
+            if part is not None:
+                reference.expand_direct_runs(per_part[:, :, i], part[0], plan, part[1])
+    seg = plan.segments
+    if seg.count:
+        # Per part: B's address and strides, its width, the output's address and row stride
+        # (a ctypes array: a third of the cost of a tensor, on every projection of every step).
+        table = (ctypes.c_int64 * (_APPLY_PART_FIELDS * n))(*[
+            field for part in parts
+            for field in ((0,) * _APPLY_PART_FIELDS if part is None
+                          else (_ptr(part[0]), *part[0].stride(), part[0].shape[1], _ptr(part[1]), part[1].stride(0)))
+        ])
+        status = _lora_kernel("apply", lora_a)(
+            _ptr(x), x.stride(0), x.shape[1], _ptr(lora_a), lora_a.stride(0), lora_a.stride(1), _ptr(y), y.stride(0),
+            n, table, seg.count, _ptr(seg.starts), _ptr(seg.rows), _ptr(seg.slots), _ptr(seg.ranks),
+            _ptr(seg.scalings),
+        )
+        if status:
+            raise MemoryError("lora_apply: the native kernel could not allocate its work lists")
+    return True
 
 
 @functools.cache

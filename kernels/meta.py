@@ -7,7 +7,7 @@ so all sorting, segmenting and the single host sync happen here and nowhere else
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -40,6 +40,8 @@ class LoraMeta:
     num_lora_tokens: int = 0
     # CPU tensors only: how the torch twins split the batch into matmul calls (see lora_plan).
     cpu_plan: LoraCpuPlan | None = None
+    # scaled_ranks results by factor: every layer asks for the same ones (not copied by replace()).
+    _scaled: dict[int, LoraMeta] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def has_lora(self) -> bool:
@@ -53,6 +55,12 @@ class LoraMeta:
     def scaled_ranks(self, factor: int) -> LoraMeta:
         """The same batch over a stack whose slot s holds rank · factor rows (fused projections that
         interleave their A rows): derived from this one, with no second sort or host sync."""
+        scaled = self._scaled.get(factor)
+        if scaled is None:
+            scaled = self._scaled[factor] = self._with_ranks_times(factor)
+        return scaled
+
+    def _with_ranks_times(self, factor: int) -> LoraMeta:
         return dataclasses.replace(
             self,
             segments=tuple((start, end, slot, rank * factor, scaling) for start, end, slot, rank, scaling in self.segments),

@@ -44,6 +44,15 @@ def check_expand(y: torch.Tensor, lora_b: torch.Tensor, meta: LoraMeta, base: to
         )
 
 
+def check_apply(x: torch.Tensor, lora_a: torch.Tensor, parts: list, meta: LoraMeta) -> None:
+    """A projection group's contract, all of it before any output changes: the stacked shrink
+    (rank r → r · parts rows) and every part's expand."""
+    check_shrink(x, lora_a, meta.scaled_ranks(len(parts)) if len(parts) > 1 else meta)
+    for part in parts:
+        if part is not None:
+            check_expand(x, part[0], meta, part[1])
+
+
 # Below this many tokens a matmul is tiny: waking a second CPU thread for it costs several times
 # the arithmetic (measured 7 us on one thread vs 29 us on two for 4x576x64).
 _THREADED_TOKENS = 64

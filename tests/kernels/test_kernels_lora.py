@@ -255,6 +255,58 @@ def test_fused_projections_in_the_engine_layout(impl, device):
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
+def fused_group_case(kind: str, parts: int, weights: torch.dtype, device: torch.device, tokens: int = 33):
+    """One projection group in the engine's layout: A interleaved [S, R, parts, in], rank-major B
+    views, and the parts' outputs side by side in one wide output (NaN in rows without an adapter)."""
+    token_slots, ranks, scalings, x, _, _, _ = make_case(tokens, kind, torch.float32, device)
+    generator = torch.Generator().manual_seed(7)
+    fused_a = (torch.randn(NUM_SLOTS, MAX_RANK, parts, IN_FEATURES, generator=generator) / math.sqrt(IN_FEATURES)).to(weights)
+    widths = [OUT_FEATURES, 24, 40][:parts]
+    b_views = [torch.randn(NUM_SLOTS, MAX_RANK, w, generator=generator).to(weights).transpose(1, 2) for w in widths]
+    out = torch.randn(tokens, sum(widths), generator=generator)
+    out[token_slots == -1] = float("nan")
+    columns = [slice(sum(widths[:i]), sum(widths[: i + 1])) for i in range(parts)]
+    return (token_slots, ranks, scalings, x.to(device), fused_a.to(device), [b.to(device) for b in b_views],
+            out.to(device), columns)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton", "native"])
+@pytest.mark.parametrize("kind", ["mixed", "runs", "engine"])
+@pytest.mark.parametrize("parts,skipped", [(1, None), (2, None), (3, None), (3, 1)], ids=["1", "2", "3", "3-skip"])
+@pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16], ids=str)
+def test_apply_equals_one_shrink_and_expand_per_part(impl, kind, parts, skipped, weights, device):
+    """kernels.lora_apply (on CPU one native call for the group) against the naive loop per part;
+    a skipped part's columns stay exactly as they were."""
+    if impl == "native" and device.type != "cpu":
+        pytest.skip("the native kernels run on CPU tensors")
+    token_slots, ranks, scalings, x, fused_a, b_views, out, columns = fused_group_case(kind, parts, weights, device)
+    meta = kernels.LoraMeta.build(token_slots, ranks, scalings)
+    before = out.clone()
+    group = [None if i == skipped else (b_views[i], out[:, columns[i]]) for i in range(parts)]
+    kernels.lora_apply(x, fused_a.view(NUM_SLOTS, MAX_RANK * parts, IN_FEATURES), group, meta, impl=impl)
+    rows = token_slots >= 0
+    for i in range(parts):
+        if i == skipped:
+            assert torch.equal(out[rows][:, columns[i]], before[rows][:, columns[i]])
+            continue
+        _, want = naive_lora(x, fused_a[:, :, i], b_views[i], token_slots, ranks, scalings, before[:, columns[i]])
+        assert relative_error(out[:, columns[i]], want, rows) <= 1e-5, f"part {i}"
+    assert torch.isnan(out[~rows]).all()
+
+
+@pytest.mark.parametrize("impl", ["torch", "native"])
+def test_apply_checks_every_part_before_writing_any(impl):
+    token_slots, ranks, scalings, x, fused_a, b_views, out, columns = fused_group_case("mixed", 2, torch.float32,
+                                                                                       torch.device("cpu"))
+    meta = kernels.LoraMeta.build(token_slots, ranks, scalings)
+    before = out.clone()
+    wrong = out[:, columns[1]][:, :-1]  # one column short of B's outputs
+    group = [(b_views[0], out[:, columns[0]]), (b_views[1], wrong)]
+    with pytest.raises(ValueError, match="base is"):
+        kernels.lora_apply(x, fused_a.view(NUM_SLOTS, MAX_RANK * 2, IN_FEATURES), group, meta, impl=impl)
+    assert torch.equal(out.nan_to_num(), before.nan_to_num())
+
+
 def test_meta_groups_tokens_by_slot_stably():
     token_slots = torch.tensor([2, -1, 0, 2, 2, -1, 0, 5], dtype=torch.int32)
     ranks = torch.tensor([4, 8, 2, 8, 8, 0], dtype=torch.int32)  # slot 5 has rank 0: no work

@@ -99,6 +99,37 @@ def test_fp32_lora_runs_natively_not_through_the_twin(weights, monkeypatch):
     assert torch.all(got[:2] == 0)  # tokens without an adapter are untouched
 
 
+@pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16], ids=str)
+def test_a_projection_group_is_one_native_call(weights, monkeypatch):
+    """kernels.lora_apply on CPU: the fused group's shrink and every expand in one native call,
+    not a shrink and expands one by one (nor the twins)."""
+    from kernels import cpu
+
+    x, _, _, meta = engine_like_lora([1, 3, 2, 5, 1, 2, 40, 4])
+    generator = torch.Generator().manual_seed(1)
+    fused_a = (torch.randn(8, 32, 2, x.shape[1], generator=generator) / 15).to(weights)
+    b_views = [torch.randn(8, 32, w, generator=generator).to(weights).transpose(1, 2) for w in (130, 70)]
+    want = torch.zeros(x.shape[0], 200)
+    for i, columns in enumerate((slice(0, 130), slice(130, 200))):
+        y = reference.lora_shrink(x, fused_a[:, :, i], meta)
+        reference.lora_expand(y, b_views[i], meta, want[:, columns])
+
+    calls = []
+    kernel = cpu._lora_kernel
+    monkeypatch.setattr(cpu, "_lora_kernel", lambda kind, w: calls.append(kind) or kernel(kind, w))
+    for name in ("lora_shrink", "lora_expand"):
+        def refuse(*args, name=name, **kwargs):
+            raise AssertionError(f"lora_apply fell back to {name}")
+
+        monkeypatch.setattr(reference, name, refuse)
+        monkeypatch.setattr(cpu, name, refuse)
+    got = torch.zeros(x.shape[0], 200)
+    group = [(b_views[0], got[:, :130]), (b_views[1], got[:, 130:])]
+    kernels.lora_apply(x, fused_a.view(8, 64, x.shape[1]), group, meta)
+    assert calls == ["apply"]
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("group", [1, 3, 8])
 @pytest.mark.parametrize("block_size", [5, 16, 40])  # 40: the vector exp's full and partial 16-lane chunks
 def test_decode_attention_reads_the_paged_cache_in_place(group, block_size, monkeypatch):
