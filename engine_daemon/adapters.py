@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+import kernels
 from engine_daemon.model import GATE_UP, QKV, ModelConfig
 from engine_daemon.peft_format import (
     LORA_MODULES,
@@ -131,6 +132,26 @@ class SlotPool:
         self.ranks = torch.zeros(max_loras, dtype=torch.int32)
         self.scalings = torch.ones(max_loras, dtype=torch.float32)
         self.targets: list[frozenset[tuple[str, int]]] = [frozenset()] * max_loras
+        self._groups: dict[tuple, kernels.LoraGroup] = {}
+
+    def lora_group(self, parts: tuple[str, ...], layer: int, adapted: tuple[str, ...]) -> kernels.LoraGroup:
+        """The LoRA kernels' view of one layer's projection group, where only `adapted` of its
+        `parts` are adapted by this step's adapters; built once (the stacks never move)."""
+        key = (parts, layer, adapted)
+        group = self._groups.get(key)
+        if group is None:
+            columns, start = {}, 0
+            for part in parts:  # the parts' outputs lie side by side in the fused projection's output
+                columns[part] = slice(start, start + self.out_features[part])
+                start = columns[part].stop
+            if len(adapted) > 1:  # one shrink over the fused A stack of all parts
+                lora_a = self.shrink_weights(parts, layer)
+                members = [(self.b[p][layer], columns[p]) if p in adapted else None for p in parts]
+            else:  # one part: its own A rows only
+                lora_a = self.a[adapted[0]][layer]
+                members = [(self.b[adapted[0]][layer], columns[adapted[0]])]
+            group = self._groups[key] = kernels.LoraGroup(lora_a, members, start)
+        return group
 
     def shrink_weights(self, parts: tuple[str, ...], layer: int) -> torch.Tensor:
         """A of several fused projections as one [S, R * parts, in] stack (rank r → r * parts rows)."""

@@ -104,45 +104,25 @@ class LoraBatch:
         self.targets = targets  # (module, layer) pairs that some adapter of this step adapts
         self.timed = timed
         self.seconds: float | None = 0.0 if timed else None  # time spent in apply(), when timed
-        self._columns: dict[tuple[str, ...], dict[str, slice]] = {}  # per projection group, where each part's outputs lie
 
     def apply(self, x: torch.Tensor, out: torch.Tensor, layer: int, parts: tuple[str, ...]) -> None:
         """out += scaling · (x Aᵀ) Bᵀ for each token's adapter, for the projections `parts` whose
         outputs lie side by side in `out` (scaling is folded into B at load)."""
-        adapted = [part for part in parts if (part, layer) in self.targets]
+        adapted = tuple(part for part in parts if (part, layer) in self.targets)
         if not adapted:
             return
         if self.timed:
-            _sync(x.device)
+            _sync(x)
             started = time.perf_counter()
-        pool = self.pool
-        columns = self._columns.get(parts)
-        if columns is None:
-            columns = self._columns[parts] = _side_by_side({part: pool.out_features[part] for part in parts})
-        if len(adapted) > 1:  # one shrink over the fused A stack of all parts (see SlotPool)
-            lora_a = pool.shrink_weights(parts, layer)
-            outputs = [(pool.b[p][layer], out[:, columns[p]]) if p in adapted else None for p in parts]
-        else:  # one part: its own A rows only
-            lora_a = pool.a[adapted[0]][layer]
-            outputs = [(pool.b[adapted[0]][layer], out[:, columns[adapted[0]]])]
-        kernels.lora_apply(x, lora_a, outputs, self.meta)
+        self.pool.lora_group(parts, layer, adapted).apply(x, out, self.meta)
         if self.timed:
-            _sync(x.device)
+            _sync(x)
             self.seconds += time.perf_counter() - started
 
 
-def _side_by_side(widths: dict[str, int]) -> dict[str, slice]:
-    """The column range of each part when their outputs are concatenated in this order."""
-    columns, start = {}, 0
-    for part, width in widths.items():
-        columns[part] = slice(start, start + width)
-        start += width
-    return columns
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _sync(tensor: torch.Tensor) -> None:
+    if tensor.is_cuda:  # (not tensor.device: building a device object per call shows in a CPU step)
+        torch.cuda.synchronize(tensor.device)
 
 
 # Up to this many rows, x Wᵀ runs faster on CPU as (W xᵀ)ᵀ: MKL then streams the wide weight

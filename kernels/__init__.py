@@ -18,6 +18,7 @@ from kernels import native, reference
 from kernels.meta import LoraMeta
 
 __all__ = [
+    "LoraGroup",
     "LoraMeta",
     "lora_apply",
     "lora_expand",
@@ -129,6 +130,30 @@ def lora_apply(x: torch.Tensor, lora_a: torch.Tensor, parts: list[LoraPart], met
         if part is not None:
             lora_b, out = part
             lora_expand(per_part[:, :, i], lora_b, meta, out, impl=backend)
+
+
+class LoraGroup:
+    """`lora_apply` for a projection group whose weights and output layout stay put (a slot pool's
+    layer): parts[i] is (lora_b, the columns of the output it adds into) or None, and every use
+    passes the group's whole output [T, out_width]. On CPU the weights are checked and laid out
+    once, so a decode step's use is one native call with little Python around it; anything else
+    takes `lora_apply` on views, with its checks."""
+
+    def __init__(self, lora_a: torch.Tensor, parts: list[tuple[torch.Tensor, slice] | None], out_width: int,
+                 impl: Impl = "auto") -> None:
+        self.lora_a, self.parts, self.impl = lora_a, parts, impl
+        self._native = None
+        if not lora_a.is_cuda and impl in ("auto", "native"):
+            from kernels import cpu
+
+            if _backend(impl, lora_a) == "native" and cpu.NativeGroup.supports(lora_a, parts, out_width):
+                self._native = cpu.NativeGroup(lora_a, parts, out_width)
+
+    def apply(self, x: torch.Tensor, out: torch.Tensor, meta: LoraMeta) -> None:
+        if self._native is not None and self._native.run(x, out, meta):
+            return
+        views = [None if part is None else (part[0], out[:, part[1]]) for part in self.parts]
+        lora_apply(x, self.lora_a, views, meta, self.impl)
 
 
 def paged_attention(

@@ -109,8 +109,7 @@ def lora_apply(x: torch.Tensor, lora_a: torch.Tensor, parts: list, meta: LoraMet
         for i, part in enumerate(parts):
             if part is not None:
                 reference.expand_direct_runs(per_part[:, :, i], part[0], plan, part[1])
-    seg = plan.segments
-    if seg.count:
+    if plan.segments.count:
         # Per part: B's address and strides, its width, the output's address and row stride
         # (a ctypes array: a third of the cost of a tensor, on every projection of every step).
         table = (ctypes.c_int64 * (_APPLY_PART_FIELDS * n))(*[
@@ -118,14 +117,59 @@ def lora_apply(x: torch.Tensor, lora_a: torch.Tensor, parts: list, meta: LoraMet
             for field in ((0,) * _APPLY_PART_FIELDS if part is None
                           else (_ptr(part[0]), *part[0].stride(), part[0].shape[1], _ptr(part[1]), part[1].stride(0)))
         ])
-        status = _lora_kernel("apply", lora_a)(
-            _ptr(x), x.stride(0), x.shape[1], _ptr(lora_a), lora_a.stride(0), lora_a.stride(1), _ptr(y), y.stride(0),
-            n, table, seg.count, _ptr(seg.starts), _ptr(seg.rows), _ptr(seg.slots), _ptr(seg.ranks),
-            _ptr(seg.scalings),
-        )
-        if status:
-            raise MemoryError("lora_apply: the native kernel could not allocate its work lists")
+        _run_apply(_lora_kernel("apply", lora_a), x, (_ptr(lora_a), lora_a.stride(0), lora_a.stride(1)), y, n, table, 0,
+                   plan.segments)
     return True
+
+
+def _run_apply(kernel, x: torch.Tensor, a_args: tuple, y: torch.Tensor, n: int, table, out_base: int, seg) -> None:
+    status = kernel(x.data_ptr(), x.stride(0), x.shape[1], *a_args, y.data_ptr(), y.stride(0), n, table, out_base,
+                    *seg.native_args)
+    if status:
+        raise MemoryError("lora_apply: the native kernel could not allocate its work lists")
+
+
+class NativeGroup:
+    """`kernels.LoraGroup` on CPU: its weights checked and its part table laid out once (column
+    offsets into an output of fixed width), so each use is a few comparisons and one native call.
+    In a decode step the Python around the 120 calls otherwise cost as much as their weight reads."""
+
+    def __init__(self, lora_a: torch.Tensor, parts: list, out_width: int) -> None:
+        self.kernel = _lora_kernel("apply", lora_a)
+        self.num_slots, self.rows, self.in_dim = lora_a.shape
+        self.parts, self.out_width = len(parts), out_width
+        self.a_args = (_ptr(lora_a), lora_a.stride(0), lora_a.stride(1))
+        self.table = (ctypes.c_int64 * (_APPLY_PART_FIELDS * len(parts)))(*[
+            field for part in parts
+            for field in ((0,) * _APPLY_PART_FIELDS if part is None
+                          else (_ptr(part[0]), *part[0].stride(), part[0].shape[1], part[1].start * 4, out_width))
+        ])
+
+    @staticmethod
+    def supports(lora_a: torch.Tensor, parts: list, out_width: int) -> bool:
+        live = [part for part in parts if part is not None]
+        return (
+            bool(live) and len(parts) <= _APPLY_MAX_PARTS and lora_a.dtype in _WEIGHT_KERNELS
+            and lora_a.device.type == "cpu" and lora_a.stride(-1) == 1
+            and all(b.dtype == lora_a.dtype and b.device.type == "cpu" and 0 <= columns.start
+                    and columns.stop == columns.start + b.shape[1] <= out_width and columns.step in (None, 1)
+                    for b, columns in live)
+        )
+
+    def run(self, x: torch.Tensor, out: torch.Tensor, meta: LoraMeta) -> bool:
+        """Add the group's LoRA term into out; False (nothing done) where it takes the general path:
+        prefill runs (MKL matmuls), or inputs it was not laid out for (the general path checks those)."""
+        plan, tokens = meta.cpu_plan, meta.num_tokens
+        if (
+            plan is None or plan.direct or meta.num_slots != self.num_slots or meta.max_rank * self.parts > self.rows
+            or x.dtype != _F32 or x.shape != (tokens, self.in_dim) or x.stride(1) != 1
+            or out.dtype != _F32 or out.shape != (tokens, self.out_width) or out.stride() != (self.out_width, 1)
+        ):
+            return False
+        if plan.segments.count:
+            y = torch.empty(tokens, self.rows, dtype=_F32)
+            _run_apply(self.kernel, x, self.a_args, y, self.parts, self.table, out.data_ptr(), plan.segments)
+        return True
 
 
 @functools.cache

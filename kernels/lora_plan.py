@@ -18,6 +18,7 @@ The native kernels (``kernels.native``) take the same slots as plain segments in
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from dataclasses import dataclass, replace
 
@@ -72,6 +73,11 @@ class SlotSegments:
     @property
     def count(self) -> int:
         return self.slots.numel()
+
+    @functools.cached_property
+    def native_args(self) -> tuple[int, ...]:
+        """How the native kernels take these segments: the count, then the five arrays' addresses."""
+        return (self.count, *(t.data_ptr() for t in (self.starts, self.rows, self.slots, self.ranks, self.scalings)))
 
 
 @dataclass(frozen=True, eq=False)

@@ -248,14 +248,16 @@ DEFINE_EXPAND(lorafleet_lora_expand_bf16w, uint16_t, 1)
    kernel (~330 calls per decode step down to 120).
 
    parts: n_parts rows of APPLY_PART_FIELDS int64: B's address, its slot, out and rank strides,
-   out_dim, and the address and row stride of the part's output (base). A part whose B address
-   is 0 is skipped (no adapter of the step adapts it). seg_rank is the adapters' own rank.
+   out_dim, and the byte offset from out_base and row stride of the part's output. (Callers with
+   one output tensor pass its address as out_base and the parts' column offsets, fixed per
+   layer; others pass out_base 0 and absolute addresses.) A part whose B address is 0 is
+   skipped (no adapter of the step adapts it). seg_rank is the adapters' own rank.
    Returns 0, or -1 when out of memory (the output may then hold a partial sum). */
 #define APPLY_PART_FIELDS 7
 #define APPLY_MAX_PARTS 8
 #define APPLY_PARAMS(W) const float *x, int64_t x_stride, int64_t in_dim, const W *a, int64_t a_slot_stride, \
-    int64_t a_row_stride, float *y, int64_t y_stride, int64_t n_parts, const int64_t *parts, int64_t n_seg,      \
-    const int64_t *seg_start, const int64_t *rows, const int64_t *seg_slot, const int64_t *seg_rank,            \
+    int64_t a_row_stride, float *y, int64_t y_stride, int64_t n_parts, const int64_t *parts, intptr_t out_base,  \
+    int64_t n_seg, const int64_t *seg_start, const int64_t *rows, const int64_t *seg_slot, const int64_t *seg_rank, \
     const float *seg_scaling
 
 /* The work lists of one apply: the shrink items of the stack (ranks × n_parts rows) and where
@@ -297,12 +299,12 @@ ALWAYS_INLINE void apply_expand_item(APPLY_PARAMS(void), const apply_plan *plan,
     int64_t i = 0;
     while (it >= plan->first[i + 1]) i++;
     const int64_t *p = parts + i * APPLY_PART_FIELDS;
-    expand_item(y + i, y_stride, n_parts, (const void *)(intptr_t)p[0], p[1], p[2], p[3], p[4], (float *)(intptr_t)p[5],
+    expand_item(y + i, y_stride, n_parts, (const void *)(intptr_t)p[0], p[1], p[2], p[3], p[4], (float *)(out_base + p[5]),
                 p[6], n_seg, seg_start, rows, seg_slot, seg_rank, seg_scaling, it - plan->first[i], bt, yl, bf16);
 }
 
-#define APPLY_ARGS x, x_stride, in_dim, a, a_slot_stride, a_row_stride, y, y_stride, n_parts, parts, n_seg, seg_start, \
-    rows, seg_slot, seg_rank, seg_scaling
+#define APPLY_ARGS x, x_stride, in_dim, a, a_slot_stride, a_row_stride, y, y_stride, n_parts, parts, out_base, n_seg, \
+    seg_start, rows, seg_slot, seg_rank, seg_scaling
 
 #define DEFINE_APPLY(NAME, W, BF16)                                                               \
     int NAME(APPLY_PARAMS(W))                                                                     \

@@ -307,6 +307,47 @@ def test_apply_checks_every_part_before_writing_any(impl):
     assert torch.equal(out.nan_to_num(), before.nan_to_num())
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton", "native"])
+@pytest.mark.parametrize("kind", ["mixed", "runs", "engine"])
+@pytest.mark.parametrize("layout", ["fused", "skip", "single", "strided_out"])
+def test_a_prepared_group_equals_apply_on_views(impl, kind, layout, device):
+    """kernels.LoraGroup (the engine's per-layer handle; natively one call with its part table
+    laid out once) against lora_apply on the same views: same sums, every layout and batch kind
+    (prefill runs and outputs it was not laid out for take the general path)."""
+    if impl == "native" and device.type != "cpu":
+        pytest.skip("the native kernels run on CPU tensors")
+    token_slots, ranks, scalings, x, fused_a, b_views, out, columns = fused_group_case(kind, 3, torch.float32, device)
+    meta = kernels.LoraMeta.build(token_slots, ranks, scalings)
+    lora_a = fused_a.view(NUM_SLOTS, MAX_RANK * 3, IN_FEATURES)
+    members = [(b_views[i], columns[i]) for i in range(3)]
+    if layout == "skip":
+        members[1] = None
+    if layout == "single":  # one part's own A rows out of the interleaved stack
+        lora_a, members = fused_a[:, :, 2], [members[2]]
+    want = out.clone()
+    kernels.lora_apply(x, lora_a, [None if m is None else (m[0], want[:, m[1]]) for m in members], meta, impl=impl)
+    group = kernels.LoraGroup(lora_a, members, out.shape[1], impl=impl)
+    if layout == "strided_out":  # the same numbers in a wider buffer: not the layout it was laid out for
+        wide = torch.full((out.shape[0], out.shape[1] + 5), 7.0, device=device)
+        wide[:, : out.shape[1]] = out
+        out = wide[:, : out.shape[1]]
+    group.apply(x, out, meta)
+    assert torch.allclose(out, want, rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+def test_a_prepared_group_still_checks_its_batch():
+    token_slots, ranks, scalings, x, fused_a, b_views, out, columns = fused_group_case("mixed", 2, torch.float32,
+                                                                                       torch.device("cpu"))
+    group = kernels.LoraGroup(fused_a.view(NUM_SLOTS, MAX_RANK * 2, IN_FEATURES),
+                              [(b_views[0], columns[0]), (b_views[1], columns[1])], out.shape[1])
+    other = kernels.LoraMeta.build(token_slots[:-1], ranks, scalings)  # built for one token fewer
+    with pytest.raises(ValueError, match="LoraMeta was built for"):
+        group.apply(x, out, other)
+    too_many_slots = kernels.LoraMeta.build(token_slots, torch.cat([ranks, ranks]), torch.cat([scalings, scalings]))
+    with pytest.raises(ValueError, match="slots"):
+        group.apply(x, out, too_many_slots)
+
+
 def test_meta_groups_tokens_by_slot_stably():
     token_slots = torch.tensor([2, -1, 0, 2, 2, -1, 0, 5], dtype=torch.int32)
     ranks = torch.tensor([4, 8, 2, 8, 8, 0], dtype=torch.int32)  # slot 5 has rank 0: no work

@@ -130,6 +130,29 @@ def test_a_projection_group_is_one_native_call(weights, monkeypatch):
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_a_prepared_group_in_a_decode_step_is_one_native_call_and_nothing_else(monkeypatch):
+    """The engine's decode path: LoraGroup.apply goes straight to the native kernel, without the
+    general lora_apply (its per-call checks and part table are what the group exists to skip)."""
+    from kernels import cpu
+
+    x, lora_a, lora_b, meta = engine_like_lora([1, 3, 2, 5, 1, 2, 4, 4])
+    want = torch.zeros(x.shape[0], 140)
+    kernels.lora_apply(x, lora_a, [(lora_b, want[:, 10:])], meta)
+    group = kernels.LoraGroup(lora_a, [(lora_b, slice(10, 140))], 140)
+    calls = []
+    kernel = group._native.kernel
+    monkeypatch.setattr(group._native, "kernel", lambda *args: calls.append(len(args)) or kernel(*args))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a decode step's group use went through the general path")
+
+    monkeypatch.setattr(cpu, "lora_apply", refuse)
+    got = torch.zeros(x.shape[0], 140)
+    group.apply(x, got, meta)
+    assert len(calls) == 1
+    assert torch.equal(got, want)  # the same kernel, the same order of sums: bit for bit
+
+
 @pytest.mark.parametrize("group", [1, 3, 8])
 @pytest.mark.parametrize("block_size", [5, 16, 40])  # 40: the vector exp's full and partial 16-lane chunks
 def test_decode_attention_reads_the_paged_cache_in_place(group, block_size, monkeypatch):
