@@ -3,7 +3,8 @@ for the rest, with the twins' exact signatures and semantics.
 
 - LoRA: float32 activations, float32 or bfloat16 weights, unit inner strides. A plan's long
   single-slot runs (prefill chunks) stay one MKL matmul each; every other slot is one native
-  call per projection.
+  call per projection group (`lora_apply`: the shrink and every part's expand; `NativeGroup`
+  lays a slot pool layer's group out once so a decode step's use skips the per-call checks).
 - Attention: float32 queries over a float32 head-major cache. All decode sequences are one
   native call per layer that reads the paged cache in place; prefill chunks stay fused SDPA.
 
@@ -23,6 +24,7 @@ from kernels.attention_plan import is_head_major
 from kernels.meta import LoraMeta
 
 _F32 = torch.float32
+_F32_BYTES = 4  # outputs are float32: a column offset is 4 bytes a column
 # Weight dtype -> suffix of the native LoRA kernels that read it.
 _WEIGHT_KERNELS = {torch.float32: "f32", torch.bfloat16: "bf16w"}
 
@@ -142,7 +144,7 @@ class NativeGroup:
         self.table = (ctypes.c_int64 * (_APPLY_PART_FIELDS * len(parts)))(*[
             field for part in parts
             for field in ((0,) * _APPLY_PART_FIELDS if part is None
-                          else (_ptr(part[0]), *part[0].stride(), part[0].shape[1], part[1].start * 4, out_width))
+                          else (_ptr(part[0]), *part[0].stride(), part[0].shape[1], part[1].start * _F32_BYTES, out_width))
         ])
 
     @staticmethod
