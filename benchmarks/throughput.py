@@ -20,6 +20,7 @@ Reports output tokens/s, time to first token and inter-token latency (p50/p99), 
     python benchmarks/throughput.py                      # the full comparison (~30-50 minutes on 2 cores; HF is most of it)
     python benchmarks/throughput.py --requests 16 --max-output 32 --adapters 8   # a quick look
     python benchmarks/throughput.py --skip-hf            # the engine's ratios only (~15 minutes)
+    python benchmarks/throughput.py --skip-hf --aa-rounds 3   # and first how far 1.0 reads from 1.0
 """
 
 from __future__ import annotations
@@ -171,6 +172,17 @@ def run_interleaved(runs: list[EngineRun], block_steps: int = 8) -> list[Result]
                     break
                 run.step()
     return [run.result() for run in runs]
+
+
+def aa_ratios(first: Engine, second: Engine, workload: list[Request], turn_steps: int, rounds: int) -> list[float]:
+    """The method's own spread: two identically configured engines, no adapters, interleaved as
+    the configurations are; each round's second-over-first throughput (1.0 but for the noise)."""
+    ratios = []
+    for i in range(rounds):
+        a, b = run_interleaved([EngineRun(first, workload, f"A/A {i} first", 0),
+                                EngineRun(second, workload, f"A/A {i} second", 0)], turn_steps)
+        ratios.append(round(b.tokens_per_second / a.tokens_per_second, 3))
+    return ratios
 
 
 def _median_result(results: list[Result]) -> Result:
@@ -393,6 +405,8 @@ def main() -> None:
                         help="adapter storage dtypes to run multi-LoRA with ('auto' = the model's float32)")
     parser.add_argument("--turn-steps", type=int, default=8,
                         help="engine steps per turn when a multi-LoRA run and its no-adapter run take turns")
+    parser.add_argument("--aa-rounds", type=int, default=0,
+                        help="first run this many A/A rounds (two no-adapter engines interleaved): the ratios' own spread")
     parser.add_argument("--replot", type=Path, metavar="JSON",
                         help="only redraw the chart of a saved throughput.json (beside it, as .png)")
     parser.add_argument("--skip-hf", action="store_true", help="leave out HF + PEFT (the slowest part)")
@@ -415,6 +429,11 @@ def main() -> None:
     engine = make_engine(args, adapter_paths, max(counts))
     workload = make_workload(args.requests, engine.model_config.vocab_size, args.seed, args.min_prompt,
                              args.max_prompt, args.min_output, args.max_output)
+    aa = []
+    if args.aa_rounds:
+        twin = make_engine(args, adapter_paths, max(counts))
+        aa = aa_ratios(engine, twin, workload, args.turn_steps, args.aa_rounds)
+        twin.close()
     # Each multi-LoRA configuration runs interleaved with its own no-adapter run of the same
     # workload (turns of --turn-steps steps), so its ratio is measured under the same host load.
     # The no-adapter engine is configured exactly like the others; only its requests carry no adapter.
@@ -475,12 +494,15 @@ def main() -> None:
         "workload_gemm_ceiling_output_tokens_per_second": round(workload_ceiling, 1),
         "workload_tokens": {"prompt": prompt_tokens, "output": output_tokens},
         "engine": {"steps": engine.stats.steps, "preemptions": engine.scheduler.num_preemptions},
+        "aa_ratios": aa,
     }
     (args.out / "throughput.json").write_text(json.dumps(report, indent=2))
     write_chart(rows, limits, args.out / "throughput.png")
     print_table(rows, limits)
     print(f"GEMM ceiling of this workload ({prompt_tokens} prompt + {output_tokens} output tokens): "
           f"{workload_ceiling:.0f} output tok/s")
+    if aa:
+        print(f"A/A (two identical no-adapter engines interleaved), second over first: {aa}")
     engine.close()
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.throughput import EngineRun, make_workload, run_interleaved, with_adapters
+from benchmarks.throughput import EngineRun, aa_ratios, make_workload, run_interleaved, with_adapters
 from engine_daemon import Engine, EngineConfig
 from tests.engine.builders import write_adapter
 
@@ -50,3 +50,14 @@ def test_interleaved_runs_each_finish_their_workload_on_their_own_clock(engines,
         assert len(result.itl) == expected - len(workload)
         assert result.phases["decode_steps"] + result.phases["prefill_steps"] == len(steps_taken) // 2
     assert not plain.has_unfinished() and not adapted.has_unfinished()
+
+
+def test_aa_rounds_compare_two_engines_on_the_same_workload(engines):
+    workload = make_workload(4, 512, seed=5, min_prompt=3, max_prompt=12, min_out=2, max_out=5)
+    first, second = engines
+    before = [engine.stats.steps for engine in engines]
+    ratios = aa_ratios(first, second, workload, turn_steps=3, rounds=2)
+    assert len(ratios) == 2 and all(0 < r < 10 for r in ratios)
+    taken = [engine.stats.steps - b for engine, b in zip(engines, before, strict=True)]
+    assert taken[0] == taken[1] > 0  # both did the whole workload, twice, step for step
+    assert not first.has_unfinished() and not second.has_unfinished()
