@@ -111,17 +111,25 @@ def lora_apply(x: torch.Tensor, lora_a: torch.Tensor, parts: list, meta: LoraMet
         for i, part in enumerate(parts):
             if part is not None:
                 reference.expand_direct_runs(per_part[:, :, i], part[0], plan, part[1])
-    if plan.segments.count:
-        # Per part: B's address and strides, its width, the output's address and row stride
-        # (a ctypes array: a third of the cost of a tensor, on every projection of every step).
-        table = (ctypes.c_int64 * (_APPLY_PART_FIELDS * n))(*[
-            field for part in parts
-            for field in ((0,) * _APPLY_PART_FIELDS if part is None
-                          else (_ptr(part[0]), *part[0].stride(), part[0].shape[1], _ptr(part[1]), part[1].stride(0)))
-        ])
-        _run_apply(_lora_kernel("apply", lora_a), x, (_ptr(lora_a), lora_a.stride(0), lora_a.stride(1)), y, n, table, 0,
-                   plan.segments)
+    if plan.segments.count:  # outputs at absolute addresses: out_base 0
+        table = _part_table([None if part is None else (part[0], _ptr(part[1]), part[1].stride(0)) for part in parts])
+        _run_apply(_lora_kernel("apply", lora_a), x, _a_args(lora_a), y, n, table, 0, plan.segments)
     return True
+
+
+def _part_table(parts: list) -> ctypes.Array:
+    """The native apply's part table from (B, output byte offset from out_base, output row
+    stride) per part, or None for a skipped one (a ctypes array: a third of the cost of a tensor,
+    on every projection of every step)."""
+    return (ctypes.c_int64 * (_APPLY_PART_FIELDS * len(parts)))(*[
+        field for part in parts
+        for field in ((0,) * _APPLY_PART_FIELDS if part is None
+                      else (_ptr(part[0]), *part[0].stride(), part[0].shape[1], part[1], part[2]))
+    ])
+
+
+def _a_args(lora_a: torch.Tensor) -> tuple[int, int, int]:
+    return _ptr(lora_a), lora_a.stride(0), lora_a.stride(1)
 
 
 def _run_apply(kernel, x: torch.Tensor, a_args: tuple, y: torch.Tensor, n: int, table, out_base: int, seg) -> None:
@@ -140,12 +148,10 @@ class NativeGroup:
         self.kernel = _lora_kernel("apply", lora_a)
         self.num_slots, self.rows, self.in_dim = lora_a.shape
         self.parts, self.out_width = len(parts), out_width
-        self.a_args = (_ptr(lora_a), lora_a.stride(0), lora_a.stride(1))
-        self.table = (ctypes.c_int64 * (_APPLY_PART_FIELDS * len(parts)))(*[
-            field for part in parts
-            for field in ((0,) * _APPLY_PART_FIELDS if part is None
-                          else (_ptr(part[0]), *part[0].stride(), part[0].shape[1], part[1].start * _F32_BYTES, out_width))
-        ])
+        self.a_args = _a_args(lora_a)
+        # Outputs as column offsets from the output passed to run(), whose row stride is out_width.
+        self.table = _part_table([None if part is None else (part[0], part[1].start * _F32_BYTES, out_width)
+                                  for part in parts])
 
     @staticmethod
     def supports(lora_a: torch.Tensor, parts: list, out_width: int) -> bool:
