@@ -158,8 +158,8 @@ def run_engine(engine: Engine, workload: list[Request], label: str, adapters: in
     return run_interleaved([EngineRun(engine, workload, label, adapters)])[0]
 
 
-def run_interleaved(runs: list[EngineRun], block_steps: int = 8) -> list[Result]:
-    """Step the runs in turns of `block_steps` steps each until all are done.
+def run_interleaved(runs: list[EngineRun], turn_steps: int = 8) -> list[Result]:
+    """Step the runs in turns of `turn_steps` steps each until all are done.
 
     Same workload, same schedule: turn k of every run does the same token work within seconds of
     the others', so a slow stretch of a shared host slows them alike and their ratio holds. Turns
@@ -167,7 +167,7 @@ def run_interleaved(runs: list[EngineRun], block_steps: int = 8) -> list[Result]
     it would alone (one-step turns would flush them between every two steps)."""
     while not all(run.done for run in runs):
         for run in runs:
-            for _ in range(block_steps):
+            for _ in range(turn_steps):
                 if run.done:
                     break
                 run.step()

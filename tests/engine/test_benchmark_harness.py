@@ -37,7 +37,7 @@ def test_interleaved_runs_each_finish_their_workload_on_their_own_clock(engines,
         original_step(run)
 
     monkeypatch.setattr(EngineRun, "step", recording_step)
-    results = run_interleaved(runs, block_steps=2)
+    results = run_interleaved(runs, turn_steps=2)
 
     expected = sum(r.max_tokens for r in workload)
     assert [r.output_tokens for r in results] == [expected, expected]
