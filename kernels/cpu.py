@@ -1,9 +1,9 @@
 """The CPU fast path: the native kernels (``kernels.native``) where they apply, the torch twins
 for the rest, with the twins' exact signatures and semantics.
 
-- LoRA: float32 activations, float32 or bfloat16 weights, unit inner strides. A plan's long
-  single-slot runs (prefill chunks) stay one MKL matmul each; every other slot is one native
-  call per projection group (`lora_apply`: the shrink and every part's expand; `NativeGroup`
+- LoRA: float32 activations, float32 or bfloat16 weights, unit inner strides. A plan's single-
+  slot runs past `lora_plan.NATIVE_MAX_RUN_TOKENS` stay one MKL matmul each; every other slot
+  (decode tokens and most prefill chunks) is one native call per projection group (`lora_apply`: the shrink and every part's expand; `NativeGroup`
   lays a slot pool layer's group out once so a decode step's use skips the per-call checks).
 - Attention: float32 queries over a float32 head-major cache. All decode sequences are one
   native call per layer that reads the paged cache in place; prefill chunks stay fused SDPA.
@@ -53,8 +53,8 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoraMeta) -> torch.
         return reference.lora_shrink(x, lora_a, meta)
     reference.check_shrink(x, lora_a, meta)
     y = torch.zeros(meta.num_tokens, lora_a.shape[1], dtype=_F32)
-    reference.shrink_direct_runs(x, lora_a, plan, y)
-    seg = plan.segments
+    reference.shrink_direct_runs(x, lora_a, plan.native_direct, y)
+    seg = plan.native_segments
     if seg.count:
         status = _lora_kernel("shrink", lora_a)(
             _ptr(x), x.stride(0), x.shape[1], _ptr(lora_a), lora_a.stride(0), lora_a.stride(1),
@@ -73,8 +73,8 @@ def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, meta: LoraMeta, base: tor
     if plan is None or y.dtype != _F32 or not _lora_native_ok(base, lora_b):
         return reference.lora_expand(y, lora_b, meta, base)
     reference.check_expand(y, lora_b, meta, base)
-    reference.expand_direct_runs(y, lora_b, plan, base)
-    seg = plan.segments
+    reference.expand_direct_runs(y, lora_b, plan.native_direct, base)
+    seg = plan.native_segments
     if seg.count:
         status = _lora_kernel("expand", lora_b)(
             _ptr(y), y.stride(0), y.stride(1), _ptr(lora_b), lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
@@ -105,15 +105,15 @@ def lora_apply(x: torch.Tensor, lora_a: torch.Tensor, parts: list, meta: LoraMet
     stacked = meta.scaled_ranks(n) if n > 1 else meta
     reference.check_apply(x, lora_a, parts, meta)
     y = torch.empty(meta.num_tokens, lora_a.shape[1], dtype=_F32)  # only the rows of the plan are read
-    if plan.direct:  # long single-slot runs (prefill chunks): MKL matmuls on views, as the twins do
-        reference.shrink_direct_runs(x, lora_a, stacked.cpu_plan, y)
+    if plan.native_direct:  # the longest single-slot runs: MKL matmuls on views, as the twins do
+        reference.shrink_direct_runs(x, lora_a, stacked.cpu_plan.native_direct, y)
         per_part = y.view(y.shape[0], -1, n)
         for i, part in enumerate(parts):
             if part is not None:
-                reference.expand_direct_runs(per_part[:, :, i], part[0], plan, part[1])
-    if plan.segments.count:  # outputs at absolute addresses: out_base 0
+                reference.expand_direct_runs(per_part[:, :, i], part[0], plan.native_direct, part[1])
+    if plan.native_segments.count:  # outputs at absolute addresses: out_base 0
         table = _part_table([None if part is None else (part[0], _ptr(part[1]), part[1].stride(0)) for part in parts])
-        _run_apply(_lora_kernel("apply", lora_a), x, _a_args(lora_a), y, n, table, 0, plan.segments)
+        _run_apply(_lora_kernel("apply", lora_a), x, _a_args(lora_a), y, n, table, 0, plan.native_segments)
     return True
 
 
@@ -166,17 +166,17 @@ class NativeGroup:
 
     def run(self, x: torch.Tensor, out: torch.Tensor, meta: LoraMeta) -> bool:
         """Add the group's LoRA term into out; False (nothing done) where it takes the general path:
-        prefill runs (MKL matmuls), or inputs it was not laid out for (the general path checks those)."""
+        the longest prefill runs (MKL matmuls), or inputs it was not laid out for (the general path checks those)."""
         plan, tokens = meta.cpu_plan, meta.num_tokens
         if (
-            plan is None or plan.direct or meta.num_slots != self.num_slots or meta.max_rank * self.parts > self.rows
+            plan is None or plan.native_direct or meta.num_slots != self.num_slots or meta.max_rank * self.parts > self.rows
             or x.dtype != _F32 or x.shape != (tokens, self.in_dim) or x.stride(1) != 1
             or out.dtype != _F32 or out.shape != (tokens, self.out_width) or out.stride() != (self.out_width, 1)
         ):
             return False
-        if plan.segments.count:
+        if plan.native_segments.count:
             y = torch.empty(tokens, self.rows, dtype=_F32)
-            _run_apply(self.kernel, x, self.a_args, y, self.parts, self.table, out.data_ptr(), plan.segments)
+            _run_apply(self.kernel, x, self.a_args, y, self.parts, self.table, out.data_ptr(), plan.native_segments)
         return True
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.attention_plan import AttentionPlan, is_head_major
-from kernels.lora_plan import LoraCpuPlan
+from kernels.lora_plan import DirectRun, LoraCpuPlan
 from kernels.meta import LoraMeta
 
 
@@ -93,7 +93,7 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoraMeta) -> torch.
             dest.copy_(ys.view(-1, rank))
         if plan.padded_rows:
             _gather_back(padded, plan, y)
-        shrink_direct_runs(x, lora_a, plan, y)
+        shrink_direct_runs(x, lora_a, plan.direct, y)
         return y
     # Gather the adapter tokens once; every segment is then a contiguous slice.
     x_sorted = x.index_select(0, meta.sorted_token_ids).float()
@@ -104,17 +104,17 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoraMeta) -> torch.
     return y
 
 
-def shrink_direct_runs(x: torch.Tensor, lora_a: torch.Tensor, plan: LoraCpuPlan, y: torch.Tensor) -> None:
-    """The plan's long single-slot runs (prefill chunks): one matmul each, on views of x and y."""
-    for run in plan.direct:
+def shrink_direct_runs(x: torch.Tensor, lora_a: torch.Tensor, runs: tuple[DirectRun, ...], y: torch.Tensor) -> None:
+    """Long single-slot runs of a plan (prefill chunks): one matmul each, on views of x and y."""
+    for run in runs:
         with _one_thread_if(run.end - run.start < _THREADED_TOKENS):
             torch.matmul(x[run.start : run.end].float(), lora_a[run.slot, : run.rank].float().t(),
                          out=y[run.start : run.end, : run.rank])
 
 
-def expand_direct_runs(y: torch.Tensor, lora_b: torch.Tensor, plan: LoraCpuPlan, base: torch.Tensor) -> None:
-    """The plan's long single-slot runs: base rows += scaling · y B, one addmm each."""
-    for run in plan.direct:
+def expand_direct_runs(y: torch.Tensor, lora_b: torch.Tensor, runs: tuple[DirectRun, ...], base: torch.Tensor) -> None:
+    """Long single-slot runs of a plan: base rows += scaling · y B, one addmm each."""
+    for run in runs:
         rows, ys, weight = base[run.start : run.end], y[run.start : run.end, : run.rank], lora_b[run.slot, :, : run.rank]
         with _one_thread_if(run.end - run.start < _THREADED_TOKENS):
             if base.dtype == torch.float32:
@@ -148,7 +148,7 @@ def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, meta: LoraMeta, base: tor
     plan = meta.cpu_plan
     if plan is not None:
         exact = base.dtype == torch.float32
-        expand_direct_runs(y, lora_b, plan, base)
+        expand_direct_runs(y, lora_b, plan.direct, base)
         if not plan.groups:
             return base
         padded = torch.empty(plan.padded_rows, base.shape[1], dtype=torch.float32, device=base.device)

@@ -18,18 +18,18 @@
 #include "vectors.h"
 
 #define RANK_ROWS_PER_ITEM 16
+/* Shrink: tokens per block (their x rows stay in L1 while the item's rank rows pass). */
+#define SHRINK_TOKENS 8
 #define OUT_COLS_PER_ITEM 64
 #define OUT_VECTORS (OUT_COLS_PER_ITEM / 16)
-/* bfloat16 expand: prefetch B this many rank rows ahead. An item reads 128 bytes from each of
-   `rank` rows an output row apart, which the hardware prefetcher does not follow; per row it
-   then waited on memory (decode expand, 32 adapters, 30 layers: 27.0 -> 22.7 ms). float32
-   rows are 256 bytes and gain nothing from it. */
-#define BF16_PREFETCH_ROWS 8
-/* Shrink: prefetch each of the tile's 4 A rows this many elements ahead (hints only; past a
-   row's end they fetch the next rows, which come soon anyway). Four interleaved streams per
-   thread outran the hardware prefetcher: the decode shrink of 32 adapters over 30 layers took
-   31.3 -> 26.5 ms in float32 and 24.7 -> 21.4 ms in bfloat16. */
-#define SHRINK_PREFETCH_AHEAD 128
+/* Rank-major expand (expand_stream_item): outputs per item, tokens per pass over its weights. */
+#define STREAM_COLS 256
+#define STREAM_TOKENS 8
+/* Both kernels prefetch the next 4 weight rows of their item while they read the current 4,
+   into L2 (`prefetcht2`, 3% faster than into L1: plausibly as an L1 prefetch holds one of the
+   core's few line-fill buffers for the whole trip to memory), and never past the segment's rank
+   (rows there are padding; fetching them cost bandwidth). A decode step of 8 adapters, 64 tokens, 30 layers, both threads: 23.8
+   -> 22.1 ms in float32 (no prefetch at all: 28.5); 8 rows ahead or 16 were slower. */
 
 /* Each kernel body below is one always-inlined function taking the weight type as a `bf16`
    flag, instantiated by one exported function per type. The OpenMP region must sit in the
@@ -37,10 +37,11 @@
    region inside a shared body would test the flag at run time on every weight load. */
 
 /* out[t][j] = dot(xr[t], ar[j]) over n elements for a TT x 4 tile: TT tokens, 4 weight rows,
-   16-wide vector accumulators, one horizontal sum per result; a scalar tail past the last 16. */
+   16-wide vector accumulators, one horizontal sum per result; a scalar tail past the last 16.
+   pf: the rows to prefetch meanwhile (a row of ar itself where there is none to fetch). */
 #define DEFINE_DOT_TILE(TT)                                                                        \
-    ALWAYS_INLINE void dot_tile_##TT(const float *const xr[], const void *const ar[4], int64_t n,  \
-                                     float out[4][4], int bf16)                                   \
+    ALWAYS_INLINE void dot_tile_##TT(const float *const xr[], const void *const ar[4], const void *const pf[4], \
+                                     int64_t n, float out[4][4], int bf16)                        \
     {                                                                                             \
         v16 acc[TT][4];                                                                           \
         for (int t = 0; t < TT; t++)                                                              \
@@ -50,7 +51,7 @@
             v16 xv[TT], av[4];                                                                    \
             for (int t = 0; t < TT; t++) xv[t] = *(const v16 *)(xr[t] + i);                       \
             for (int j = 0; j < 4; j++) av[j] = load_weight16(weight_at(ar[j], i, bf16), bf16);    \
-            for (int j = 0; j < 4; j++) __builtin_prefetch(weight_at(ar[j], i + SHRINK_PREFETCH_AHEAD, bf16)); \
+            for (int j = 0; j < 4; j++) __builtin_prefetch(weight_at(pf[j], i, bf16), 0, 1);               \
             for (int t = 0; t < TT; t++)                                                          \
                 for (int j = 0; j < 4; j++) acc[t][j] += xv[t] * av[j];                           \
         }                                                                                         \
@@ -67,12 +68,12 @@ DEFINE_DOT_TILE(2)
 DEFINE_DOT_TILE(1)
 
 /* The widest tile that `left` tokens fill; returns how many tokens it computed. */
-ALWAYS_INLINE int64_t dot_tile(const float *const xr[4], const void *const ar[4], int64_t n, int64_t left,
-                               float out[4][4], int bf16)
+ALWAYS_INLINE int64_t dot_tile(const float *const xr[4], const void *const ar[4], const void *const pf[4], int64_t n,
+                               int64_t left, float out[4][4], int bf16)
 {
-    if (left >= 4) { dot_tile_4(xr, ar, n, out, bf16); return 4; }
-    if (left >= 2) { dot_tile_2(xr, ar, n, out, bf16); return 2; }
-    dot_tile_1(xr, ar, n, out, bf16);
+    if (left >= 4) { dot_tile_4(xr, ar, pf, n, out, bf16); return 4; }
+    if (left >= 2) { dot_tile_2(xr, ar, pf, n, out, bf16); return 2; }
+    dot_tile_1(xr, ar, pf, n, out, bf16);
     return 1;
 }
 
@@ -108,17 +109,22 @@ ALWAYS_INLINE void shrink_item(SHRINK_PARAMS(void), int64_t s, int64_t j_begin, 
     (void)n_seg;
     int64_t j_end = j_begin + RANK_ROWS_PER_ITEM < seg_rank[s] ? j_begin + RANK_ROWS_PER_ITEM : seg_rank[s];
     const void *as = weight_at(a, seg_slot[s] * a_slot_stride, bf16);
-    int64_t t0 = seg_start[s], t1 = seg_start[s + 1];
-    for (int64_t j = j_begin; j < j_end; j += 4) {
-        const void *ar[4];
-        for (int q = 0; q < 4; q++) ar[q] = weight_at(as, (j + q < j_end ? j + q : j_end - 1) * a_row_stride, bf16);
-        for (int64_t t = t0, done; t < t1; t += done) {
-            const float *xr[4];
-            for (int p = 0; p < 4; p++) xr[p] = x + rows[t + p < t1 ? t + p : t1 - 1] * x_stride;
-            float out[4][4];
-            done = dot_tile(xr, ar, in_dim, t1 - t, out, bf16);
-            for (int64_t p = 0; p < done; p++)
-                for (int q = 0; q < 4 && j + q < j_end; q++) y[rows[t + p] * y_stride + j + q] = out[p][q];
+    /* Token blocks outermost: a block's x rows stay in L1 across the item's rank rows (a whole
+       prefill chunk per 4 rank rows streamed x from L3: 1024-token runs ran slower than MKL). */
+    for (int64_t t0 = seg_start[s], t_end = seg_start[s + 1]; t0 < t_end; t0 += SHRINK_TOKENS) {
+        int64_t t1 = t_end - t0 < SHRINK_TOKENS ? t_end : t0 + SHRINK_TOKENS;
+        for (int64_t j = j_begin; j < j_end; j += 4) {
+            const void *ar[4], *pf[4];
+            for (int q = 0; q < 4; q++) ar[q] = weight_at(as, (j + q < j_end ? j + q : j_end - 1) * a_row_stride, bf16);
+            for (int q = 0; q < 4; q++) pf[q] = j + 4 + q < seg_rank[s] ? weight_at(as, (j + 4 + q) * a_row_stride, bf16) : ar[q];
+            for (int64_t t = t0, done; t < t1; t += done) {
+                const float *xr[4];
+                for (int p = 0; p < 4; p++) xr[p] = x + rows[t + p < t1 ? t + p : t1 - 1] * x_stride;
+                float out[4][4];
+                done = dot_tile(xr, ar, pf, in_dim, t1 - t, out, bf16);
+                for (int64_t p = 0; p < done; p++)
+                    for (int q = 0; q < 4 && j + q < j_end; q++) y[rows[t + p] * y_stride + j + q] = out[p][q];
+            }
         }
     }
 }
@@ -143,11 +149,12 @@ DEFINE_SHRINK(lorafleet_lora_shrink_bf16w, uint16_t, 1)
    y[row, j] lies at y + row * y_stride + j * y_col_stride (fused projections interleave their
    ranks) and B[slot, o, j] at b + slot * b_slot_stride + o * b_out_stride + j * b_rank_stride.
 
-   An item is 64 outputs of one segment. With b_out_stride == 1 (the engine's rank-major pool)
-   those are rank contiguous rows of B; any other layout is first transposed into a per-thread
-   float buffer. Each token is then rank broadcast-FMAs into 4 vectors, two tokens at a time so
-   every B load feeds two FMAs. Returns 0, or -1 when out of memory (base then holds a partial
-   sum: the caller raises). */
+   With b_out_stride == 1 (the engine's rank-major pool: B[slot] is `rank` rows of out_dim
+   weights) an item is up to STREAM_COLS outputs of one segment, read as rank runs of 1 KB in
+   memory order (`expand_stream_item`). Any other layout takes items of 64 outputs, first
+   transposed into a per-thread float buffer; each token is then rank broadcast-FMAs into 4
+   vectors, two tokens at a time so every B load feeds two FMAs. Returns 0, or -1 when out of
+   memory (base then holds a partial sum: the caller raises). */
 #define EXPAND_PARAMS(W) const float *y, int64_t y_stride, int64_t y_col_stride, const W *b, int64_t b_slot_stride, \
     int64_t b_out_stride, int64_t b_rank_stride, int64_t out_dim, float *base, int64_t base_stride, int64_t n_seg, \
     const int64_t *seg_start, const int64_t *rows, const int64_t *seg_slot, const int64_t *seg_rank,                \
@@ -155,40 +162,91 @@ DEFINE_SHRINK(lorafleet_lora_shrink_bf16w, uint16_t, 1)
 #define EXPAND_ARGS y, y_stride, y_col_stride, b, b_slot_stride, b_out_stride, b_rank_stride, out_dim, base,       \
     base_stride, n_seg, seg_start, rows, seg_slot, seg_rank, seg_scaling
 
-/* acc[p][q] += sum over j < r of yl[2j + p] * B row j's outputs 16q .. 16q + 15, for two tokens p. */
-ALWAYS_INLINE void expand_rows(v16 acc[2][OUT_VECTORS], const float *yl, const void *b_rows, int64_t b_row_stride, int64_t r,
-                               int bf16)
+/* acc[p][q] += sum over j < r of yl[2j + p] * bt row j's outputs 16q .. 16q + 15, for two tokens p. */
+ALWAYS_INLINE void expand_rows(v16 acc[2][OUT_VECTORS], const float *yl, const float *bt, int64_t r)
 {
-    for (int64_t j = 0; j < r; j++) {
-        const void *bj = weight_at(b_rows, j * b_row_stride, bf16);
-        if (bf16) {  /* a hint only: an address past the end of B is never dereferenced */
-            const char *ahead = weight_at(b_rows, (j + BF16_PREFETCH_ROWS) * b_row_stride, bf16);
-            for (int line = 0; line < OUT_COLS_PER_ITEM * 2 / 64; line++) __builtin_prefetch(ahead + 64 * line);
-        }
+    for (int64_t j = 0; j < r; j++)
         for (int q = 0; q < OUT_VECTORS; q++) {
-            v16 bv = load_weight16(weight_at(bj, 16 * q, bf16), bf16);
+            v16 bv = *(const v16 *)(bt + j * OUT_COLS_PER_ITEM + 16 * q);
             acc[0][q] += yl[2 * j] * bv;
             acc[1][q] += yl[2 * j + 1] * bv;
         }
+}
+
+/* Rank-major B, an item of `width` <= STREAM_COLS outputs from column o0 of segment s: per
+   pass of up to STREAM_TOKENS tokens, each 4 rank rows' runs of the item's columns are read once
+   and added, weighted by the tokens' y, into sums that stay in L1; the sums go into base once
+   at the end. Against items of 64 outputs, two tokens at a time (B read once per token pair,
+   256 bytes a row): a decode step of 8 bfloat16 adapters 16% faster; in prefill runs of 256
+   tokens the expand takes 27% less than MKL's matmul per run. */
+ALWAYS_INLINE void expand_stream_item(EXPAND_PARAMS(void), int64_t s, int64_t o0, int64_t width, int bf16)
+{
+    (void)n_seg; (void)b_out_stride;
+    int64_t r = seg_rank[s];
+    float scale = seg_scaling[s];
+    const void *bs = weight_at(b, seg_slot[s] * b_slot_stride + o0, bf16);
+    int64_t vec_end = width / 16 * 16;
+    for (int64_t t0 = seg_start[s], t1 = seg_start[s + 1]; t0 < t1; t0 += STREAM_TOKENS) {
+        int64_t nt = t1 - t0 < STREAM_TOKENS ? t1 - t0 : STREAM_TOKENS;
+        float sums[STREAM_TOKENS][STREAM_COLS] __attribute__((aligned(64)));
+        for (int64_t p = 0; p < nt; p++)
+            for (int64_t o = 0; o < width; o++) sums[p][o] = 0.f;
+        for (int64_t j = 0; j < r; j += 4) {
+            /* Rows past the rank read row j again with weight 0: a full 4-row block every time. */
+            const void *bq[4];
+            float w[STREAM_TOKENS][4];
+            for (int q = 0; q < 4; q++) bq[q] = weight_at(bs, (j + q < r ? j + q : j) * b_rank_stride, bf16);
+            for (int64_t p = 0; p < nt; p++) {
+                const float *yr = y + rows[t0 + p] * y_stride;
+                for (int q = 0; q < 4; q++) w[p][q] = j + q < r ? yr[(j + q) * y_col_stride] * scale : 0.f;
+            }
+            /* The next block's rows, prefetched as this one's are read (see the top of the file). */
+            const void *ahead[4];
+            for (int q = 0; q < 4; q++) ahead[q] = j + 4 + q < r ? weight_at(bs, (j + 4 + q) * b_rank_stride, bf16) : bq[q];
+            for (int64_t o = 0; o < vec_end; o += 16) {
+                for (int q = 0; q < 4; q++) __builtin_prefetch(weight_at(ahead[q], o, bf16), 0, 1);
+                v16 b0 = load_weight16(weight_at(bq[0], o, bf16), bf16), b1 = load_weight16(weight_at(bq[1], o, bf16), bf16);
+                v16 b2 = load_weight16(weight_at(bq[2], o, bf16), bf16), b3 = load_weight16(weight_at(bq[3], o, bf16), bf16);
+                for (int64_t p = 0; p < nt; p++)
+                    *(v16 *)&sums[p][o] += w[p][0] * b0 + w[p][1] * b1 + w[p][2] * b2 + w[p][3] * b3;
+            }
+            for (int64_t o = vec_end; o < width; o++)
+                for (int64_t p = 0; p < nt; p++)
+                    for (int q = 0; q < 4; q++) sums[p][o] += w[p][q] * load_weight1(weight_at(bq[q], o, bf16), bf16);
+        }
+        for (int64_t p = 0; p < nt; p++) {
+            float *out = base + rows[t0 + p] * base_stride + o0;
+            for (int64_t o = 0; o < width; o++) out[o] += sums[p][o];
+        }
     }
+}
+
+/* Expand items per segment for an output of out_dim columns: column blocks of the item's width. */
+ALWAYS_INLINE int64_t expand_blocks(int64_t out_dim, int64_t b_out_stride)
+{
+    int64_t cols = b_out_stride == 1 ? STREAM_COLS : OUT_COLS_PER_ITEM;
+    return (out_dim + cols - 1) / cols;
 }
 
 /* bt: OUT_COLS_PER_ITEM x max rank floats, yl: 2 x max rank floats (the thread's scratch). */
 ALWAYS_INLINE void expand_item(EXPAND_PARAMS(void), int64_t it, float *bt, float *yl, int bf16)
 {
     (void)n_seg;
-    int64_t per_seg = (out_dim + OUT_COLS_PER_ITEM - 1) / OUT_COLS_PER_ITEM;
+    int64_t per_seg = expand_blocks(out_dim, b_out_stride);
+    if (b_out_stride == 1) {
+        int64_t s = it / per_seg, o0 = (it % per_seg) * STREAM_COLS;
+        expand_stream_item(EXPAND_ARGS, s, o0, out_dim - o0 < STREAM_COLS ? out_dim - o0 : STREAM_COLS, bf16);
+        return;
+    }
     int64_t s = it / per_seg, o0 = (it % per_seg) * OUT_COLS_PER_ITEM;
     int64_t width = out_dim - o0 < OUT_COLS_PER_ITEM ? out_dim - o0 : OUT_COLS_PER_ITEM;
     int64_t r = seg_rank[s];
     float scale = seg_scaling[s];
     const void *bs = weight_at(b, seg_slot[s] * b_slot_stride + o0 * b_out_stride, bf16);
-    int transposed = b_out_stride != 1 || width < OUT_COLS_PER_ITEM;
-    if (transposed)
-        for (int64_t j = 0; j < r; j++)
-            for (int64_t o = 0; o < OUT_COLS_PER_ITEM; o++)
-                bt[j * OUT_COLS_PER_ITEM + o] =
-                    o < width ? load_weight1(weight_at(bs, o * b_out_stride + j * b_rank_stride, bf16), bf16) : 0.f;
+    for (int64_t j = 0; j < r; j++)
+        for (int64_t o = 0; o < OUT_COLS_PER_ITEM; o++)
+            bt[j * OUT_COLS_PER_ITEM + o] =
+                o < width ? load_weight1(weight_at(bs, o * b_out_stride + j * b_rank_stride, bf16), bf16) : 0.f;
     int64_t t1 = seg_start[s + 1];
     for (int64_t t = seg_start[s]; t < t1; t += 2) {
         int pair = t + 1 < t1;
@@ -199,10 +257,7 @@ ALWAYS_INLINE void expand_item(EXPAND_PARAMS(void), int64_t it, float *bt, float
         }
         v16 acc[2][OUT_VECTORS];
         for (int q = 0; q < OUT_VECTORS; q++) acc[0][q] = acc[1][q] = (v16){0};
-        if (transposed)
-            expand_rows(acc, yl, bt, OUT_COLS_PER_ITEM, r, 0);
-        else
-            expand_rows(acc, yl, bs, b_rank_stride, r, bf16);
+        expand_rows(acc, yl, bt, r);
         for (int p = 0; p <= pair; p++) {
             float *out = base + rows[t + p] * base_stride + o0;
             if (width == OUT_COLS_PER_ITEM) {
@@ -217,7 +272,7 @@ ALWAYS_INLINE void expand_item(EXPAND_PARAMS(void), int64_t it, float *bt, float
 #define DEFINE_EXPAND(NAME, W, BF16)                                                              \
     int NAME(EXPAND_PARAMS(W))                                                                    \
     {                                                                                             \
-        int64_t n_items = n_seg * ((out_dim + OUT_COLS_PER_ITEM - 1) / OUT_COLS_PER_ITEM), max_rank = 1; \
+        int64_t n_items = n_seg * expand_blocks(out_dim, b_out_stride), max_rank = 1;            \
         for (int64_t s = 0; s < n_seg; s++) if (seg_rank[s] > max_rank) max_rank = seg_rank[s]; \
         int failed = 0;                                                                           \
         _Pragma("omp parallel")                                                                   \
@@ -280,7 +335,7 @@ static int apply_plan_init(apply_plan *plan, int64_t n_parts, const int64_t *par
     plan->first[0] = 0;
     for (int64_t i = 0; i < n_parts; i++) {
         const int64_t *p = parts + i * APPLY_PART_FIELDS;
-        plan->first[i + 1] = plan->first[i] + (p[0] ? n_seg * ((p[4] + OUT_COLS_PER_ITEM - 1) / OUT_COLS_PER_ITEM) : 0);
+        plan->first[i + 1] = plan->first[i] + (p[0] ? n_seg * expand_blocks(p[4], p[2]) : 0);
     }
     plan->shrink = shrink_items(n_seg, plan->stack_rank, &plan->n_shrink);
     return plan->shrink == NULL ? -1 : 0;

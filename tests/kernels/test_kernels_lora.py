@@ -422,6 +422,31 @@ def test_cpu_plan_works_in_place_on_a_batch_ordered_by_rank_then_slot(dtype):
     torch.testing.assert_close(got.float(), want, rtol=tolerance, atol=tolerance * 10)
 
 
+def test_cpu_plan_gives_the_native_kernels_every_run_up_to_their_limit():
+    """The native split: direct runs up to NATIVE_MAX_RUN_TOKENS join the segments, longer ones stay
+    matmuls; each adapter token is in exactly one of them, and scaled ranks scale both."""
+    from kernels.lora_plan import GROUP_MAX_TOKENS, NATIVE_MAX_RUN_TOKENS
+
+    ranks = torch.tensor([8, 16, 4], dtype=torch.int32)
+    slots = [0, -1] + [1] * (GROUP_MAX_TOKENS + 1) + [2] * (NATIVE_MAX_RUN_TOKENS + 1) + [0]
+    plan = kernels.LoraMeta.build(torch.tensor(slots, dtype=torch.int32), ranks, torch.ones(3)).cpu_plan
+    assert [run.slot for run in plan.direct] == [1, 2]
+    assert [run.slot for run in plan.native_direct] == [2]
+    seg = plan.native_segments
+    assert sorted(seg.slots.tolist()) == [0, 1]
+    covered = seg.rows.tolist() + [t for run in plan.native_direct for t in range(run.start, run.end)]
+    assert sorted(covered) == [t for t, s in enumerate(slots) if s >= 0]
+    for i, slot in enumerate(seg.slots.tolist()):
+        rows = seg.rows[seg.starts[i] : seg.starts[i + 1]].tolist()
+        assert all(slots[r] == slot for r in rows) and seg.ranks[i] == ranks[slot]
+    tripled = plan.scaled_ranks(3)
+    assert tripled.native_segments.ranks.tolist() == [3 * r for r in seg.ranks.tolist()]
+    assert [run.rank for run in tripled.native_direct] == [12]
+    # A decode step has no direct runs: the native kernels share the twins' segments.
+    decode = kernels.LoraMeta.build(torch.tensor([0, 1, 2], dtype=torch.int32), ranks, torch.ones(3)).cpu_plan
+    assert decode.native_segments is decode.segments and decode.scaled_ranks(2).native_segments is not None
+
+
 def test_meta_splits_long_segments_into_tiles():
     meta = kernels.LoraMeta.build(
         torch.full((40,), 1, dtype=torch.int32), torch.tensor([8, 8]), torch.ones(2)

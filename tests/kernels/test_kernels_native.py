@@ -81,7 +81,11 @@ def engine_like_lora(tokens_per_slot: list[int], in_features=200, out_features=1
 
 @pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16], ids=str)
 def test_fp32_lora_runs_natively_not_through_the_twin(weights, monkeypatch):
-    x, lora_a, lora_b, meta = engine_like_lora([1, 3, 2, 5, 1, 2, 40, 4])  # slot 6: a direct (prefill) run
+    from kernels.lora_plan import NATIVE_MAX_RUN_TOKENS
+
+    # Slot 6: a prefill run the native kernels take (many token blocks); slot 7: one past their
+    # limit, left to an MKL matmul.
+    x, lora_a, lora_b, meta = engine_like_lora([1, 3, 2, 5, 1, 2, 40, NATIVE_MAX_RUN_TOKENS + 1])
     lora_a, lora_b = lora_a.to(weights), lora_b.to(weights)
     want_y = reference.lora_shrink(x, lora_a, meta)
     want = reference.lora_expand(want_y, lora_b, meta, torch.zeros(x.shape[0], lora_b.shape[1]))
@@ -91,7 +95,9 @@ def test_fp32_lora_runs_natively_not_through_the_twin(weights, monkeypatch):
 
     monkeypatch.setattr(reference, "lora_shrink", no_twin)
     monkeypatch.setattr(reference, "lora_expand", no_twin)
-    assert meta.cpu_plan.direct and meta.cpu_plan.segments.count == 7
+    plan = meta.cpu_plan
+    assert [run.slot for run in plan.direct] == [6, 7] and plan.segments.count == 6
+    assert [run.slot for run in plan.native_direct] == [7] and plan.native_segments.count == 7
     y = kernels.lora_shrink(x, lora_a, meta)
     got = kernels.lora_expand(y, lora_b, meta, torch.zeros(x.shape[0], lora_b.shape[1]))
     assert torch.allclose(y, want_y, rtol=1e-5, atol=1e-5)
