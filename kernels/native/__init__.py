@@ -45,6 +45,7 @@ _SIGNATURES = {
        for w in ("f32", "bf16w")},
     **{f"lorafleet_lora_apply_{w}": (ctypes.c_int, [P, I64, I64, P, I64, I64, P, I64, I64, P, P, I64, P, P, P, P, P])
        for w in ("f32", "bf16w")},
+    "lorafleet_lora_apply_by_segment": (ctypes.c_int, [I64, P, P]),
     "lorafleet_paged_decode_attention_f32": (
         ctypes.c_int,
         [P, I64, P, I64, P, P, I64, I64, I64, I64, I64, I64, P, I64, P, P, P, I64, ctypes.c_float],

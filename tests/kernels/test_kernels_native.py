@@ -136,6 +136,36 @@ def test_a_projection_group_is_one_native_call(weights, monkeypatch):
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("tokens_per_slot,by_segment", [
+    ([2, 3, 2, 3, 2, 3, 2, 3], True),  # a decode step: whole segments per thread, no barrier
+    ([1, 1, 1, 1, 1, 1, 120, 1], False),  # one segment outweighs the rest: the shared item lists
+], ids=["balanced", "lopsided"])
+def test_apply_schedules_agree_with_the_twin(tokens_per_slot, by_segment, threads):
+    """The native apply splits work by segment where that shares out evenly, by items otherwise;
+    both give the twin's result, at any thread count."""
+    x, _, _, meta = engine_like_lora(tokens_per_slot)
+    generator = torch.Generator().manual_seed(3)
+    fused_a = torch.randn(8, 32, 2, x.shape[1], generator=generator) / 15
+    b_views = [torch.randn(8, 32, w, generator=generator).transpose(1, 2) for w in (130, 300)]
+    seg = meta.cpu_plan.native_segments
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        chosen = native.library().lorafleet_lora_apply_by_segment(seg.count, seg.starts.data_ptr(), seg.ranks.data_ptr())
+        assert chosen == (by_segment and threads > 1)
+        got = torch.zeros(x.shape[0], 430)
+        kernels.lora_apply(x, fused_a.view(8, 64, x.shape[1]), [(b_views[0], got[:, :130]), (b_views[1], got[:, 130:])],
+                           meta, impl="native")
+    finally:
+        torch.set_num_threads(before)
+    want = torch.zeros(x.shape[0], 430)
+    for i, columns in enumerate((slice(0, 130), slice(130, 430))):
+        y = reference.lora_shrink(x, fused_a[:, :, i].contiguous(), meta)
+        reference.lora_expand(y, b_views[i], meta, want[:, columns])
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_a_prepared_group_in_a_decode_step_is_one_native_call_and_nothing_else(monkeypatch):
     """The engine's decode path: LoraGroup.apply goes straight to the native kernel, without the
     general lora_apply (its per-call checks and part table are what the group exists to skip)."""
