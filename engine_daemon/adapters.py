@@ -32,6 +32,8 @@ from engine_daemon.peft_format import (
 
 # Projections whose LoRA A matrices are stored (and shrunk) together: they read the same input.
 FUSED_PROJECTIONS = (QKV, GATE_UP)
+# Distinct target sets (unions over a step's adapters) whose group tables the pool keeps.
+_STEP_GROUP_TABLES = 64
 
 # A host copy: (module, layer) → (A [r, in], B·scaling [out, r]) in the pool's dtype (lora_dtype).
 HostWeights = dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]
@@ -133,6 +135,7 @@ class SlotPool:
         self.scalings = torch.ones(max_loras, dtype=torch.float32)
         self.targets: list[frozenset[tuple[str, int]]] = [frozenset()] * max_loras
         self._groups: dict[tuple, kernels.LoraGroup] = {}
+        self._step_groups: OrderedDict[frozenset, dict] = OrderedDict()
 
     def lora_group(self, parts: tuple[str, ...], layer: int, adapted: tuple[str, ...]) -> kernels.LoraGroup:
         """The LoRA kernels' view of one layer's projection group, where only `adapted` of its
@@ -151,6 +154,26 @@ class SlotPool:
                 lora_a = self.a[adapted[0]][layer]
                 members = [(self.b[adapted[0]][layer], columns[adapted[0]])]
             group = self._groups[key] = kernels.LoraGroup(lora_a, members, start)
+        return group
+
+    def groups_for(self, targets: frozenset[tuple[str, int]]) -> dict:
+        """The table a step whose adapters adapt `targets` reads its groups from: (parts, layer) →
+        `lora_group` of the adapted parts, or None where none is; filled on first use and shared by
+        every step with the same targets (a decode step makes 120 lookups: one dict read each)."""
+        table = self._step_groups.get(targets)
+        if table is None:
+            table = self._step_groups[targets] = {}
+            if len(self._step_groups) > _STEP_GROUP_TABLES:
+                self._step_groups.popitem(last=False)
+        else:
+            self._step_groups.move_to_end(targets)
+        return table
+
+    def step_group(self, table: dict, targets: frozenset[tuple[str, int]], parts: tuple[str, ...],
+                   layer: int) -> kernels.LoraGroup | None:
+        """Fill `table`'s entry for (parts, layer) (see `groups_for`)."""
+        adapted = tuple(part for part in parts if (part, layer) in targets)
+        group = table[parts, layer] = self.lora_group(parts, layer, adapted) if adapted else None
         return group
 
     def shrink_weights(self, parts: tuple[str, ...], layer: int) -> torch.Tensor:

@@ -102,19 +102,23 @@ class LoraBatch:
         self.meta = meta
         self.pool = pool  # adapters.SlotPool: .a[module][layer] [S, R, in], .b[module][layer] [S, out, R]
         self.targets = targets  # (module, layer) pairs that some adapter of this step adapts
+        self.groups = pool.groups_for(targets)  # (parts, layer) → kernels.LoraGroup | None
         self.timed = timed
         self.seconds: float | None = 0.0 if timed else None  # time spent in apply(), when timed
 
     def apply(self, x: torch.Tensor, out: torch.Tensor, layer: int, parts: tuple[str, ...]) -> None:
         """out += scaling · (x Aᵀ) Bᵀ for each token's adapter, for the projections `parts` whose
         outputs lie side by side in `out` (scaling is folded into B at load)."""
-        adapted = tuple(part for part in parts if (part, layer) in self.targets)
-        if not adapted:
+        # Inside a decode step every Python operation here costs microseconds (the caches are full
+        # of weights): one dict read finds the group.
+        key = (parts, layer)
+        group = self.groups[key] if key in self.groups else self.pool.step_group(self.groups, self.targets, parts, layer)
+        if group is None:
             return
         if self.timed:
             _sync(x)
             started = time.perf_counter()
-        self.pool.lora_group(parts, layer, adapted).apply(x, out, self.meta)
+        group.apply(x, out, self.meta)
         if self.timed:
             _sync(x)
             self.seconds += time.perf_counter() - started

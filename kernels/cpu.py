@@ -104,8 +104,9 @@ def lora_apply(x: torch.Tensor, lora_a: torch.Tensor, parts: list, meta: LoraMet
     n = len(parts)
     stacked = meta.scaled_ranks(n) if n > 1 else meta
     reference.check_apply(x, lora_a, parts, meta)
-    y = torch.empty(meta.num_tokens, lora_a.shape[1], dtype=_F32)  # only the rows of the plan are read
+    y = None  # the shrink's result: the native kernel's own buffer unless matmuls share it
     if plan.native_direct:  # the longest single-slot runs: MKL matmuls on views, as the twins do
+        y = torch.empty(meta.num_tokens, lora_a.shape[1], dtype=_F32)  # only the rows of the plan are read
         reference.shrink_direct_runs(x, lora_a, stacked.cpu_plan.native_direct, y)
         per_part = y.view(y.shape[0], -1, n)
         for i, part in enumerate(parts):
@@ -113,7 +114,8 @@ def lora_apply(x: torch.Tensor, lora_a: torch.Tensor, parts: list, meta: LoraMet
                 reference.expand_direct_runs(per_part[:, :, i], part[0], plan.native_direct, part[1])
     if plan.native_segments.count:  # outputs at absolute addresses: out_base 0
         table = _part_table([None if part is None else (part[0], _ptr(part[1]), part[1].stride(0)) for part in parts])
-        _run_apply(_lora_kernel("apply", lora_a), x, _a_args(lora_a), y, n, table, 0, plan.native_segments)
+        _run_apply(_lora_kernel("apply", lora_a), x, _a_args(lora_a), y, lora_a.shape[1], n, table, 0,
+                   plan.native_segments)
     return True
 
 
@@ -132,9 +134,11 @@ def _a_args(lora_a: torch.Tensor) -> tuple[int, int, int]:
     return _ptr(lora_a), lora_a.stride(0), lora_a.stride(1)
 
 
-def _run_apply(kernel, x: torch.Tensor, a_args: tuple, y: torch.Tensor, n: int, table, out_base: int, seg) -> None:
-    status = kernel(x.data_ptr(), x.stride(0), x.shape[1], *a_args, y.data_ptr(), y.stride(0), n, table, out_base,
-                    *seg.native_args)
+def _run_apply(kernel, x: torch.Tensor, a_args: tuple, y: torch.Tensor | None, y_stride: int, n: int, table,
+               out_base: int, seg) -> None:
+    """One native apply; y None: the kernel keeps the shrink's result in a buffer of its own."""
+    status = kernel(x.data_ptr(), x.stride(0), x.shape[1], *a_args, None if y is None else y.data_ptr(), y_stride,
+                    n, table, out_base, *seg.native_args)
     if status:
         raise MemoryError("lora_apply: the native kernel could not allocate its work lists")
 
@@ -174,9 +178,9 @@ class NativeGroup:
             or out.dtype != _F32 or out.shape != (tokens, self.out_width) or out.stride() != (self.out_width, 1)
         ):
             return False
-        if plan.native_segments.count:
-            y = torch.empty(tokens, self.rows, dtype=_F32)
-            _run_apply(self.kernel, x, self.a_args, y, self.parts, self.table, out.data_ptr(), plan.native_segments)
+        if plan.native_segments.count:  # y: the kernel's own buffer
+            _run_apply(self.kernel, x, self.a_args, None, self.rows, self.parts, self.table, out.data_ptr(),
+                       plan.native_segments)
         return True
 
 

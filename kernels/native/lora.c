@@ -335,7 +335,9 @@ DEFINE_EXPAND(lorafleet_lora_expand_bf16w, uint16_t, 1)
    out_dim, and the byte offset from out_base and row stride of the part's output. (Callers with
    one output tensor pass its address as out_base and the parts' column offsets, fixed per
    layer; others pass out_base 0 and absolute addresses.) A part whose B address is 0 is
-   skipped (no adapter of the step adapts it). seg_rank is the adapters' own rank.
+   skipped (no adapter of the step adapts it). seg_rank is the adapters' own rank. y (the
+   shrink's result, rows of y_stride >= ranks x n_parts floats) may be NULL: the kernel then
+   uses a buffer of its own.
    Returns 0, or -1 when out of memory (the output may then hold a partial sum). */
 #define APPLY_PART_FIELDS 7
 #define APPLY_MAX_PARTS 8
@@ -456,10 +458,23 @@ ALWAYS_INLINE void apply_segment(APPLY_PARAMS(void), const apply_plan *plan, int
     }
 }
 
+/* y for a caller that passes NULL: rows up to the largest batch row the segments name, y_stride
+   floats each. (Python paid more for a scratch tensor per call, ~20 us inside a decode step,
+   than the kernel's malloc, which reuses the same free block call after call.) */
+static float *apply_scratch(int64_t n_seg, const int64_t *seg_start, const int64_t *rows, int64_t y_stride)
+{
+    int64_t n_rows = 1;
+    for (int64_t k = seg_start[0]; k < seg_start[n_seg]; k++)
+        if (rows[k] >= n_rows) n_rows = rows[k] + 1;
+    return malloc(sizeof(float) * n_rows * y_stride);
+}
+
 #define DEFINE_APPLY(NAME, W, BF16)                                                               \
     int NAME(APPLY_PARAMS(W))                                                                     \
     {                                                                                             \
         if (n_parts < 1 || n_parts > APPLY_MAX_PARTS) return -1;                                  \
+        float *own_y = NULL;                                                                      \
+        if (y == NULL && (y = own_y = apply_scratch(n_seg, seg_start, rows, y_stride)) == NULL) return -1; \
         apply_plan plan;                                                                          \
         int failed = apply_plan_init(&plan, n_parts, parts, n_seg, seg_start, seg_rank) != 0;     \
         if (!failed) {                                                                            \
@@ -491,6 +506,7 @@ ALWAYS_INLINE void apply_segment(APPLY_PARAMS(void), const apply_plan *plan, int
             }                                                                                     \
         }                                                                                         \
         apply_plan_free(&plan);                                                                   \
+        free(own_y);                                                                              \
         return failed ? -1 : 0;                                                                   \
     }
 DEFINE_APPLY(lorafleet_lora_apply_f32, float, 0)

@@ -180,6 +180,26 @@ def test_slot_pool_layout_fuses_shrinks_and_keeps_low_ranks_contiguous(tiny_llam
     engine.close()
 
 
+def test_steps_with_the_same_targets_share_one_group_table(tiny_llama, adapter_dirs):
+    """LoraBatch finds a projection group with one dict read: the pool keeps a table per target
+    set (LRU-bounded), whose entries name the adapted parts only, or None where none is."""
+    from engine_daemon import adapters
+    from engine_daemon.model import QKV
+
+    engine = make_engine(tiny_llama, adapter_dirs)
+    pool = engine.residency.pool
+    targets = frozenset({("q_proj", 0), ("v_proj", 0), ("down_proj", 1)})
+    table = pool.groups_for(targets)
+    assert pool.groups_for(frozenset(targets)) is table
+    qkv = pool.step_group(table, targets, QKV, 0)
+    assert table[QKV, 0] is qkv and qkv.parts[1] is None and None not in (qkv.parts[0], qkv.parts[2])
+    assert pool.step_group(table, targets, ("o_proj",), 0) is None and table[("o_proj",), 0] is None
+    for layer in range(adapters._STEP_GROUP_TABLES):  # as many other target sets: the first goes
+        pool.groups_for(frozenset({("o_proj", 1000 + layer)}))
+    assert pool.groups_for(targets) is not table and pool.groups_for(targets) == {}
+    engine.close()
+
+
 _THREAD_PROBE = """
 import os, sys, threading, torch
 from engine_daemon.adapters import run_torch_inline_on_this_thread

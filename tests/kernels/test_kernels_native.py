@@ -166,6 +166,28 @@ def test_apply_schedules_agree_with_the_twin(tokens_per_slot, by_segment, thread
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16], ids=str)
+def test_apply_with_a_run_past_the_native_limit(weights):
+    """A step with a run longer than NATIVE_MAX_RUN_TOKENS: that run's shrink and expands are MKL
+    matmuls into a y the native call then shares for the other segments; the sum is the twin's."""
+    from kernels.lora_plan import NATIVE_MAX_RUN_TOKENS
+
+    x, _, _, meta = engine_like_lora([1, 3, 2, 5, 1, 2, 40, NATIVE_MAX_RUN_TOKENS + 1])
+    assert meta.cpu_plan.native_direct and meta.cpu_plan.native_segments.count == 7
+    generator = torch.Generator().manual_seed(4)
+    fused_a = (torch.randn(8, 32, 2, x.shape[1], generator=generator) / 15).to(weights)
+    b_views = [torch.randn(8, 32, w, generator=generator).to(weights).transpose(1, 2) for w in (130, 70)]
+    got = torch.zeros(x.shape[0], 200)
+    group = kernels.LoraGroup(fused_a.view(8, 64, x.shape[1]), [(b_views[0], slice(0, 130)), (b_views[1], slice(130, 200))],
+                              200, impl="native")
+    group.apply(x, got, meta)
+    want = torch.zeros(x.shape[0], 200)
+    for i, columns in enumerate((slice(0, 130), slice(130, 200))):
+        y = reference.lora_shrink(x, fused_a[:, :, i].contiguous(), meta)
+        reference.lora_expand(y, b_views[i], meta, want[:, columns])
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_a_prepared_group_in_a_decode_step_is_one_native_call_and_nothing_else(monkeypatch):
     """The engine's decode path: LoraGroup.apply goes straight to the native kernel, without the
     general lora_apply (its per-call checks and part table are what the group exists to skip)."""
