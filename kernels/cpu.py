@@ -3,8 +3,9 @@ for the rest, with the twins' exact signatures and semantics.
 
 - LoRA: float32 activations, float32 or bfloat16 weights, unit inner strides. A plan's single-
   slot runs past `lora_plan.NATIVE_MAX_RUN_TOKENS` stay one MKL matmul each; every other slot
-  (decode tokens and most prefill chunks) is one native call per projection group (`lora_apply`: the shrink and every part's expand; `NativeGroup`
-  lays a slot pool layer's group out once so a decode step's use skips the per-call checks).
+  (decode tokens and most prefill chunks) is one native call per projection group
+  (`lora_apply`: the shrink and every part's expand; `NativeGroup` lays a slot pool layer's
+  group out once so a decode step's use skips the per-call checks).
 - Attention: float32 queries over a float32 head-major cache. All decode sequences are one
   native call per layer that reads the paged cache in place; prefill chunks stay fused SDPA.
 
