@@ -105,13 +105,16 @@ class LoraCpuPlan:
 
     def scaled_ranks(self, factor: int) -> LoraCpuPlan:
         """This plan over a stack whose slot s holds rank · factor rows: equal ranks stay equal."""
+        def scaled(items):
+            return tuple(replace(item, rank=item.rank * factor) for item in items)
+
         segments = replace(self.segments, ranks=self.segments.ranks * factor)
         return replace(
             self,
-            direct=tuple(replace(run, rank=run.rank * factor) for run in self.direct),
-            groups=tuple(replace(group, rank=group.rank * factor) for group in self.groups),
+            direct=scaled(self.direct),
+            groups=scaled(self.groups),
             segments=segments,
-            native_direct=tuple(replace(run, rank=run.rank * factor) for run in self.native_direct),
+            native_direct=scaled(self.native_direct),
             native_segments=(segments if self.native_segments is self.segments
                              else replace(self.native_segments, ranks=self.native_segments.ranks * factor)),
         )

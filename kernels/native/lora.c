@@ -29,8 +29,9 @@
 /* Both kernels prefetch the next 4 weight rows of their item while they read the current 4,
    into L2 (`prefetcht2`, 3% faster than into L1: plausibly as an L1 prefetch holds one of the
    core's few line-fill buffers for the whole trip to memory), and never past the segment's rank
-   (rows there are padding; fetching them cost bandwidth). A decode step of 8 adapters, 64 tokens, 30 layers, both threads: 23.8
-   -> 22.1 ms in float32 (no prefetch at all: 28.5); 8 rows ahead or 16 were slower. */
+   (rows there are padding; fetching them cost bandwidth). A decode step of 8 adapters, 64
+   tokens, 30 layers, both threads: 23.8 -> 22.1 ms in float32 (no prefetch at all: 28.5); 8
+   rows ahead or 16 were slower. */
 
 /* Each kernel body below is one always-inlined function taking the weight type as a `bf16`
    flag, instantiated by one exported function per type. The OpenMP region must sit in the
@@ -174,12 +175,6 @@ ALWAYS_INLINE void expand_rows(v16 acc[2][OUT_VECTORS], const float *yl, const f
         }
 }
 
-/* Rank-major B, an item of `width` <= STREAM_COLS outputs from column o0 of segment s: per
-   pass of up to STREAM_TOKENS tokens, each 4 rank rows' runs of the item's columns are read once
-   and added, weighted by the tokens' y, into sums that stay in L1; the sums go into base once
-   at the end. Against items of 64 outputs, two tokens at a time (B read once per token pair,
-   256 bytes a row): a decode step of 8 bfloat16 adapters 16% faster, and a step's prefill runs
-   in one call faster than MKL's matmul per run (see lora_plan.py). */
 /* One 4-row block of expand_stream_item over the item's columns: sums[p] (+)= w[p] . B rows bq,
    for nt tokens. `first` (a constant at each call) starts the sums instead of adding to them,
    and asks for the tokens' output runs meanwhile (outs[p]), with write intent: they are read
@@ -211,6 +206,12 @@ ALWAYS_INLINE void stream_block(float sums[STREAM_TOKENS][STREAM_COLS], const fl
         }
 }
 
+/* Rank-major B, an item of `width` <= STREAM_COLS outputs from column o0 of segment s: per
+   pass of up to STREAM_TOKENS tokens, each 4 rank rows' runs of the item's columns are read once
+   and added, weighted by the tokens' y, into sums that stay in L1; the sums go into base once
+   at the end. Against items of 64 outputs, two tokens at a time (B read once per token pair,
+   256 bytes a row): a decode step of 8 bfloat16 adapters 16% faster, and a step's prefill runs
+   in one call faster than MKL's matmul per run (see lora_plan.py). */
 ALWAYS_INLINE void expand_stream_item(EXPAND_PARAMS(void), int64_t s, int64_t o0, int64_t width, int bf16)
 {
     (void)n_seg; (void)b_out_stride;
@@ -346,9 +347,9 @@ DEFINE_EXPAND(lorafleet_lora_expand_bf16w, uint16_t, 1)
     int64_t n_seg, const int64_t *seg_start, const int64_t *rows, const int64_t *seg_slot, const int64_t *seg_rank, \
     const float *seg_scaling
 
-/* The work lists of one apply: the shrink items of the stack (ranks × n_parts rows) and where
-   each part's expand items start (part i's are [first[i], first[i + 1]), n_seg column blocks of
-   its out_dim each). NULL when out of memory. */
+/* The work lists of one apply: the shrink items of the stack (ranks × n_parts rows; the item
+   schedule's only, none when by_segment) and where each part's expand items start (part i's
+   are [first[i], first[i + 1]), n_seg column blocks of its out_dim each). */
 typedef struct {
     int64_t *stack_rank, *shrink, n_shrink, first[APPLY_MAX_PARTS + 1], max_rank;
     int64_t *order;  /* segments by falling cost, when by_segment */
@@ -405,6 +406,7 @@ static int apply_plan_init(apply_plan *plan, int64_t n_parts, const int64_t *par
                            const int64_t *seg_rank)
 {
     plan->max_rank = 1;
+    plan->n_shrink = 0;
     plan->shrink = plan->order = NULL;
     plan->stack_rank = malloc(sizeof(int64_t) * (n_seg ? n_seg : 1));
     if (plan->stack_rank == NULL) return -1;
@@ -417,9 +419,10 @@ static int apply_plan_init(apply_plan *plan, int64_t n_parts, const int64_t *par
         const int64_t *p = parts + i * APPLY_PART_FIELDS;
         plan->first[i + 1] = plan->first[i] + (p[0] ? n_seg * expand_blocks(p[4], p[2]) : 0);
     }
+    if (apply_plan_by_segment(plan, n_seg, seg_start, seg_rank)) return -1;
+    if (plan->by_segment) return 0;  /* the shrink item list is the item schedule's alone */
     plan->shrink = shrink_items(n_seg, plan->stack_rank, &plan->n_shrink);
-    if (plan->shrink == NULL) return -1;
-    return apply_plan_by_segment(plan, n_seg, seg_start, seg_rank);
+    return plan->shrink == NULL ? -1 : 0;
 }
 
 static void apply_plan_free(apply_plan *plan)
