@@ -71,6 +71,11 @@ class AdapterVersion(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     validated_at = models.DateTimeField(null=True, blank=True)
     ready_at = models.DateTimeField(null=True, blank=True)
+    rejected_at = models.DateTimeField(null=True, blank=True)
+    # Validation runs started (counted before each, committed): a run that kills its worker is not retried forever.
+    validation_attempts = models.PositiveSmallIntegerField(default=0)
+    # Set when a rejected version's uploaded files were deleted after the retention period.
+    files_purged_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         constraints = [

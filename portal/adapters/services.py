@@ -183,7 +183,8 @@ def adapter_version_reject(*, version_id: int, reason: str) -> AdapterVersion | 
             return version
         version.status = Status.REJECTED
         version.error = reason
-        version.save(update_fields=["status", "error"])
+        version.rejected_at = timezone.now()
+        version.save(update_fields=["status", "error", "rejected_at"])
     staging.validated_dir_remove(version_id)
     logger.info("adapter version %s rejected: %s", version_id, reason)
     return version

@@ -27,20 +27,16 @@ from engine_daemon.peft_format import (
     WEIGHTS_FILE,
     AdapterError,
     AdapterManifest,
-    ModelDescriptor,
     adapter_content_sha256,
     cached_adapter_dir,
-    iter_nonfinite_tensors,
-    validate_adapter_dir,
 )
 from engine_daemon.protocol import CONTROL_STREAM, ControlEvent
 from portal.adapters.archives import ArchiveLimits, extract_adapter_archive
+from portal.adapters.checks import adapter_files_check, pickle_error
 from portal.adapters.models import AdapterVersion
 from portal.common.redis import redis_client
 
-MAX_CONFIG_BYTES = 1 << 20
 CONTROL_STREAM_MAXLEN = 10_000
-_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip container; a raw pickle's PROTO opcode
 _CACHE_FILES = (CONFIG_FILE, WEIGHTS_FILE, MANIFEST_FILE)
 
 
@@ -88,37 +84,9 @@ def upload_materialize(*, version: AdapterVersion, dest: Path) -> None:
         return
     weights_name = version.original_filenames.get("adapter_model", WEIGHTS_FILE)
     if weights_name.lower().endswith(PICKLE_SUFFIXES):
-        raise _pickle_error(weights_name)
+        raise pickle_error(weights_name)
     shutil.copyfile(version.config_file.path, dest / CONFIG_FILE)
     shutil.copyfile(version.weights_file.path, dest / WEIGHTS_FILE)
-
-
-def _pickle_error(name: str) -> AdapterError:
-    return AdapterError(
-        f"{name} is a pickle (PyTorch .bin/.pt), which can run code when loaded and is never read; "
-        "save the adapter with save_pretrained(..., safe_serialization=True) to get adapter_model.safetensors"
-    )
-
-
-def adapter_files_check(folder: Path, base: ModelDescriptor) -> AdapterManifest:
-    """Everything the engine would refuse, refused now: peft_format's rules, then NaN/Inf (streamed)."""
-    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-    with weights_path.open("rb") as stream:
-        head = stream.read(4)
-    if head.startswith(_PICKLE_MAGIC):
-        raise _pickle_error(WEIGHTS_FILE)
-    config_bytes = config_path.stat().st_size
-    if config_bytes > MAX_CONFIG_BYTES:
-        raise AdapterError(f"{CONFIG_FILE} is {config_bytes} bytes; a PEFT adapter config is a few kilobytes of JSON")
-    manifest = validate_adapter_dir(folder, base, max_lora_rank=settings.LORAFLEET_MAX_LORA_RANK)
-    nonfinite = list(iter_nonfinite_tensors(weights_path))
-    if nonfinite:
-        shown = ", ".join(nonfinite[:3]) + (f" and {len(nonfinite) - 3} more" if len(nonfinite) > 3 else "")
-        raise AdapterError(
-            f"{WEIGHTS_FILE}: tensors hold NaN or Inf ({shown}); training diverged or the export is broken, "
-            "retrain or re-export the adapter"
-        )
-    return manifest
 
 
 def validated_dir(version_id: int) -> Path:
@@ -133,7 +101,7 @@ def upload_validate(*, version: AdapterVersion) -> tuple[str, AdapterManifest]:
     base = version.adapter.base_model.model_descriptor
     with _scratch_dir(".validating-") as scratch:
         upload_materialize(version=version, dest=scratch)
-        manifest = adapter_files_check(scratch, base)
+        manifest = adapter_files_check(scratch, base, max_lora_rank=settings.LORAFLEET_MAX_LORA_RANK)
         sha256 = adapter_content_sha256(scratch / CONFIG_FILE, scratch / WEIGHTS_FILE)
         target = validated_dir(version.pk)
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,11 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from portal.adapters import services
 from portal.adapters.models import AdapterVersion
 from portal.adapters.uploads import AdapterUpload
-from tests.portal.adapters.bad_uploads import CORPUS, BadUpload
+from tests.portal.adapters import hostile_archives, hostile_weights
+from tests.portal.adapters.bad_uploads import BadUpload
+from tests.portal.adapters.bad_uploads import CORPUS as BASIC_CORPUS
+
+CORPUS = BASIC_CORPUS + hostile_archives.CASES + hostile_weights.CASES
 
 pytestmark = pytest.mark.django_db
 
