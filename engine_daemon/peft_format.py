@@ -19,10 +19,24 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from engine_daemon.lora_patterns import PatternError, pattern_values
+
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+MANIFEST_FILE = "manifest.json"  # written by the upload validation into each staged cache folder
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-MAX_HEADER_BYTES = 64 * 1024 * 1024
+# Bounds on a safetensors header, so that a hostile one costs no more to refuse than a large adapter
+# costs to read. The largest Llama (126 layers, all seven projections) has 1,764 LoRA tensors in about
+# 265 KB of header; MAX_TENSORS is ten times that, and MAX_HEADER_BYTES leaves 256 bytes for each.
+# Parsing JSON can take ~25 bytes of memory per header byte ([[],[],...]), so 4 MiB keeps the worst
+# header near 100 MiB, far inside the validation child's limit.
+MAX_HEADER_BYTES = 4 * 1024 * 1024
+MAX_TENSORS = 16_384
+MAX_TENSOR_DIMS = 8
+MAX_DIM = 2**31  # also the largest rank a rank_pattern may give
+MAX_TENSOR_NAME_CHARS = 1024
+_MAX_HEADER_INT_DIGITS = 20  # a u64: every size and offset in the format is one
+_RESAVE = "re-save the adapter with safetensors' save_file or PEFT's save_pretrained"
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
@@ -128,21 +142,22 @@ class LoraSpec:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
 
-    def rank_and_alpha(self, module_path: str) -> tuple[int, float]:
-        """PEFT's rule: the first pattern key that matches the end of the module path wins."""
-        rank = _pattern_value(self.rank_pattern, module_path, self.r)
-        alpha = _pattern_value(self.alpha_pattern, module_path, self.lora_alpha)
-        return int(rank), float(alpha)
+    def ranks_and_alphas(self, module_paths: list[str]) -> dict[str, tuple[int, float]]:
+        """Each module path's (rank, alpha): PEFT's first matching pattern key, else r / lora_alpha.
+
+        Matching is bounded in time, and a key that matches none of ``module_paths`` is refused.
+        """
+        try:
+            ranks = pattern_values(self.rank_pattern, module_paths, field="rank_pattern")
+            alphas = pattern_values(self.alpha_pattern, module_paths, field="alpha_pattern")
+        except PatternError as exc:
+            raise AdapterError(f"{CONFIG_FILE}: {exc}") from None
+        return {
+            path: (int(ranks.get(path, self.r)), float(alphas.get(path, self.lora_alpha))) for path in module_paths
+        }
 
     def scaling(self, rank: int, alpha: float) -> float:
         return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
-
-
-def _pattern_value(pattern: dict[str, Any], module_path: str, default: Any) -> Any:
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", module_path):
-            return value
-    return default
 
 
 # Settings that change what the adapter computes; each must hold its neutral value.
@@ -180,9 +195,7 @@ def parse_adapter_config(raw: bytes | str | dict[str, Any]) -> LoraSpec:
             raise AdapterError(f"{CONFIG_FILE}: {key}={config[key]!r}: {message}")
 
     r = _positive_int(config.get("r"), "r")
-    alpha = config.get("lora_alpha", r)
-    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or alpha <= 0:
-        raise AdapterError(f"{CONFIG_FILE}: lora_alpha must be a positive number, got {alpha!r}")
+    alpha = _positive_number(config.get("lora_alpha", r), "lora_alpha")
     targets = config.get("target_modules")
     if isinstance(targets, str):
         targets = [targets]
@@ -198,13 +211,13 @@ def parse_adapter_config(raw: bytes | str | dict[str, Any]) -> LoraSpec:
     if not isinstance(rank_pattern, dict) or not isinstance(alpha_pattern, dict):
         raise AdapterError(f"{CONFIG_FILE}: rank_pattern and alpha_pattern must be JSON objects")
     for key, value in rank_pattern.items():
-        _positive_int(value, f"rank_pattern[{key!r}]")
+        if _positive_int(value, f"rank_pattern[{key!r}]") > MAX_DIM:
+            raise AdapterError(f"{CONFIG_FILE}: rank_pattern[{key!r}] is above 2**31; a rank is a small integer such as 8")
     for key, value in alpha_pattern.items():
-        if not isinstance(value, int | float) or value <= 0:
-            raise AdapterError(f"{CONFIG_FILE}: alpha_pattern[{key!r}] must be a positive number")
+        _positive_number(value, f"alpha_pattern[{key!r}]")
     return LoraSpec(
         r=r,
-        lora_alpha=float(alpha),
+        lora_alpha=alpha,
         use_rslora=bool(config.get("use_rslora", False)),
         target_modules=tuple(sorted(set(targets))),
         rank_pattern=dict(rank_pattern),
@@ -226,6 +239,24 @@ def _positive_int(value: Any, name: str) -> int:
     return value
 
 
+def _positive_number(value: Any, name: str) -> float:
+    """A finite positive float: JSON's 1e999 reads as inf, 10**400 overflows a float, and true is no number."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise AdapterError(f"{CONFIG_FILE}: {name} must be a positive number, got {value!r}")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise AdapterError(
+            f"{CONFIG_FILE}: {name} is not finite ({number}); JSON numbers past 1.8e308 read as infinity, "
+            "set it to the alpha the adapter was trained with, such as 16"
+        )
+    if number <= 0:
+        raise AdapterError(f"{CONFIG_FILE}: {name} must be a positive number, got {value!r}")
+    return number
+
+
 # ---------------------------------------------------------------------------------------------
 # safetensors, header only
 
@@ -239,45 +270,157 @@ class TensorInfo:
     end: int
 
 
-def read_safetensors_header(stream: BinaryIO, file_size: int) -> tuple[dict[str, TensorInfo], int]:
-    """Parse the JSON header without reading any tensor data; returns (tensors, data_start)."""
+def safetensors_header_json(stream: BinaryIO, file_size: int) -> tuple[dict[str, Any], int]:
+    """The header as the format frames it: a little-endian u64 length that fits the file, then one
+    UTF-8 JSON object. Returns (header, data_start); raises when the file is no safetensors at all.
+    """
     prefix = stream.read(8)
     if len(prefix) != 8:
         raise AdapterError(f"{WEIGHTS_FILE} is truncated: no header")
     (header_len,) = struct.unpack("<Q", prefix)
-    if header_len > min(MAX_HEADER_BYTES, file_size - 8):
+    if header_len > file_size - 8:
         raise AdapterError(f"{WEIGHTS_FILE}: header length {header_len} is past the file size; not a safetensors file")
+    if header_len > MAX_HEADER_BYTES:
+        raise AdapterError(
+            f"{WEIGHTS_FILE}: header is {header_len} bytes, more than the {MAX_HEADER_BYTES} read; "
+            "an adapter's header is a few hundred kilobytes"
+        )
     try:
-        header = json.loads(stream.read(header_len), parse_constant=_refuse_constant)
-    except (ValueError, UnicodeDecodeError) as exc:
+        # Decoded first: json.loads would also take UTF-16 or UTF-32 bytes, which the engine's reader refuses.
+        header = json.loads(
+            stream.read(header_len).decode("utf-8"),
+            parse_constant=_refuse_constant,
+            parse_int=_header_int,
+            object_pairs_hook=_unique_keys,
+        )
+    except AdapterError:
+        raise
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError; RecursionError: [[[[...
         raise AdapterError(f"{WEIGHTS_FILE}: header is not valid JSON ({exc}); not a safetensors file") from None
     if not isinstance(header, dict):
         raise AdapterError(f"{WEIGHTS_FILE}: header must be a JSON object")
-    data_start = 8 + header_len
+    return header, 8 + header_len
+
+
+def read_safetensors_header(stream: BinaryIO, file_size: int) -> tuple[dict[str, TensorInfo], int]:
+    """Parse the JSON header without reading any tensor data; returns (tensors, data_start).
+
+    Beyond the framing, the format's own rules, each checked in time bounded by the header's size:
+    ``__metadata__`` maps strings to strings; each tensor has a dtype we serve, at most
+    MAX_TENSOR_DIMS dimensions of at most MAX_DIM and offsets that match its shape; and sorted by
+    offset the tensors tile the data section exactly (no overlap, no gap, nothing after the last),
+    so each byte belongs to one tensor and a scan of the data reads it once. An empty tensor is
+    legal safetensors but never LoRA: it is refused, so that every tensor owns bytes of its own.
+    """
+    header, data_start = safetensors_header_json(stream, file_size)
     data_size = file_size - data_start
-    tensors: dict[str, TensorInfo] = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise AdapterError(f"{WEIGHTS_FILE}: malformed header entry for {name!r}") from None
-        if not all(_is_count(n) for n in (*shape, start, end)):
-            # JSON allows 4.0, -1, true or "4" here; a float dimension would even pass the shape checks below.
-            raise AdapterError(
-                f"{WEIGHTS_FILE}: tensor {name!r} has a shape or offsets that are not non-negative integers; "
-                "not a safetensors file"
-            )
-        if dtype not in SAFETENSORS_DTYPES:
-            raise AdapterError(
-                f"{WEIGHTS_FILE}: tensor {name!r} has dtype {dtype}; save the adapter in float16, bfloat16 or float32"
-            )
-        expected = math.prod(shape) * _DTYPE_BYTES[dtype]
-        if not (0 <= start <= end <= data_size) or end - start != expected:
-            raise AdapterError(f"{WEIGHTS_FILE}: tensor {name!r} has offsets that do not match its shape or the file")
-        tensors[name] = TensorInfo(name, dtype, shape, start, end)
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(value, str) for value in metadata.values()):
+        raise AdapterError(f"{WEIGHTS_FILE}: __metadata__ must be a JSON object of strings to strings; {_RESAVE}")
+    if len(header) > MAX_TENSORS:
+        raise AdapterError(
+            f"{WEIGHTS_FILE}: header lists {len(header)} tensors, above the {MAX_TENSORS} allowed; "
+            "a LoRA adapter has two per adapted projection"
+        )
+    tensors = {name: _tensor_info(name, entry, data_size) for name, entry in header.items()}
+    _check_tiling(tensors, data_size)
     return tensors, data_start
+
+
+def _tensor_info(name: str, entry: Any, data_size: int) -> TensorInfo:
+    if len(name) > MAX_TENSOR_NAME_CHARS:
+        raise AdapterError(
+            f"{WEIGHTS_FILE}: a tensor name is {len(name)} characters long, above {MAX_TENSOR_NAME_CHARS}; "
+            f"PEFT's are under 100 ({_shown(name)})"
+        )
+    try:
+        dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+    except (KeyError, TypeError, ValueError):
+        raise AdapterError(f"{WEIGHTS_FILE}: malformed header entry for {name!r}") from None
+    if isinstance(shape, list) and len(shape) > MAX_TENSOR_DIMS:
+        raise AdapterError(
+            f"{WEIGHTS_FILE}: tensor {name!r} has {len(shape)} dimensions, above {MAX_TENSOR_DIMS}; "
+            "LoRA weights are matrices"
+        )
+    if not isinstance(shape, list) or not all(_is_count(n) for n in (*shape, start, end)):
+        # JSON allows 4.0, -1, true or "4" here; a float dimension would even pass the shape checks below.
+        raise AdapterError(
+            f"{WEIGHTS_FILE}: tensor {name!r} has a shape or offsets that are not non-negative integers; "
+            "not a safetensors file"
+        )
+    if any(dim > MAX_DIM for dim in shape):
+        raise AdapterError(
+            f"{WEIGHTS_FILE}: tensor {name!r} has shape {shape}, with a dimension above 2**31; not a LoRA weight"
+        )
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        shown = dtype if isinstance(dtype, str) and len(dtype) <= 16 else _shown(dtype)
+        raise AdapterError(
+            f"{WEIGHTS_FILE}: tensor {name!r} has dtype {shown}; "
+            "save the adapter in float16, bfloat16 or float32"
+        )
+    if not start <= end <= data_size or _tensor_bytes(dtype, shape, limit=end - start) != end - start:
+        raise AdapterError(
+            f"{WEIGHTS_FILE}: tensor {name!r} has offsets that do not match its shape or the file "
+            f"({dtype} {shape} at [{start}, {end}] of {data_size} data bytes); {_RESAVE}"
+        )
+    if start == end:
+        raise AdapterError(f"{WEIGHTS_FILE}: tensor {name!r} is empty (shape {shape}); a LoRA weight never is, {_RESAVE}")
+    return TensorInfo(name, dtype, tuple(shape), start, end)
+
+
+def _tensor_bytes(dtype: str, shape: list[int], *, limit: int) -> int:
+    """The tensor's size in bytes, or any number above ``limit`` once the product passes it."""
+    size = _DTYPE_BYTES[dtype]
+    for dim in shape:
+        size *= dim
+        if size > limit:
+            return size
+    return size
+
+
+def _check_tiling(tensors: dict[str, TensorInfo], data_size: int) -> None:
+    """Sorted by offset, the tensors cover the data section exactly, as safetensors itself requires."""
+    covered, previous = 0, None
+    for info in sorted(tensors.values(), key=lambda t: t.start):
+        if info.start < covered:
+            raise AdapterError(
+                f"{WEIGHTS_FILE}: tensors {previous.name!r} and {info.name!r} overlap in the data section; "
+                f"each tensor needs bytes of its own, {_RESAVE}"
+            )
+        if info.start > covered:
+            raise AdapterError(
+                f"{WEIGHTS_FILE}: data bytes [{covered}, {info.start}) before tensor {info.name!r} belong to no tensor; "
+                f"{_RESAVE}"
+            )
+        covered, previous = info.end, info
+    if covered != data_size:
+        where = "after the last tensor" if tensors else "in a file with no tensors"
+        raise AdapterError(f"{WEIGHTS_FILE}: {data_size - covered} data bytes {where} belong to no tensor; {_RESAVE}")
+
+
+def _header_int(digits: str) -> int:
+    # Python's ints are unbounded and slow to build from thousands of digits; the format's are u64.
+    if len(digits.lstrip("-")) > _MAX_HEADER_INT_DIGITS:
+        raise AdapterError(
+            f"{WEIGHTS_FILE}: header holds a {len(digits)}-digit integer; safetensors sizes and offsets fit "
+            "in 64 bits, not a safetensors file"
+        )
+    return int(digits)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json.loads keeps the last of two equal keys; a reader that kept the first would see another file.
+    found: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in found:
+            raise AdapterError(f"{WEIGHTS_FILE}: header names {_shown(key)} twice; {_RESAVE}")
+        found[key] = value
+    return found
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}..."
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,6 +488,8 @@ def validate_adapter(
 
     modules: list[ModuleLora] = []
     dtypes = set()
+    paths = {key: module_path(*key) for key in sorted(pairs)}
+    configured = spec.ranks_and_alphas(list(paths.values()))
     for (layer, module), sides in sorted(pairs.items()):
         if set(sides) != {"A", "B"}:
             missing = ({"A", "B"} - set(sides)).pop()
@@ -362,8 +507,7 @@ def validate_adapter(
                 f"layer {layer} {module} has rank {rank}, above this engine's max_lora_rank {max_lora_rank}; "
                 "retrain with a smaller r or raise max_lora_rank"
             )
-        block = "self_attn" if module in ATTENTION_MODULES else "mlp"
-        cfg_rank, alpha = spec.rank_and_alpha(f"model.layers.{layer}.{block}.{module}")
+        cfg_rank, alpha = configured[paths[layer, module]]
         if cfg_rank != rank:
             raise AdapterError(
                 f"layer {layer} {module}: the weights have rank {rank} but {CONFIG_FILE} (r / rank_pattern) says {cfg_rank}"
@@ -385,6 +529,12 @@ def validate_adapter(
         base_fingerprint=base.fingerprint,
         bytes=weights_bytes,
     )
+
+
+def module_path(layer: int, module: str) -> str:
+    """The module's name inside the model, as PEFT matches pattern keys against it."""
+    block = "self_attn" if module in ATTENTION_MODULES else "mlp"
+    return f"model.layers.{layer}.{block}.{module}"
 
 
 def _explain_unknown_tensor(name: str) -> str:
@@ -422,8 +572,75 @@ def validate_adapter_dir(path: str | Path, base: ModelDescriptor, *, max_lora_ra
     return validate_adapter(spec, tensors, base, max_lora_rank=max_lora_rank, weights_bytes=size)
 
 
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+
+
+def staged_manifest_load(path: str | Path, base: ModelDescriptor, *, max_lora_rank: int) -> AdapterManifest:
+    """The manifest a worker wrote for a staged cache folder, checked against the weights header.
+
+    The engine's way in: per-module ranks and scalings come from the manifest, so no pattern key
+    of the upload is evaluated here; what is checked (shapes, names, ranks) costs one header read.
+    """
+    folder = Path(path)
+    manifest_path, weights_path = folder / MANIFEST_FILE, folder / WEIGHTS_FILE
+    if not manifest_path.is_file() or not weights_path.is_file():
+        raise AdapterError(f"adapter folder {folder} is not a complete staged adapter (no {MANIFEST_FILE} or weights)")
+    if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise AdapterError(f"{manifest_path} is larger than {MAX_MANIFEST_BYTES} bytes; stage the adapter again")
+    try:
+        manifest = AdapterManifest.from_dict(json.loads(manifest_path.read_bytes(), parse_constant=_refuse_constant))
+    except (ValueError, TypeError, KeyError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{manifest_path} is unreadable ({exc}); stage the adapter again") from None
+    if manifest.base_fingerprint != base.fingerprint:
+        raise AdapterError(
+            f"adapter in {folder} was validated for base model {manifest.base_model!r}, not {base.name!r}; "
+            "upload it for this base model"
+        )
+    size = weights_path.stat().st_size
+    with weights_path.open("rb") as stream:
+        tensors, _ = read_safetensors_header(stream, size)
+    if not manifest.modules:
+        raise AdapterError(f"{manifest_path} lists no modules; stage the adapter again")
+    try:
+        _check_manifest_modules(manifest, tensors, base, max_lora_rank=max_lora_rank, manifest_path=manifest_path)
+    except TypeError:
+        raise AdapterError(f"{manifest_path} has fields of the wrong type; stage the adapter again") from None
+    manifest.bytes = size
+    return manifest
+
+
+def _check_manifest_modules(
+    manifest: AdapterManifest, tensors: dict[str, TensorInfo], base: ModelDescriptor, *, max_lora_rank: int,
+    manifest_path: Path,
+) -> None:
+    for m in manifest.modules:
+        if not (_is_count(m.layer) and _is_count(m.rank) and isinstance(m.scaling, int | float)):
+            raise TypeError(m)
+        a, b = tensors.get(m.a_name), tensors.get(m.b_name)
+        if m.module not in LORA_MODULES or not 0 <= m.layer < base.num_layers or a is None or b is None:
+            raise AdapterError(f"{manifest_path} does not match its weights (layer {m.layer} {m.module}); stage it again")
+        in_f, out_f = base.projection_shape(m.module)
+        if (a.shape, b.shape) != ((m.rank, in_f), (out_f, m.rank)) or not 0 < m.rank <= max_lora_rank:
+            raise AdapterError(
+                f"layer {m.layer} {m.module}: rank {m.rank} with lora_A {list(a.shape)} / lora_B {list(b.shape)} "
+                f"does not fit this engine (max_lora_rank {max_lora_rank}); stage the adapter again"
+            )
+        if not (isinstance(m.scaling, int | float) and math.isfinite(m.scaling)):
+            raise AdapterError(f"{manifest_path}: layer {m.layer} {m.module} has scaling {m.scaling!r}; stage it again")
+
+
+def adapter_manifest_load(path: str | Path, base: ModelDescriptor, *, max_lora_rank: int) -> AdapterManifest:
+    """A staged folder's manifest when it has one (the serving path), else a PEFT folder validated here."""
+    if (Path(path) / MANIFEST_FILE).is_file():
+        return staged_manifest_load(path, base, max_lora_rank=max_lora_rank)
+    return validate_adapter_dir(path, base, max_lora_rank=max_lora_rank)
+
+
 def iter_nonfinite_tensors(path: str | Path, chunk_bytes: int = 1 << 22) -> Iterator[str]:
-    """Names of tensors holding NaN or Inf, read in chunks so a large file never sits in memory."""
+    """Names of tensors holding NaN or Inf, read in chunks so a large file never sits in memory.
+
+    The header's tensors tile the data section, so the scan reads each byte of the file once.
+    """
     import numpy as np
 
     path = Path(path)
@@ -436,6 +653,8 @@ def iter_nonfinite_tensors(path: str | Path, chunk_bytes: int = 1 << 22) -> Iter
             remaining = info.end - info.start
             while remaining > 0:
                 raw = stream.read(min(step, remaining))
+                if not raw:
+                    raise AdapterError(f"{WEIGHTS_FILE} ended inside tensor {info.name!r}; upload the whole file")
                 remaining -= len(raw)
                 if not _all_finite(np, raw, info.dtype):
                     yield info.name
@@ -453,7 +672,6 @@ def _all_finite(np: Any, raw: bytes, dtype: str) -> bool:
 # ---------------------------------------------------------------------------------------------
 # The shared adapter cache: ADAPTER_CACHE_DIR/<sha256>/{adapter_config.json, adapter_model.safetensors, manifest.json}
 
-MANIFEST_FILE = "manifest.json"
 
 
 def adapter_content_sha256(config_path: str | Path, weights_path: str | Path, chunk_bytes: int = 1 << 20) -> str:

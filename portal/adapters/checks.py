@@ -15,11 +15,13 @@ from engine_daemon.peft_format import (
     AdapterManifest,
     ModelDescriptor,
     iter_nonfinite_tensors,
+    safetensors_header_json,
     validate_adapter_dir,
 )
 
 MAX_CONFIG_BYTES = 1 << 20
-_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip container; a raw pickle's PROTO opcode
+# torch.save's zip container; a raw pickle's PROTO opcode with protocol 2 to 5
+_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
 
 def pickle_error(name: str) -> AdapterError:
@@ -29,12 +31,29 @@ def pickle_error(name: str) -> AdapterError:
     )
 
 
+def is_pickle(path: Path) -> bool:
+    """A pickle by its signature, unless the file is framed as safetensors.
+
+    The structure decides, not the first byte: safetensors starts with its header length as a
+    little-endian u64 and pads the header to 8 bytes, so every header of 128 mod 256 bytes starts
+    with 0x80, as a pickle does. A file whose length prefix fits it and whose header is a JSON
+    object is safetensors; only a file that is not is named by its signature.
+    """
+    with path.open("rb") as stream:
+        if not stream.read(4).startswith(_PICKLE_MAGIC):
+            return False
+        stream.seek(0)
+        try:
+            safetensors_header_json(stream, path.stat().st_size)
+        except AdapterError:
+            return True
+    return False
+
+
 def adapter_files_check(folder: Path, base: ModelDescriptor, *, max_lora_rank: int) -> AdapterManifest:
     """Everything the engine would refuse, refused now: peft_format's rules, then NaN/Inf (streamed)."""
     config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-    with weights_path.open("rb") as stream:
-        head = stream.read(4)
-    if head.startswith(_PICKLE_MAGIC):
+    if is_pickle(weights_path):
         raise pickle_error(WEIGHTS_FILE)
     config_bytes = config_path.stat().st_size
     if config_bytes > MAX_CONFIG_BYTES:
