@@ -27,13 +27,17 @@ from engine_daemon.peft_format import (
     AdapterError,
     AdapterManifest,
     ModelDescriptor,
-    validate_adapter_dir,
+    adapter_manifest_load,
 )
 
 # Projections whose LoRA A matrices are stored (and shrunk) together: they read the same input.
 FUSED_PROJECTIONS = (QKV, GATE_UP)
 # Distinct target sets (unions over a step's adapters) whose group tables the pool keeps.
 _STEP_GROUP_TABLES = 64
+
+# A failed load is tried again by a later request after 5 s, 10 s, 20 s ... at most 5 minutes.
+LOAD_RETRY_FIRST_SECONDS = 5.0
+LOAD_RETRY_MAX_SECONDS = 300.0
 
 # A host copy: (module, layer) → (A [r, in], B·scaling [out, r]) in the pool's dtype (lora_dtype).
 HostWeights = dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]
@@ -60,7 +64,9 @@ class AdapterRecord:
     slot: int | None = None
     loading: bool = False
     host: HostWeights | None = None
-    error: str | None = None
+    error: str | None = None  # the last load's failure, until a retry (after retry_at) succeeds
+    failures: int = 0  # loads failed in a row
+    retry_at: float = 0.0  # monotonic time from which a request may try the load again
     in_use: int = 0  # running sequences holding the slot
     pinned: bool = False
     fresh_load: bool = False  # the next hold() is the request that caused the load, not a hit
@@ -251,8 +257,8 @@ class AdapterResidency:
     # ---- registration -------------------------------------------------------------------
 
     def add(self, name: str, path: str | Path) -> AdapterRecord:
-        """Register (or replace) an adapter after checking its files against the base model."""
-        manifest = validate_adapter_dir(path, self.descriptor, max_lora_rank=self.max_lora_rank)
+        """Register (or replace) an adapter: a staged folder by its manifest, else a PEFT folder validated here."""
+        manifest = adapter_manifest_load(path, self.descriptor, max_lora_rank=self.max_lora_rank)
         old = self.records.get(name)
         if old is not None:
             if old.in_use:
@@ -288,9 +294,7 @@ class AdapterResidency:
 
     def acquire(self, name: str) -> int | None:
         """The slot of a ready adapter, or None while it loads (a load is started if a slot can be had)."""
-        record = self.get(name)
-        if record.error:
-            raise AdapterError(record.error)
+        record = self.check_loadable(name)
         if record.slot is not None:
             if record.loading:
                 return None
@@ -308,9 +312,28 @@ class AdapterResidency:
     def prefetch_to_host(self, name: str) -> None:
         """Read an adapter into host RAM in the background, so that its first request skips the disk."""
         record = self.get(name)
-        if record.host is None and not record.loading and not record.error:
+        if record.error and time.monotonic() < record.retry_at:
+            return
+        if record.host is None and not record.loading:
             record.loading = True
             self._jobs.put(_LoadJob(name, record.path, record.manifest, None, None))
+
+    def check_loadable(self, name: str) -> AdapterRecord:
+        """A failed adapter stays refused (AdapterError) until its back-off has passed; then it may load again."""
+        record = self.get(name)
+        if not record.error:
+            return record
+        wait = record.retry_at - time.monotonic()
+        if wait > 0:
+            raise AdapterError(f"{record.error} (the engine tries loading it again in {wait:.0f} s)")
+        record.error = None
+        return record
+
+    def _load_failed(self, record: AdapterRecord, error: str) -> None:
+        record.error = error
+        record.failures += 1
+        backoff = min(LOAD_RETRY_FIRST_SECONDS * 2 ** (record.failures - 1), LOAD_RETRY_MAX_SECONDS)
+        record.retry_at = time.monotonic() + backoff
 
     def hold(self, name: str) -> None:
         """A sequence starts running on this adapter: its slot may not be reused until release()."""
@@ -342,9 +365,10 @@ class AdapterResidency:
                 if record is not None:
                     record.loading = False
                     if result.error:
-                        record.error = result.error
+                        self._load_failed(record, result.error)
                         failures.append((result.name, result.error))
                     elif record.host is None:
+                        record.failures = 0
                         record.stats.disk_loads += 1
                         record.stats.prefetch_seconds += result.seconds
                         self._keep_on_host(result.name, result.host)
@@ -355,12 +379,13 @@ class AdapterResidency:
                 continue  # removed or replaced while loading
             record.loading = False
             if result.error:
-                record.error, record.slot = result.error, None
+                self._load_failed(record, result.error)
+                record.slot = None
                 self.slot_owner[result.slot] = None
                 self._slot_lru.move_to_end(result.slot, last=False)
                 failures.append((result.name, result.error))
                 continue
-            record.fresh_load = True
+            record.fresh_load, record.failures = True, 0
             self.load_events.append((result.name, result.seconds, "disk" if result.from_disk else "host"))
             record.stats.slot_loads += 1
             record.stats.load_seconds += result.seconds
@@ -480,6 +505,8 @@ class AdapterResidency:
                     "mean_load_seconds": stats.load_seconds / stats.slot_loads if stats.slot_loads else None,
                     "last_used": stats.last_used,
                     "error": record.error,
+                    # wall-clock time of the next try, for the ops page
+                    "retry_at": time.time() + max(0.0, record.retry_at - time.monotonic()) if record.error else None,
                 }
             )
         return rows

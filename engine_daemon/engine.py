@@ -237,9 +237,7 @@ class Engine:
                 code="context_length_exceeded",
             )
         if adapter is not None:
-            record = self.residency.get(adapter)
-            if record.error:
-                raise AdapterError(record.error)
+            self.residency.check_loadable(adapter)
         seq = Sequence(
             request_id,
             prompt_ids,

@@ -144,6 +144,7 @@ class ResidencyRow:
     mean_load_seconds: float | None
     last_used: float | None
     error: str | None
+    retry_at: float | None  # when the engine next tries a failed load (wall clock)
     pinned: bool
     owners: list[AdapterOwner] = field(default_factory=list)
 
@@ -400,6 +401,7 @@ def adapter_residency_list(*, engines: list[EngineView]) -> list[ResidencyRow]:
             mean_load_seconds=a.get("mean_load_seconds"),
             last_used=a.get("last_used"),
             error=a.get("error"),
+            retry_at=a.get("retry_at"),
             pinned=bool(a.get("pinned")),
         )
         for view in engines

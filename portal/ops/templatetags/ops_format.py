@@ -52,6 +52,14 @@ def ago(timestamp: float | None, now: float) -> str:
 
 
 @register.filter
+def from_now(timestamp: float | None, now: float) -> str:
+    if not timestamp:
+        return "–"
+    seconds = max(0.0, timestamp - now)
+    return "now" if seconds < 1 else f"in {duration(round(seconds))}"
+
+
+@register.filter
 def percent(value: float | None, digits: int = 1) -> str:
     return "–" if value is None else f"{value:.{digits}f}%"
 

@@ -147,7 +147,8 @@ def test_a_gpu_heartbeat_splits_device_memory_and_shows_every_tier_state(staff_c
         memory={"total": 140 * gib, "weights": 16 * gib, "kv_cache": 100 * gib, "adapter_pool": 2 * gib, "free": 12 * gib},
         kv_blocks_total=1000, kv_blocks_used=250, running=3, waiting=1,
         adapters=[
-            {"name": "a" * 64, "tier": "failed", "error": "adapter weights hold NaN or Inf", "requests": 1},
+            {"name": "a" * 64, "tier": "failed", "error": "adapter weights hold NaN or Inf", "requests": 1,
+             "retry_at": now + 40},
             {"name": "b" * 64, "tier": "loading", "requests": 2, "mean_load_seconds": 0.25},
         ],
     )
@@ -167,5 +168,6 @@ def test_a_gpu_heartbeat_splits_device_memory_and_shows_every_tier_state(staff_c
     assert "<strong>250</strong> of 1000 blocks in use (25.0%)" in html
     failed, loading = adapter_row(html, "a" * 64), adapter_row(html, "b" * 64)
     assert failed["tier"] == "failed" and "NaN or Inf" in html and loading["tier"] == "loading"
+    assert failed["retry"] in ("in 39 s", "in 40 s")  # the engine's back-off before it loads again
     assert loading["mean_load_seconds"] == "250 ms" and html.count("unknown version") == 2
     assert "Engine <code>future</code> writes a heartbeat this portal cannot read" in html
