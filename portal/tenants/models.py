@@ -15,6 +15,16 @@ class Tenant(models.Model):
     # Rate limits the serving path enforces per tenant; empty means no limit.
     requests_per_minute = models.PositiveIntegerField(null=True, blank=True, default=600)
     tokens_per_minute = models.PositiveIntegerField(null=True, blank=True, default=1_000_000)
+    # Upload quotas, enforced when an adapter or version is uploaded (portal.adapters.services).
+    max_storage_bytes = models.PositiveBigIntegerField(
+        null=True, blank=True, help_text="Bytes of uploads kept. Empty: LORAFLEET_TENANT_MAX_STORAGE_BYTES; 0: no limit."
+    )
+    max_adapters = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Empty: LORAFLEET_TENANT_MAX_ADAPTERS; 0: no limit."
+    )
+    max_versions_per_adapter = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Empty: LORAFLEET_TENANT_MAX_VERSIONS_PER_ADAPTER; 0: no limit."
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

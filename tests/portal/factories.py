@@ -33,6 +33,13 @@ def tenant_with_member(slug: str | None = None, *, role: str = Membership.Role.O
     return tenant, user
 
 
+def user_in(tenant: Tenant, *, role: str, username: str | None = None):
+    """Another user of an existing tenant, with ``role`` there."""
+    user = user_create(username)
+    tenant_member_set(tenant=tenant, user=user, role=role)
+    return user
+
+
 def tiny_base_model() -> BaseModel:
     return base_model_register_by_name(model="random:tiny")
 
