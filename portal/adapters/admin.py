@@ -4,7 +4,7 @@ from portal.adapters.models import Adapter, AdapterVersion
 
 _VERSION_FIELDS = (
     "number", "status", "error", "sha256", "size_bytes", "promote_when_ready", "uploaded_by", "uploaded_by_key",
-    "created_at", "validated_at", "ready_at",
+    "created_at", "validated_at", "ready_at", "rejected_at", "validation_runs_lost", "files_purged_at",
 )
 
 

@@ -72,8 +72,9 @@ class AdapterVersion(models.Model):
     validated_at = models.DateTimeField(null=True, blank=True)
     ready_at = models.DateTimeField(null=True, blank=True)
     rejected_at = models.DateTimeField(null=True, blank=True)
-    # Validation runs started (counted before each, committed): a run that kills its worker is not retried forever.
-    validation_attempts = models.PositiveSmallIntegerField(default=0)
+    # Validation runs that started and never came back (their worker died): counted before each run and
+    # taken back when it returns, so a version that kills its worker is not redelivered forever.
+    validation_runs_lost = models.PositiveSmallIntegerField(default=0)
     # Set when a rejected version's uploaded files were deleted after the retention period.
     files_purged_at = models.DateTimeField(null=True, blank=True)
 

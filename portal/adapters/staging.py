@@ -10,10 +10,12 @@ reader (the engine) never sees half a directory. Hidden directories hold work in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,17 +25,15 @@ from django.conf import settings
 from engine_daemon.peft_format import (
     CONFIG_FILE,
     MANIFEST_FILE,
-    PICKLE_SUFFIXES,
     WEIGHTS_FILE,
     AdapterError,
-    AdapterManifest,
     adapter_content_sha256,
     cached_adapter_dir,
 )
 from engine_daemon.protocol import CONTROL_STREAM, ControlEvent
-from portal.adapters.archives import ArchiveLimits, extract_adapter_archive
-from portal.adapters.checks import adapter_files_check, pickle_error
+from portal.adapters.archives import ArchiveLimits
 from portal.adapters.models import AdapterVersion
+from portal.adapters.sandbox import ValidationJob, ValidationLimits, ValidationResult, validate_in_child
 from portal.common.redis import redis_client
 
 CONTROL_STREAM_MAXLEN = 10_000
@@ -77,40 +77,78 @@ def _replace_dir(source: Path, target: Path) -> None:
 # From an upload to two checked files
 
 
-def upload_materialize(*, version: AdapterVersion, dest: Path) -> None:
-    """Write the version's upload into ``dest`` as adapter_config.json + adapter_model.safetensors."""
-    if version.archive:
-        extract_adapter_archive(Path(version.archive.path), dest, limits=archive_limits())
-        return
-    weights_name = version.original_filenames.get("adapter_model", WEIGHTS_FILE)
-    if weights_name.lower().endswith(PICKLE_SUFFIXES):
-        raise pickle_error(weights_name)
-    shutil.copyfile(version.config_file.path, dest / CONFIG_FILE)
-    shutil.copyfile(version.weights_file.path, dest / WEIGHTS_FILE)
+def validation_limits() -> ValidationLimits:
+    return ValidationLimits(
+        memory_bytes=settings.LORAFLEET_VALIDATION_MAX_MEMORY_BYTES,
+        cpu_seconds=settings.LORAFLEET_VALIDATION_CPU_SECONDS,
+        wall_seconds=settings.LORAFLEET_VALIDATION_WALL_SECONDS,
+    )
+
+
+def upload_check_in_child(*, version: AdapterVersion, dest: Path) -> ValidationResult:
+    """Write the version's upload into ``dest`` as the two PEFT files and check them, in the sandbox."""
+    job = ValidationJob(
+        dest=str(dest),
+        base=version.adapter.base_model.model_descriptor.to_dict(),
+        max_lora_rank=settings.LORAFLEET_MAX_LORA_RANK,
+        archive_limits=dataclasses.asdict(archive_limits()),
+        archive=version.archive.path if version.archive else None,
+        config=version.config_file.path if version.config_file else None,
+        weights=version.weights_file.path if version.weights_file else None,
+        weights_name=version.original_filenames.get("adapter_model", WEIGHTS_FILE),
+    )
+    return validate_in_child(job, validation_limits())
 
 
 def validated_dir(version_id: int) -> Path:
     return cache_root() / ".validated" / str(version_id)
 
 
-def upload_validate(*, version: AdapterVersion) -> tuple[str, AdapterManifest]:
-    """Materialize and check an upload; keep the checked files in validated_dir for staging.
+def upload_validate(*, version: AdapterVersion) -> ValidationResult:
+    """Materialize and check an upload in the sandbox; keep the checked files in validated_dir for staging.
 
-    Returns (sha256, manifest). Raises AdapterError with the reason for the uploader.
+    Raises AdapterError with the reason for the uploader (a limit that was hit included).
     """
-    base = version.adapter.base_model.model_descriptor
     with _scratch_dir(".validating-") as scratch:
-        upload_materialize(version=version, dest=scratch)
-        manifest = adapter_files_check(scratch, base, max_lora_rank=settings.LORAFLEET_MAX_LORA_RANK)
-        sha256 = adapter_content_sha256(scratch / CONFIG_FILE, scratch / WEIGHTS_FILE)
+        result = upload_check_in_child(version=version, dest=scratch)
         target = validated_dir(version.pk)
         target.parent.mkdir(parents=True, exist_ok=True)
         _replace_dir(scratch, target)
-    return sha256, manifest
+    return result
 
 
 def validated_dir_remove(version_id: int) -> None:
     shutil.rmtree(validated_dir(version_id), ignore_errors=True)
+
+
+_WORK_DIR_PREFIXES = (".validating-", ".staging-", ".trash-")
+
+
+def work_dirs_sweep(*, older_than_seconds: float, keep_validated: set[int]) -> list[Path]:
+    """Remove work directories a killed worker left in the cache; returns what was removed.
+
+    Scratch and trash directories go once older than any live run can be; ``.validated/<id>``
+    goes unless ``id`` is in ``keep_validated`` (versions still between validation and staging).
+    """
+    root = cache_root()
+    cutoff = time.time() - older_than_seconds
+    stale = [p for p in root.iterdir() if p.name.startswith(_WORK_DIR_PREFIXES) and _mtime(p) < cutoff]
+    validated = root / ".validated"
+    if validated.is_dir():
+        stale += [
+            p for p in validated.iterdir()
+            if not (p.name.isdigit() and int(p.name) in keep_validated) and _mtime(p) < cutoff
+        ]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:  # another worker removed it meanwhile
+        return float("inf")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,7 +179,7 @@ def cache_dir_stage(*, version: AdapterVersion) -> Path:
             for name in (CONFIG_FILE, WEIGHTS_FILE):
                 os.rename(source / name, scratch / name)
         else:  # the validated copy is gone (another worker, a cleanup): start again from the upload
-            upload_materialize(version=version, dest=scratch)
+            upload_check_in_child(version=version, dest=scratch)
         if adapter_content_sha256(scratch / CONFIG_FILE, scratch / WEIGHTS_FILE) != sha256:
             raise AdapterError("the uploaded files changed after validation; upload the adapter again")
         (scratch / MANIFEST_FILE).write_text(json.dumps(version.manifest, indent=2, sort_keys=True))

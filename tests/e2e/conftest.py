@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,7 @@ class Stack:
     daemon: Daemon
     tenants: dict[str, Tenant]
     adapter_dirs: dict[str, Path] = field(default_factory=dict)
+    worker: subprocess.Popen | None = None  # the Celery worker
     _offline: Engine | None = None
 
     def offline_engine(self) -> Engine:
@@ -159,7 +161,7 @@ def stack(db_access, redis_url, tmp_path_factory):
         daemon.wait_ready()
         tenants = {slug: _tenant(slug) for slug in ("tenant-a", "tenant-b")}
         found = Stack(url=server.url, redis_url=redis_url, redis=client, model_dir=model_dir,
-                      cache_dir=settings.ADAPTER_CACHE_DIR, logs=logs, daemon=daemon, tenants=tenants)
+                      cache_dir=settings.ADAPTER_CACHE_DIR, logs=logs, daemon=daemon, tenants=tenants, worker=worker)
         # The base model is known from the daemon's registration alone: listing the models syncs it.
         assert TINY_MODEL in [m.id for m in found.openai().models.list()]
         for name, (slug, rank, seed) in ADAPTERS.items():

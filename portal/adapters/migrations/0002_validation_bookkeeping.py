@@ -22,7 +22,7 @@ class Migration(migrations.Migration):
         ),
         migrations.AddField(
             model_name='adapterversion',
-            name='validation_attempts',
+            name='validation_runs_lost',
             field=models.PositiveSmallIntegerField(default=0),
         ),
     ]
