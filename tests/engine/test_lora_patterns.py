@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import pytest
-from peft.utils.other import get_pattern_key
 
 from engine_daemon.lora_patterns import MAX_PATTERN_KEY_CHARS, MAX_PATTERN_KEYS, PatternError, pattern_values
 from engine_daemon.peft_format import LORA_MODULES, AdapterError, module_path, parse_adapter_config
@@ -27,6 +26,13 @@ SLOW_KEY = r"(?:[\w.]|[\w.][\w.])*(?:[\w.]|[\w.][\w.])*(?:[\w.]|[\w.][\w.])*\B\b
     ],
     ids=["suffix", "full-and-suffix", "order", "regex", "alternation", "anchored"],
 )
+def get_pattern_key(keys, path):
+    # Imported here: peft imports triton, which must not happen before tests/kernels sets TRITON_INTERPRET.
+    from peft.utils.other import get_pattern_key
+
+    return get_pattern_key(keys, path)
+
+
 def test_first_match_is_pefts(pattern):
     found = pattern_values(pattern, PATHS, field="rank_pattern")
     for path in PATHS:
