@@ -14,6 +14,13 @@ PATHS = [module_path(layer, module) for layer in range(12) for module in LORA_MO
 SLOW_KEY = r"(?:[\w.]|[\w.][\w.])*(?:[\w.]|[\w.][\w.])*(?:[\w.]|[\w.][\w.])*\B\b"
 
 
+def get_pattern_key(keys, path):
+    # Imported here: peft imports triton, which must not happen before tests/kernels sets TRITON_INTERPRET.
+    from peft.utils.other import get_pattern_key
+
+    return get_pattern_key(keys, path)
+
+
 @pytest.mark.parametrize(
     "pattern",
     [
@@ -26,13 +33,6 @@ SLOW_KEY = r"(?:[\w.]|[\w.][\w.])*(?:[\w.]|[\w.][\w.])*(?:[\w.]|[\w.][\w.])*\B\b
     ],
     ids=["suffix", "full-and-suffix", "order", "regex", "alternation", "anchored"],
 )
-def get_pattern_key(keys, path):
-    # Imported here: peft imports triton, which must not happen before tests/kernels sets TRITON_INTERPRET.
-    from peft.utils.other import get_pattern_key
-
-    return get_pattern_key(keys, path)
-
-
 def test_first_match_is_pefts(pattern):
     found = pattern_values(pattern, PATHS, field="rank_pattern")
     for path in PATHS:
