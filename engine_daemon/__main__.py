@@ -48,6 +48,8 @@ SERVE_FLAGS: list[tuple[str, str, type, object, str]] = [
     ("--claim-idle-seconds", "LORAFLEET_CLAIM_IDLE_SECONDS", float, 30.0,
      "requests held this long by a silent daemon are taken over"),
     ("--max-deliveries", "LORAFLEET_MAX_DELIVERIES", int, 3, "deliveries before a request goes to the dead-letter stream"),
+    ("--dead-letter-retention-seconds", "LORAFLEET_DEAD_LETTER_RETENTION_SECONDS", float, 7 * 24 * 3600.0,
+     "dead letters older than this are trimmed from the dead-letter stream"),
     ("--drain-seconds", "LORAFLEET_DRAIN_SECONDS", float, 30.0, "on SIGTERM, time allowed for running requests"),
     ("--metrics-port", "LORAFLEET_METRICS_PORT", int, 0, "serve Prometheus /metrics on this port (0 = off)"),
     ("--metrics-host", "LORAFLEET_METRICS_HOST", str, "127.0.0.1", "address for /metrics (0.0.0.0 in a container)"),
@@ -95,6 +97,7 @@ def serve(args: argparse.Namespace) -> None:
         engine_id=args.engine_id,
         claim_idle_seconds=args.claim_idle_seconds,
         max_deliveries=args.max_deliveries,
+        dead_letter_retention_seconds=args.dead_letter_retention_seconds,
         drain_seconds=args.drain_seconds,
     ))
     if args.metrics_port:

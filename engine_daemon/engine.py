@@ -285,6 +285,15 @@ class Engine:
         seq.finish_reason = seq.finish_reason or "abort"
         return True
 
+    def prompt_tokens_computed(self, request_id: str) -> int:
+        """Prompt tokens computed for a request so far: what one that ends early is billed for."""
+        seq = self.sequences.get(request_id)
+        if seq is None:
+            return 0
+        if seq.output_ids:
+            return len(seq.prompt_ids)
+        return min(seq.num_computed, len(seq.prompt_ids))
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 

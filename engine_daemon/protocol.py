@@ -5,10 +5,16 @@ Pure Python: both sides import this module and nothing else to talk. Every messa
 
 Keys:
 
-- ``lf:req:<base model>``            stream of requests, read by the engines in one consumer group
-- ``lf:dead:<base model>``           dead-letter stream: requests that failed too many deliveries
+- ``lf:req:<base model>:<tenant>``   one tenant's stream of requests, read by the engines in one consumer
+                                     group; an entry is deleted once its request has ended (XACK + XDEL)
+- ``lf:tenants:<base model>``        hash tenant id → fair-share weight: the tenants that have a request
+                                     stream, which the engines read in weighted round robin
+- ``lf:dead:<base model>``           dead-letter stream: requests that failed too many deliveries, kept for
+                                     the engines' retention period
 - ``lf:resp:<request id>``           stream of one request's response events, expires after a while
 - ``lf:control``                     stream of control events (adapter staged / deleted, cancel)
+- ``lf:usage``                       stream of usage events, one per request that ended on an engine; the
+                                     portal's usage writers read it in one consumer group and delete what they wrote
 - ``lf:engine:<engine id>``          heartbeat hash of one live engine, with a TTL
 - ``lf:engines``                     sorted set engine id → last heartbeat time, for discovery
 - ``lf:series:<engine id>``          stream of per-second samples (tokens/s, step time, queues), ~15 minutes
@@ -29,10 +35,26 @@ RESPONSE_TTL_SECONDS = 600
 HEARTBEAT_TTL_SECONDS = 5
 SERIES_MAXLEN = 900  # one sample a second: the last 15 minutes
 BASE_MODELS_KEY = "lf:base-models"
+USAGE_STREAM = "lf:usage"
+USAGE_GROUP = "lf:usage-writers"
 
 
-def request_stream(base_model: str) -> str:
-    return f"lf:req:{base_model}"
+def request_stream(base_model: str, tenant_id: str) -> str:
+    return f"lf:req:{base_model}:{tenant_id}"
+
+
+def tenant_index(base_model: str) -> str:
+    return f"lf:tenants:{base_model}"
+
+
+def enqueue_request(pipe: Any, request: InferenceRequest, *, weight: float = 1.0) -> None:
+    """Queue ``request`` on its tenant's stream, listing the tenant and its weight for the engines.
+
+    ``pipe`` is a Redis pipeline (sync or asyncio, made with ``transaction=True`` so that both
+    commands land together); the caller executes it.
+    """
+    pipe.hset(tenant_index(request.base_model), request.tenant_id, repr(float(weight)))
+    pipe.xadd(request_stream(request.base_model, request.tenant_id), request.to_redis())
 
 
 def dead_letter_stream(base_model: str) -> str:
@@ -170,6 +192,58 @@ class ErrorEvent(_Message):
     kind: ClassVar[str] = "error"
     code: str  # e.g. "prompt_too_long", "adapter_unavailable", "deadline_exceeded", "too_many_deliveries"
     message: str
+
+
+@dataclass
+class UsageEvent(_Message):
+    """What one request cost, written by the engine at its end, whatever the end: done, cancelled, deadline, error.
+
+    ``prompt_tokens`` counts the prompt tokens the engine computed (a request cancelled after its
+    prefill pays for it); ``cached_tokens`` those of them served from a prefix cache.
+    """
+
+    kind: ClassVar[str] = "usage"
+    request_id: str
+    tenant_id: str
+    base_model: str
+    end: str  # one of USAGE_ENDS
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+    key_id: str | None = None
+    adapter: str | None = None  # display name, e.g. "support-bot@3"
+    adapter_sha256: str | None = None
+    error_code: str = ""
+    created: float = 0.0  # when the request arrived at the portal
+    engine_id: str | None = None
+    admission: int | None = None  # where the engine admitted it in its order of admissions (None: never ran)
+
+    DONE: ClassVar[str] = "done"
+    CANCELLED: ClassVar[str] = "cancelled"
+    DEADLINE: ClassVar[str] = "deadline"
+    ERROR: ClassVar[str] = "error"
+
+    def __post_init__(self) -> None:
+        if self.end not in USAGE_ENDS:
+            raise ProtocolError(f"unknown usage end {self.end!r}")
+
+    @classmethod
+    def for_request(cls, request: InferenceRequest, *, end: str, prompt_tokens: int, completion_tokens: int,
+                    engine_id: str, error_code: str = "", cached_tokens: int = 0,
+                    admission: int | None = None) -> UsageEvent:
+        return cls(
+            request_id=request.request_id, tenant_id=request.tenant_id, base_model=request.base_model, end=end,
+            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cached_tokens=cached_tokens,
+            key_id=request.key_id, adapter=request.adapter, adapter_sha256=request.adapter_sha256,
+            error_code=error_code, created=request.created, engine_id=engine_id, admission=admission,
+        )
+
+    @classmethod
+    def from_redis(cls, raw: dict[Any, Any]) -> UsageEvent:
+        return _parse(raw, {cls.kind: cls})
+
+
+USAGE_ENDS = (UsageEvent.DONE, UsageEvent.CANCELLED, UsageEvent.DEADLINE, UsageEvent.ERROR)
 
 
 RESPONSE_EVENTS: dict[str, type[_Message]] = {c.kind: c for c in (DeltaEvent, DoneEvent, ErrorEvent)}

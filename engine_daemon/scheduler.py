@@ -52,6 +52,9 @@ class Scheduler:
         self.tenant_served: dict[str, float] = {}  # tokens computed / weight
         self.failed: list[Sequence] = []  # sequences that could not be admitted (adapter errors)
         self.num_preemptions = 0
+        # (request id, tenant) of every admission, oldest first: the record fairness is checked against.
+        self.admitted: deque[tuple[str, str]] = deque(maxlen=10_000)
+        self.num_admissions = 0
 
     # ---- queue ----------------------------------------------------------------------------
 
@@ -140,6 +143,10 @@ class Scheduler:
             if candidate.adapter is not None:
                 self.residency.hold(candidate.adapter)
             self.running.append(candidate)
+            if candidate.admission is None:
+                candidate.admission = self.num_admissions
+                self.num_admissions += 1
+            self.admitted.append((candidate.request_id, candidate.tenant))
             batch.append(ScheduledSeq(candidate, count))
             budget -= count
 

@@ -37,6 +37,7 @@ class Sequence:
     first_token_time: float | None = None
     finish_time: float | None = None
     num_preemptions: int = 0
+    admission: int | None = None  # this engine's count of admissions when the sequence first ran
     # Incremental detokenization (see detokenizer.py).
     text: str = ""
     emitted_chars: int = 0

@@ -5,21 +5,30 @@ One loop on one thread owns the engine (DESIGN.md, "Processes and the path of on
     control events → new requests (XREADGROUP) → engine.step() → one pipelined write of every
     request's new tokens, ``done`` events and XACKs → deadlines → heartbeat (once a second)
 
-At-least-once delivery: a request is XACKed only once it has ended. Entries that a dead daemon
-held are XAUTOCLAIMed after ``claim_idle_seconds``; the tokens it had already streamed are read
-back from the response stream and the request resumes after them, so a client never sees a
-token twice. A live daemon keeps its own entries fresh (XCLAIM JUSTID) so nobody steals them.
+Fair share from the queue on: every tenant has its own request stream per base model
+(``protocol.request_stream``), listed with its weight in ``protocol.tenant_index``. Each read
+divides the room the engine has among the listed tenants by weight, starting from a rotating
+tenant, so one tenant's backlog never stands between another tenant and the scheduler, whose
+weighted fair share then orders what was read.
+
+At-least-once delivery: a request is XACKed (and its entry deleted, so Redis holds only work in
+flight) only once it has ended. Entries that a dead daemon held are XAUTOCLAIMed after
+``claim_idle_seconds``; the tokens it had already streamed are read back from the response stream
+and the request resumes after them, so a client never sees a token twice. A live daemon keeps its
+own entries fresh (XCLAIM JUSTID) so nobody steals them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import socket
 import threading
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +46,7 @@ from engine_daemon.protocol import (
     Heartbeat,
     InferenceRequest,
     ProtocolError,
+    UsageEvent,
     text_of,
 )
 from engine_daemon.sampling import SamplingParams
@@ -54,11 +64,22 @@ class ServiceConfig:
     drain_seconds: float = 30.0  # SIGTERM: how long running requests may take to finish
     block_ms: int = 50  # how long an idle daemon waits for new requests per read
     heartbeat_seconds: float = 1.0
+    dead_letter_retention_seconds: float = 7 * 24 * 3600  # dead letters older than this are trimmed
+    tenants_refresh_seconds: float = 0.1  # how often a busy daemon reads the list of tenant streams again
+
+
+# The usage stream is drained by the portal's usage writers; this cap only guards Redis if none runs for days.
+USAGE_STREAM_MAXLEN = 1_000_000
+
+# Adapters a heartbeat lists: every one resident or failed, and others used this recently, at most this many.
+BEAT_ADAPTERS_RECENT_SECONDS = 3600
+BEAT_ADAPTERS_MAX = 256
 
 
 @dataclass
 class InFlight:
     entry_id: str
+    source: str  # the tenant's request stream the entry came from
     request: InferenceRequest
     stream: str  # the response stream
     sent_tokens: int = 0
@@ -72,7 +93,9 @@ class EngineService:
         self.redis = client or redis.Redis.from_url(config.redis_url)
         self.engine_id = config.engine_id or f"{socket.gethostname()}-{os.getpid()}"
         self.base_model = engine.model_name
-        self.request_stream = protocol.request_stream(self.base_model)
+        self.tenant_streams: dict[str, tuple[str, float]] = {}  # request stream → (tenant id, weight)
+        self._tenants_read_at = -math.inf
+        self._round_robin = 0
         self.in_flight: dict[str, InFlight] = {}
         self.cancelled: dict[str, float] = {}  # request id → when its cancel arrived (oldest first)
         self.stop_requested = threading.Event()
@@ -87,15 +110,11 @@ class EngineService:
     # ---- start and stop --------------------------------------------------------------------
 
     def start(self) -> None:
-        try:
-            self.redis.xgroup_create(self.request_stream, protocol.CONSUMER_GROUP, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
         self._control_cursor = self._stream_tail(protocol.CONTROL_STREAM)
         self.redis.hset(protocol.BASE_MODELS_KEY, self.base_model, json.dumps(self.engine.descriptor.to_dict()))
+        self._refresh_tenants(force=True)
         self._beat(force=True)
-        log.info("engine %s serves %s from %s", self.engine_id, self.base_model, self.request_stream)
+        log.info("engine %s serves %s for %d tenants", self.engine_id, self.base_model, len(self.tenant_streams))
 
     def request_stop(self, *_: object) -> None:
         """SIGTERM: take no new work; finish what is running for drain_seconds, hand back the rest."""
@@ -149,60 +168,120 @@ class EngineService:
         self._enforce_deadlines()
         self._beat()
 
-    def _read_requests(self) -> None:
-        room = self.engine.config.max_num_seqs * 2 - len(self.in_flight)
-        if room <= 0:
+    def _refresh_tenants(self, force: bool = False) -> None:
+        """Read the tenants that have a request stream, with their weights; join each new stream's group."""
+        now = time.monotonic()
+        if not force and now - self._tenants_read_at < self.config.tenants_refresh_seconds:
             return
-        block = None if self.engine.has_unfinished() else self.config.block_ms
+        self._tenants_read_at = now
+        listed = self.redis.hgetall(protocol.tenant_index(self.base_model))
+        streams = {}
+        for raw_tenant, raw_weight in listed.items():
+            tenant = text_of(raw_tenant)
+            streams[protocol.request_stream(self.base_model, tenant)] = (tenant, _weight(text_of(raw_weight)))
+        for stream in streams.keys() - self.tenant_streams.keys():
+            try:
+                self.redis.xgroup_create(stream, protocol.CONSUMER_GROUP, id="0", mkstream=True)
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+        for tenant, weight in streams.values():
+            self.engine.set_tenant_weight(tenant, weight)
+        self.tenant_streams = streams
+
+    def _read_requests(self) -> None:
+        """Weighted round robin over the tenant streams: each gets its share of the room, at least one.
+
+        With no room left, a tenant that has nothing in flight may still bring in one request, so that
+        the scheduler sees it (and makes room by fair share) instead of it waiting behind a backlog.
+        """
+        room = self.engine.config.max_num_seqs * 2 - len(self.in_flight)
+        idle = not self.engine.has_unfinished()
+        self._refresh_tenants(force=idle)  # an idle daemon looks every time: a new tenant waits for nothing
+        if not self.tenant_streams:
+            if idle:
+                time.sleep(self.config.block_ms / 1000)
+            return
+        if room <= 0:
+            busy = {flight.source for flight in self.in_flight.values()}
+            newcomers = [stream for stream in self.tenant_streams if stream not in busy]
+            if newcomers:
+                self._read_from(newcomers, count=1, block=None)
+            return
+        streams = list(self.tenant_streams.items())
+        turn = self._round_robin % len(streams)
+        self._round_robin += 1
+        streams = streams[turn:] + streams[:turn]
+        total = sum(weight for _stream, (_tenant, weight) in streams)
+        shares: dict[int, list[str]] = defaultdict(list)
+        for stream, (_tenant, weight) in streams:
+            shares[max(1, math.ceil(room * weight / total))].append(stream)
+        read = sum(self._read_from(names, count=count, block=None) for count, names in shares.items())
+        if read == 0 and idle:  # nothing anywhere: wait for the first arrival on any stream
+            self._read_from([stream for stream, _ in streams], count=1, block=self.config.block_ms)
+
+    def _read_from(self, streams: list[str], *, count: int, block: int | None) -> int:
         reply = self.redis.xreadgroup(
-            protocol.CONSUMER_GROUP, self.engine_id, {self.request_stream: ">"}, count=room, block=block
+            protocol.CONSUMER_GROUP, self.engine_id, {stream: ">" for stream in streams}, count=count, block=block
         )
-        for _stream, entries in reply or []:
+        read = 0
+        for stream, entries in reply or []:
             for entry_id, fields in entries:
-                self._accept(text_of(entry_id), fields, deliveries=1)
+                self._accept(text_of(entry_id), fields, deliveries=1, source=text_of(stream))
+                read += 1
+        return read
 
     def _claim_abandoned(self) -> None:
+        for stream in list(self.tenant_streams):
+            self._claim_abandoned_from(stream)
+
+    def _claim_abandoned_from(self, stream: str) -> None:
         idle_ms = int(self.config.claim_idle_seconds * 1000)
         cursor = "0-0"
         while True:
             cursor, entries, *_ = self.redis.xautoclaim(
-                self.request_stream, protocol.CONSUMER_GROUP, self.engine_id, idle_ms, start_id=cursor, count=100
+                stream, protocol.CONSUMER_GROUP, self.engine_id, idle_ms, start_id=cursor, count=100
             )
             for entry_id, fields in entries:
                 entry_id = text_of(entry_id)
-                if fields is None or entry_id in {f.entry_id for f in self.in_flight.values()}:
+                if fields is None or entry_id in {f.entry_id for f in self.in_flight.values() if f.source == stream}:
                     continue
-                pending = self.redis.xpending_range(self.request_stream, protocol.CONSUMER_GROUP, entry_id, entry_id, 1)
+                pending = self.redis.xpending_range(stream, protocol.CONSUMER_GROUP, entry_id, entry_id, 1)
                 deliveries = pending[0]["times_delivered"] if pending else 1
-                log.info("claimed abandoned request entry %s (delivery %d)", entry_id, deliveries)
-                self._accept(entry_id, fields, deliveries=deliveries)
+                log.info("claimed abandoned request entry %s of %s (delivery %d)", entry_id, stream, deliveries)
+                self._accept(entry_id, fields, deliveries=deliveries, source=stream)
             if text_of(cursor) == "0-0":
                 return
 
-    def _accept(self, entry_id: str, fields: dict, deliveries: int) -> None:
+    def _accept(self, entry_id: str, fields: dict, deliveries: int, source: str) -> None:
         try:
             request = InferenceRequest.from_redis(fields)
         except ProtocolError as exc:
-            self._dead_letter(entry_id, fields, f"malformed request: {exc}", None)
+            self._dead_letter(entry_id, source, fields, f"malformed request: {exc}", None)
             return
         stream = protocol.response_stream(request.request_id)
         if deliveries > self.config.max_deliveries:
-            self._dead_letter(entry_id, fields, f"delivered {deliveries} times without finishing", stream)
+            self._dead_letter(entry_id, source, fields, f"delivered {deliveries} times without finishing", stream,
+                              self._usage(request, UsageEvent.ERROR, error_code="too_many_deliveries"))
             return
         if request.deadline is not None and time.time() > request.deadline:
-            self._fail(entry_id, stream, "deadline_exceeded", "the request's deadline passed before it could start")
+            self._fail(entry_id, source, stream, "deadline_exceeded", "the request's deadline passed before it could start",
+                       self._usage(request, UsageEvent.DEADLINE, error_code="deadline_exceeded"))
             return
         if request.request_id in self.cancelled:  # the client left before any daemon took it
-            self._write_and_ack(entry_id, stream, DoneEvent("cancelled", 0, 0, engine_id=self.engine_id))
+            self._write_and_ack(entry_id, source, stream, DoneEvent("cancelled", 0, 0, engine_id=self.engine_id),
+                                self._usage(request, UsageEvent.CANCELLED))
             return
         sent_ids, sent_text, finished = self._already_sent(stream) if deliveries > 1 else ([], "", False)
         if finished:  # the previous daemon finished it but died before the XACK
-            self.redis.xack(self.request_stream, protocol.CONSUMER_GROUP, entry_id)
+            pipe = self.redis.pipeline(transaction=False)
+            _ack_and_delete(pipe, source, [entry_id])
+            pipe.execute()
             return
         try:
             params = SamplingParams(**request.sampling)
             if sent_ids and len(sent_ids) >= params.max_tokens:
-                self._finish_resumed(entry_id, stream, request, sent_ids)
+                self._finish_resumed(entry_id, source, stream, request, sent_ids)
                 return
             adapter = self._ensure_adapter(request)
             self.engine.add_request(
@@ -216,15 +295,17 @@ class EngineService:
                 resume_text=sent_text if sent_ids else None,
             )
         except RequestError as exc:
-            self._fail(entry_id, stream, exc.code, str(exc))
+            self._fail(entry_id, source, stream, exc.code, str(exc), self._usage(request, UsageEvent.ERROR, error_code=exc.code))
             return
         except AdapterError as exc:
-            self._fail(entry_id, stream, "adapter_unavailable", str(exc))
+            self._fail(entry_id, source, stream, "adapter_unavailable", str(exc),
+                       self._usage(request, UsageEvent.ERROR, error_code="adapter_unavailable"))
             return
         except (TypeError, ValueError) as exc:
-            self._fail(entry_id, stream, "invalid_request", f"bad sampling parameters: {exc}")
+            self._fail(entry_id, source, stream, "invalid_request", f"bad sampling parameters: {exc}",
+                       self._usage(request, UsageEvent.ERROR, error_code="invalid_request"))
             return
-        self.in_flight[request.request_id] = InFlight(entry_id, request, stream, sent_tokens=len(sent_ids))
+        self.in_flight[request.request_id] = InFlight(entry_id, source, request, stream, sent_tokens=len(sent_ids))
 
     def _already_sent(self, stream: str) -> tuple[list[int], str, bool]:
         """Token ids and text a previous daemon streamed for this request, and whether it ended."""
@@ -238,10 +319,13 @@ class EngineService:
             texts.append(event.text)
         return token_ids, "".join(texts), False
 
-    def _finish_resumed(self, entry_id: str, stream: str, request: InferenceRequest, sent_ids: list[int]) -> None:
+    def _finish_resumed(
+        self, entry_id: str, source: str, stream: str, request: InferenceRequest, sent_ids: list[int]
+    ) -> None:
         prompt_tokens = len(self.engine.encode(request.prompt, request.messages))
         done = DoneEvent("length", prompt_tokens, len(sent_ids), engine_id=self.engine_id)
-        self._write_and_ack(entry_id, stream, done)
+        self._write_and_ack(entry_id, source, stream, done,
+                            self._usage(request, UsageEvent.DONE, prompt_tokens=prompt_tokens, completion_tokens=len(sent_ids)))
 
     def _ensure_adapter(self, request: InferenceRequest) -> str | None:
         """Adapters are registered under their content hash and read from the shared cache."""
@@ -259,7 +343,7 @@ class EngineService:
         if not outputs:
             return
         pipe = self.redis.pipeline(transaction=False)
-        finished_entries = []
+        finished_entries: dict[str, list[str]] = defaultdict(list)  # source stream → entry ids
         for out in outputs:
             flight = self.in_flight.get(out.request_id)
             if flight is None:
@@ -271,41 +355,63 @@ class EngineService:
                 flight.sent_tokens += len(out.new_token_ids)
             if out.finished:
                 if out.finish_reason == "error":
-                    event: Any = ErrorEvent("adapter_unavailable" if "adapter" in (out.error or "") else "engine_error",
-                                            out.error or "the request failed")
+                    code = "adapter_unavailable" if "adapter" in (out.error or "") else "engine_error"
+                    event: Any = ErrorEvent(code, out.error or "the request failed")
+                    usage = self._usage(flight.request, UsageEvent.ERROR, error_code=code,
+                                        prompt_tokens=self.engine.prompt_tokens_computed(out.request_id),
+                                        completion_tokens=out.completion_tokens)
                 else:
                     ttft = flight.first_token_at - flight.request.created if flight.first_token_at and flight.request.created else None
                     event = DoneEvent(out.finish_reason or "stop", out.prompt_tokens, out.completion_tokens, ttft, self.engine_id)
+                    usage = self._usage(flight.request, UsageEvent.DONE, prompt_tokens=out.prompt_tokens,
+                                        completion_tokens=out.completion_tokens)
                 pipe.xadd(flight.stream, event.to_redis())
-                finished_entries.append(flight.entry_id)
+                _add_usage(pipe, usage)
+                finished_entries[flight.source].append(flight.entry_id)
                 del self.in_flight[out.request_id]
                 self.engine.pop_finished(out.request_id)
             pipe.expire(flight.stream, protocol.RESPONSE_TTL_SECONDS)
-        if finished_entries:
-            pipe.xack(self.request_stream, protocol.CONSUMER_GROUP, *finished_entries)
+        for source, entry_ids in finished_entries.items():
+            _ack_and_delete(pipe, source, entry_ids)
         pipe.execute()
 
-    def _fail(self, entry_id: str, stream: str, code: str, message: str) -> None:
-        log.info("request entry %s failed: %s", entry_id, message)
-        self._write_and_ack(entry_id, stream, ErrorEvent(code, message))
+    def _usage(self, request: InferenceRequest, end: str, *, prompt_tokens: int = 0, completion_tokens: int = 0,
+               error_code: str = "") -> UsageEvent:
+        seq = self.engine.sequences.get(request.request_id)
+        return UsageEvent.for_request(request, end=end, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                                      engine_id=self.engine_id, error_code=error_code,
+                                      admission=seq.admission if seq is not None else None)
 
-    def _write_and_ack(self, entry_id: str, stream: str, event: Any) -> None:
+    def _fail(self, entry_id: str, source: str, stream: str, code: str, message: str, usage: UsageEvent) -> None:
+        log.info("request entry %s failed: %s", entry_id, message)
+        self._write_and_ack(entry_id, source, stream, ErrorEvent(code, message), usage)
+
+    def _write_and_ack(self, entry_id: str, source: str, stream: str, event: Any, usage: UsageEvent) -> None:
+        """The request's last event, its usage and its ack, in one round trip."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.xadd(stream, event.to_redis())
         pipe.expire(stream, protocol.RESPONSE_TTL_SECONDS)
-        pipe.xack(self.request_stream, protocol.CONSUMER_GROUP, entry_id)
+        _add_usage(pipe, usage)
+        _ack_and_delete(pipe, source, [entry_id])
         pipe.execute()
 
-    def _dead_letter(self, entry_id: str, fields: dict, reason: str, stream: str | None) -> None:
-        log.warning("dead-lettering request entry %s: %s", entry_id, reason)
+    def _dead_letter(self, entry_id: str, source: str, fields: dict, reason: str, stream: str | None,
+                     usage: UsageEvent | None = None) -> None:
+        log.warning("dead-lettering request entry %s of %s: %s", entry_id, source, reason)
         pipe = self.redis.pipeline(transaction=False)
         dead = {text_of(k): text_of(v) for k, v in fields.items()}
         dead.update({"reason": reason, "entry_id": entry_id, "engine_id": self.engine_id, "at": str(time.time())})
-        pipe.xadd(protocol.dead_letter_stream(self.base_model), dead, maxlen=10000, approximate=True)
+        retention = self.config.dead_letter_retention_seconds
+        dead_stream = protocol.dead_letter_stream(self.base_model)
+        # Entry ids are milliseconds: MINID drops what is older than the retention period.
+        pipe.xadd(dead_stream, dead, minid=str(int((time.time() - retention) * 1000)), approximate=True)
+        pipe.expire(dead_stream, int(retention))
         if stream is not None:
             pipe.xadd(stream, ErrorEvent("too_many_deliveries", f"the request could not be served: {reason}").to_redis())
             pipe.expire(stream, protocol.RESPONSE_TTL_SECONDS)
-        pipe.xack(self.request_stream, protocol.CONSUMER_GROUP, entry_id)
+        if usage is not None:
+            _add_usage(pipe, usage)
+        _ack_and_delete(pipe, source, [entry_id])
         pipe.execute()
 
     # ---- control, deadlines, heartbeat ---------------------------------------------------------
@@ -328,11 +434,12 @@ class EngineService:
             flight = self.in_flight.pop(event.request_id, None)
             if flight is None:
                 return  # not ours, or not taken yet: refused when it arrives
-            seq = self.engine.sequences.get(event.request_id)
-            prompt_tokens = len(seq.prompt_ids) if seq is not None else 0
+            prompt_tokens = self.engine.prompt_tokens_computed(event.request_id)
+            usage = self._usage(flight.request, UsageEvent.CANCELLED, prompt_tokens=prompt_tokens,
+                                completion_tokens=flight.sent_tokens)
             self.engine.abort(event.request_id)  # frees its KV blocks now
             done = DoneEvent("cancelled", prompt_tokens, flight.sent_tokens, engine_id=self.engine_id)
-            self._write_and_ack(flight.entry_id, flight.stream, done)
+            self._write_and_ack(flight.entry_id, flight.source, flight.stream, done, usage)
         elif event.action == ControlEvent.ADAPTER_STAGED and event.sha256 and event.base_model in (None, self.base_model):
             try:
                 if not self.engine.has_adapter(event.sha256):
@@ -361,8 +468,12 @@ class EngineService:
         for request_id, flight in list(self.in_flight.items()):
             if flight.request.deadline is not None and now > flight.request.deadline:
                 del self.in_flight[request_id]
+                usage = self._usage(flight.request, UsageEvent.DEADLINE, error_code="deadline_exceeded",
+                                    prompt_tokens=self.engine.prompt_tokens_computed(request_id),
+                                    completion_tokens=flight.sent_tokens)
                 self.engine.abort(request_id)
-                self._fail(flight.entry_id, flight.stream, "deadline_exceeded", "the request's deadline passed")
+                self._fail(flight.entry_id, flight.source, flight.stream, "deadline_exceeded",
+                           "the request's deadline passed", usage)
 
     def _beat(self, force: bool = False) -> None:
         now = time.time()
@@ -395,12 +506,12 @@ class EngineService:
             lora_share=snap["lora_share"],
             max_adapters_in_step=snap["max_adapters_in_step"],
             multi_adapter_steps=snap["multi_adapter_steps"],
-            adapters=snap["adapters"],
+            adapters=_beat_adapters(snap["adapters"], now),
             draining=self.draining_since is not None,
             metrics_url=self.metrics_url,
         )
         key = protocol.heartbeat_key(self.engine_id)
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = self.redis.pipeline(transaction=True)  # MULTI: a reader never finds the hash gone between the two
         pipe.delete(key)
         pipe.hset(key, mapping=beat.to_redis())
         pipe.expire(key, protocol.HEARTBEAT_TTL_SECONDS)
@@ -419,20 +530,46 @@ class EngineService:
             approximate=True,
         )
         pipe.expire(protocol.series_stream(self.engine_id), 3600)
-        if self.in_flight:  # keep our entries' idle time low so no other daemon claims them
-            pipe.xclaim(
-                self.request_stream,
-                protocol.CONSUMER_GROUP,
-                self.engine_id,
-                0,
-                [f.entry_id for f in self.in_flight.values()],
-                justid=True,
-            )
+        held: dict[str, list[str]] = defaultdict(list)
+        for flight in self.in_flight.values():
+            held[flight.source].append(flight.entry_id)
+        for source, entry_ids in held.items():  # keep our entries' idle time low so no other daemon claims them
+            pipe.xclaim(source, protocol.CONSUMER_GROUP, self.engine_id, 0, entry_ids, justid=True)
         pipe.execute()
 
     def _stream_tail(self, stream: str) -> str:
         last = self.redis.xrevrange(stream, count=1)
         return text_of(last[0][0]) if last else "0-0"
+
+
+def _add_usage(pipe: Any, usage: UsageEvent) -> None:
+    pipe.xadd(protocol.USAGE_STREAM, usage.to_redis(), maxlen=USAGE_STREAM_MAXLEN, approximate=True)
+
+
+def _ack_and_delete(pipe: Any, source: str, entry_ids: list[str]) -> None:
+    """An ended request's entry leaves its stream: Redis keeps only work in flight."""
+    pipe.xack(source, protocol.CONSUMER_GROUP, *entry_ids)
+    pipe.xdel(source, *entry_ids)
+
+
+def _weight(text: str) -> float:
+    try:
+        weight = float(text)
+    except ValueError:
+        return 1.0
+    return weight if math.isfinite(weight) and weight > 0 else 1.0
+
+
+def _beat_adapters(adapters: list[dict], now: float) -> list[dict]:
+    """What the ops page needs, bounded: adapters resident or failed, then the most recently used others."""
+    def recent(row: dict) -> bool:
+        return row["tier"] in ("gpu", "host", "loading", "failed") or (
+            row.get("last_used") is not None and now - row["last_used"] < BEAT_ADAPTERS_RECENT_SECONDS
+        )
+
+    shown = [row for row in adapters if recent(row)]
+    shown.sort(key=lambda row: (row["tier"] not in ("gpu", "loading", "failed"), -(row.get("last_used") or 0)))
+    return shown[:BEAT_ADAPTERS_MAX]
 
 
 def install_signal_handlers(service: EngineService) -> None:

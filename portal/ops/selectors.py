@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -24,11 +22,7 @@ from django.db.models import F
 from engine_daemon import protocol
 from engine_daemon.protocol import Heartbeat, ProtocolError
 from portal.adapters.models import AdapterVersion
-from portal.api_keys.models import TenantAPIKey
 from portal.base_models.models import BaseModel
-from portal.tenants.models import Tenant
-from portal.usage.models import Usage
-from portal.usage.selectors import UsageGroup, percentiles, usage_list, usage_summary
 
 SERIES_SECONDS = protocol.SERIES_MAXLEN  # one sample a second
 GONE_ENGINES_SECONDS = 3600  # engines that stopped beating this recently are listed as gone
@@ -287,11 +281,13 @@ def _read_redis(overview: OpsOverview, client: redis.Redis) -> None:
         pipe.hgetall(protocol.heartbeat_key(engine_id))
         pipe.xrange(protocol.series_stream(engine_id), min=series_start, max="+")
     ordered_models = sorted(base_models)
+    tenants_of = _tenants_with_streams(client, ordered_models)
     for name in ordered_models:
-        stream = protocol.request_stream(name)
-        pipe.xlen(stream)
-        pipe.xinfo_groups(stream)
-        pipe.xinfo_consumers(stream, protocol.CONSUMER_GROUP)
+        for tenant in tenants_of[name]:
+            stream = protocol.request_stream(name, tenant)
+            pipe.xlen(stream)
+            pipe.xinfo_groups(stream)
+            pipe.xinfo_consumers(stream, protocol.CONSUMER_GROUP)
         pipe.xlen(protocol.dead_letter_stream(name))
         pipe.xrevrange(protocol.dead_letter_stream(name), count=DEAD_LETTERS_SHOWN)
     replies = iter(pipe.execute(raise_on_error=False))
@@ -314,36 +310,55 @@ def _read_redis(overview: OpsOverview, client: redis.Redis) -> None:
 
     live_consumers = {view.engine_id for view in overview.engines}
     for name in ordered_models:
-        length, groups, consumers, dead_count, dead = (next(replies) for _ in range(5))
-        _raise_connection_errors(length, groups, consumers, dead_count, dead)
-        overview.queues.append(_queue_view(client, name, length, groups, consumers, dead_count, dead, live_consumers))
+        queue = QueueView(base_model=name, length=0, undelivered=None, pending=0, consumers=[], dead_letters=0,
+                          latest_dead=[])
+        for tenant in tenants_of[name]:
+            length, groups, consumers = (next(replies) for _ in range(3))
+            _raise_connection_errors(length, groups, consumers)
+            _add_tenant_stream(queue, client, protocol.request_stream(name, tenant), length, groups, consumers,
+                               live_consumers)
+        dead_count, dead = next(replies), next(replies)
+        _raise_connection_errors(dead_count, dead)
+        queue.dead_letters = 0 if isinstance(dead_count, Exception) else int(dead_count)
+        queue.latest_dead = [] if isinstance(dead, Exception) else [_dead_letter(i, fields) for i, fields in dead]
+        queue.consumers.sort(key=lambda c: c.name)
+        overview.queues.append(queue)
 
 
-def _queue_view(client: redis.Redis, name: str, length: Any, groups: Any, consumers: Any, dead_count: Any, dead: Any,
-                live: set[str]) -> QueueView:
+def _tenants_with_streams(client: redis.Redis, base_models: list[str]) -> dict[str, list[str]]:
+    """Each base model's tenants that have a request stream (the engines' own index of them)."""
+    pipe = client.pipeline(transaction=False)
+    for name in base_models:
+        pipe.hkeys(protocol.tenant_index(name))
+    return {name: sorted(_text(t) for t in tenants) for name, tenants in zip(base_models, pipe.execute(), strict=True)}
+
+
+def _add_tenant_stream(queue: QueueView, client: redis.Redis, stream: str, length: Any, groups: Any, consumers: Any,
+                       live: set[str]) -> None:
+    """One tenant's request stream, added into its base model's queue: lengths summed, consumers merged."""
+    queue.length += 0 if isinstance(length, Exception) else int(length)
     group = None
     if not isinstance(groups, Exception):
         group = next((g for g in groups if _text(g["name"]) == protocol.CONSUMER_GROUP), None)
-    undelivered = None
-    pending = 0
     if group is not None:
-        pending = int(group["pending"])
+        queue.pending += int(group["pending"])
         undelivered = group.get("lag")
         if undelivered is None:  # Redis < 7, or a lag Redis cannot tell after deletions: count them
             last = _text(group["last-delivered-id"])
-            undelivered = len(client.xrange(protocol.request_stream(name), min=f"({last}", max="+", count=10000))
-    return QueueView(
-        base_model=name,
-        length=0 if isinstance(length, Exception) else int(length),
-        undelivered=undelivered,
-        pending=pending,
-        consumers=[] if isinstance(consumers, Exception) else [
-            Consumer(_text(c["name"]), int(c["pending"]), int(c["idle"]) / 1000, _text(c["name"]) in live)
-            for c in consumers
-        ],
-        dead_letters=0 if isinstance(dead_count, Exception) else int(dead_count),
-        latest_dead=[] if isinstance(dead, Exception) else [_dead_letter(entry_id, fields) for entry_id, fields in dead],
-    )
+            undelivered = len(client.xrange(stream, min=f"({last}", max="+", count=10000))
+        queue.undelivered = (queue.undelivered or 0) + int(undelivered)
+    if isinstance(consumers, Exception):
+        return
+    known = {c.name: c for c in queue.consumers}
+    for raw in consumers:
+        name, pending, idle = _text(raw["name"]), int(raw["pending"]), int(raw["idle"]) / 1000
+        if name in known:
+            known[name].pending += pending
+            known[name].idle_seconds = min(known[name].idle_seconds, idle)
+        else:
+            known[name] = Consumer(name, pending, idle, name in live)
+            queue.consumers.append(known[name])
+
 
 
 def _dead_letter(entry_id: Any, raw: dict[Any, Any]) -> DeadLetter:
@@ -451,91 +466,3 @@ def _raise_connection_errors(*replies: Any) -> None:
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes | bytearray) else str(value)
 
-
-# ---- the tenant usage page ---------------------------------------------------------------------
-
-USAGE_MAX_GROUPS = 8  # lines per chart; the rest add up under "other"
-OTHER = "other"
-
-
-@dataclass
-class UsageSeries:
-    """One adapter's or key's requests, tokens and latency per bucket (latency over the requests that ended ok)."""
-
-    group: str
-    requests: list[int]
-    tokens: list[int]
-    total_time_p50: list[float | None]
-    total_time_p95: list[float | None]
-    ttft_p95: list[float | None]
-
-
-@dataclass
-class UsageReport:
-    since: datetime
-    until: datetime
-    bucket: timedelta
-    bucket_starts: list[datetime]
-    group_by: str
-    series: list[UsageSeries]
-    summary: list[UsageGroup]
-    key_names: dict[str, str]  # key prefix → its name, for group_by="key"
-
-    @property
-    def requests(self) -> int:
-        return sum(group.requests for group in self.summary)
-
-    @property
-    def tokens(self) -> int:
-        return sum(group.total_tokens for group in self.summary)
-
-
-def usage_bucket_for(*, since: datetime, until: datetime) -> timedelta:
-    """An hour up to two days, else a day: a chart of 24 to ~370 points."""
-    return timedelta(hours=1) if until - since <= timedelta(days=2) else timedelta(days=1)
-
-
-def usage_report(*, tenant: Tenant, since: datetime, until: datetime, group_by: str = "adapter") -> UsageReport:
-    """The tenant's usage in [since, until): per-bucket series for the charts and the per-group summary."""
-    summary = usage_summary(tenant=tenant, since=since, until=until, group_by=group_by)  # also checks the arguments
-    bucket = usage_bucket_for(since=since, until=until)
-    count = max(1, math.ceil((until - since) / bucket))
-    ranked = sorted(summary, key=lambda g: (-g.requests, g.group))
-    shown = {g.group for g in ranked[:USAGE_MAX_GROUPS]} if len(ranked) > USAGE_MAX_GROUPS + 1 else {g.group for g in ranked}
-    names = [g.group for g in summary if g.group in shown] + ([OTHER] if len(shown) < len(summary) else [])
-    requests = {name: [0] * count for name in names}
-    tokens = {name: [0] * count for name in names}
-    totals: dict[str, list[list[float]]] = {name: [[] for _ in range(count)] for name in names}
-    ttfts: dict[str, list[list[float]]] = {name: [[] for _ in range(count)] for name in names}
-    rows = usage_list(tenant=tenant, since=since, until=until).values_list(
-        "adapter", "model", "base_model__name", "api_key__prefix", "created", "status",
-        "prompt_tokens", "completion_tokens", "time_to_first_token", "total_time",
-    )
-    for adapter, model, base_name, key_prefix, created, status, prompt, completion, ttft, total in rows.iterator():
-        label = (adapter or base_name or model) if group_by == "adapter" else (key_prefix or "-")
-        name = label if label in shown else OTHER
-        index = min(count - 1, int((created - since) / bucket))
-        requests[name][index] += 1
-        tokens[name][index] += prompt + completion
-        if status == Usage.Status.OK:
-            totals[name][index].append(total)
-            if ttft is not None:
-                ttfts[name][index].append(ttft)
-    series = []
-    for name in names:
-        total_points = [percentiles(values, (50, 95)) for values in totals[name]]
-        series.append(UsageSeries(
-            group=name,
-            requests=requests[name],
-            tokens=tokens[name],
-            total_time_p50=[p["p50"] for p in total_points],
-            total_time_p95=[p["p95"] for p in total_points],
-            ttft_p95=[percentiles(values, (95,))["p95"] for values in ttfts[name]],
-        ))
-    key_names = {}
-    if group_by == "key":
-        key_names = dict(TenantAPIKey.objects.filter(tenant=tenant).values_list("prefix", "name"))
-    return UsageReport(
-        since=since, until=until, bucket=bucket, bucket_starts=[since + bucket * i for i in range(count)],
-        group_by=group_by, series=series, summary=summary, key_names=key_names,
-    )

@@ -29,7 +29,9 @@ def response_events(stack, request_id: str) -> list:
 
 
 def pending(stack, base_model: str = TINY_MODEL) -> int:
-    return stack.redis.xpending(protocol.request_stream(base_model), protocol.CONSUMER_GROUP)["pending"]
+    streams = [protocol.request_stream(base_model, protocol.text_of(tenant))
+               for tenant in stack.redis.hkeys(protocol.tenant_index(base_model))]
+    return sum(stack.redis.xpending(stream, protocol.CONSUMER_GROUP)["pending"] for stream in streams)
 
 
 def usage_of(request_id: str) -> Usage:

@@ -64,10 +64,21 @@ def test_control_events_and_heartbeats_round_trip():
 
 
 def test_stream_names_are_distinct_per_model_and_request():
-    names = {protocol.request_stream("a"), protocol.request_stream("b"), protocol.dead_letter_stream("a"),
+    names = {protocol.request_stream("a", "1"), protocol.request_stream("b", "1"), protocol.request_stream("a", "2"),
+             protocol.tenant_index("a"), protocol.dead_letter_stream("a"),
              protocol.response_stream("a"), protocol.heartbeat_key("a"), protocol.series_stream("a"),
              protocol.CONTROL_STREAM, protocol.ENGINES_KEY, protocol.BASE_MODELS_KEY}
-    assert len(names) == 9
+    assert len(names) == 11
+
+
+def test_enqueue_lists_the_tenant_with_its_weight_and_queues_on_its_stream(redis_client):
+    request = InferenceRequest(request_id="r1", tenant_id="7", base_model="m", prompt="hi")
+    pipe = redis_client.pipeline(transaction=True)
+    protocol.enqueue_request(pipe, request, weight=2.5)
+    pipe.execute()
+    assert redis_client.hgetall(protocol.tenant_index("m")) == {b"7": b"2.5"}
+    [(_id, fields)] = redis_client.xrange(protocol.request_stream("m", "7"))
+    assert InferenceRequest.from_redis(fields) == request
 
 
 @pytest.mark.parametrize(

@@ -57,7 +57,9 @@ def enqueue(redis_client, base_model: str, **fields) -> InferenceRequest:
         created=time.time(),
         **fields,
     )
-    redis_client.xadd(protocol.request_stream(base_model), request.to_redis())
+    pipe = redis_client.pipeline(transaction=True)
+    protocol.enqueue_request(pipe, request)
+    pipe.execute()
     return request
 
 
@@ -72,8 +74,17 @@ def run_until(service: EngineService, done, timeout: float = 30.0) -> None:
         service.run_once()
 
 
-def pending(redis_client, base_model: str) -> int:
-    return redis_client.xpending(protocol.request_stream(base_model), protocol.CONSUMER_GROUP)["pending"]
+def pending(redis_client, base_model: str, tenant: str = "t1") -> int:
+    return redis_client.xpending(protocol.request_stream(base_model, tenant), protocol.CONSUMER_GROUP)["pending"]
+
+
+def dead_daemon_reads(redis_client, stream: str, consumer: str) -> None:
+    """A daemon that joins the stream's group (as each one does on seeing a tenant), reads one entry and dies."""
+    try:
+        redis_client.xgroup_create(stream, protocol.CONSUMER_GROUP, id="0", mkstream=True)
+    except Exception as exc:  # noqa: BLE001
+        assert "BUSYGROUP" in str(exc)
+    redis_client.xreadgroup(protocol.CONSUMER_GROUP, consumer, {stream: ">"}, count=1)
 
 
 def finished(redis_client, request_id: str) -> bool:
@@ -167,7 +178,7 @@ def test_bad_requests_get_errors_and_malformed_entries_are_dead_lettered(chat_mo
     service = make_service(chat_model, redis_client, redis_url, cache_dir)
     too_long = enqueue(redis_client, service.base_model, prompt="Ahoy " * 600)
     bad_params = enqueue(redis_client, service.base_model, prompt="Ahoy", sampling={"top_p": 0})
-    redis_client.xadd(protocol.request_stream(service.base_model), {"v": "99", "type": "request", "body": "{}"})
+    redis_client.xadd(protocol.request_stream(service.base_model, "t1"), {"v": "99", "type": "request", "body": "{}"})
     run_until(service, lambda: finished(redis_client, too_long.request_id) and finished(redis_client, bad_params.request_id))
     assert events(redis_client, too_long.request_id)[-1].code == "context_length_exceeded"
     assert "top_p" in events(redis_client, bad_params.request_id)[-1].message
@@ -181,8 +192,8 @@ def test_abandoned_request_is_claimed_and_resumed_after_the_sent_tokens(chat_mod
     request = enqueue(redis_client, service.base_model, prompt="Ahoy matey, the sea", sampling={**GREEDY, "max_tokens": 10})
     offline = service.engine.generate([request.prompt], SamplingParams(**request.sampling))[0]
     # A daemon that died after streaming three tokens: it read the entry and wrote three deltas.
-    stream = protocol.request_stream(service.base_model)
-    redis_client.xreadgroup(protocol.CONSUMER_GROUP, "dead-daemon", {stream: ">"}, count=1)
+    stream = protocol.request_stream(service.base_model, "t1")
+    dead_daemon_reads(redis_client, stream, "dead-daemon")
     sent = offline.token_ids[:3]
     redis_client.xadd(protocol.response_stream(request.request_id), DeltaEvent("", sent).to_redis())
     time.sleep(0.3)
@@ -196,8 +207,8 @@ def test_abandoned_request_is_claimed_and_resumed_after_the_sent_tokens(chat_mod
 def test_a_request_delivered_too_often_is_dead_lettered_with_an_error(chat_model, redis_client, redis_url, cache_dir):
     service = make_service(chat_model, redis_client, redis_url, cache_dir, claim_idle_seconds=0.05, max_deliveries=2)
     request = enqueue(redis_client, service.base_model, prompt="Ahoy")
-    stream = protocol.request_stream(service.base_model)
-    redis_client.xreadgroup(protocol.CONSUMER_GROUP, "dead-1", {stream: ">"}, count=1)
+    stream = protocol.request_stream(service.base_model, "t1")
+    dead_daemon_reads(redis_client, stream, "dead-1")
     time.sleep(0.1)
     entry = redis_client.xautoclaim(stream, protocol.CONSUMER_GROUP, "dead-2", 50, count=1)[1][0][0]
     time.sleep(0.1)
@@ -296,7 +307,7 @@ def test_sigterm_drains_running_requests_then_exits(chat_model, redis_client, re
     service.run()  # returns once drained
     assert finished(redis_client, request.request_id)
     assert events(redis_client, waiting.request_id) == []  # never taken: left for another daemon
-    assert redis_client.xlen(protocol.request_stream(service.base_model)) == 2
+    assert redis_client.xlen(protocol.request_stream(service.base_model, "t1")) == 1  # the ended one is deleted
     assert pending(redis_client, service.base_model) == 0
 
 

@@ -73,16 +73,21 @@ class FakeEngine:
         self._thread.join(timeout=10)
 
     def _serve(self) -> None:
-        stream = protocol.request_stream(self.base_model)
-        cursor, control_cursor, last_beat = "0-0", "0-0", 0.0
+        cursors: dict[str, str] = {}  # every tenant's request stream, as the index lists them
+        control_cursor, last_beat = "0-0", 0.0
         while not self._stop.is_set():
             if time.time() - last_beat > 0.5:
                 self.beat()
                 last_beat = time.time()
-            reply = self.client.xread({stream: cursor}, count=10, block=20)
-            for _name, entries in reply or []:
+            for tenant in self.client.hkeys(protocol.tenant_index(self.base_model)):
+                cursors.setdefault(protocol.request_stream(self.base_model, protocol.text_of(tenant)), "0-0")
+            if not cursors:
+                time.sleep(0.02)
+                continue
+            reply = self.client.xread(cursors, count=10, block=20)
+            for name, entries in reply or []:
                 for entry_id, fields in entries:
-                    cursor = entry_id
+                    cursors[protocol.text_of(name)] = entry_id
                     request = InferenceRequest.from_redis(fields)
                     self.requests.append(request)
                     control_cursor = self._answer(request, control_cursor)

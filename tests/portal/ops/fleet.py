@@ -47,8 +47,17 @@ class Fleet:
     def enqueue(self, sha: str | None, prompt: str = "Ahoy") -> InferenceRequest:
         request = InferenceRequest(request_id=uuid.uuid4().hex, tenant_id="t", base_model=self.service.base_model,
                                    prompt=prompt, adapter_sha256=sha, sampling=SHORT, created=time.time())
-        self.redis.xadd(protocol.request_stream(self.service.base_model), request.to_redis())
+        pipe = self.redis.pipeline(transaction=True)
+        protocol.enqueue_request(pipe, request)
+        pipe.execute()
         return request
+
+    def enqueue_malformed(self) -> str:
+        """An entry no engine can read, on tenant t's stream; returns the stream."""
+        stream = protocol.request_stream(self.service.base_model, "t")
+        self.redis.hset(protocol.tenant_index(self.service.base_model), "t", "1.0")
+        self.redis.xadd(stream, {"v": "99", "type": "request", "body": "{}"})
+        return stream
 
     def serve(self, sha: str | None) -> None:
         """One request to its end."""

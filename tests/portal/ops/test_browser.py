@@ -12,7 +12,6 @@ from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_K
 from django.contrib.sessions.backends.db import SessionStore
 from django.utils import timezone
 
-from engine_daemon import protocol
 from portal.usage.services import usage_record
 from tests.portal import factories
 from tests.portal.test_browser import ARTIFACTS, driver  # noqa: F401  (the fixture)
@@ -91,7 +90,7 @@ def test_ops_dashboard_updates_in_place(driver, live_server, fleet, staff):  # n
     assert read("return document.getElementById('ops-connection').textContent") == "live"
 
     # For the picture: a little traffic on each adapter, and a malformed entry the engine dead-letters.
-    fleet.redis.xadd(protocol.request_stream(fleet.service.base_model), {"v": "99", "type": "request", "body": "{}"})
+    fleet.enqueue_malformed()
     for name in ("pirate", "support-bot", "pirate", "shouty"):
         fleet.serve(fleet.sha(name))
     final = fleet.beat()["generated_tokens"]

@@ -30,9 +30,8 @@ def adapter_row(html: str, sha: str) -> dict[str, str]:
 
 def test_dashboard_shows_the_engine_numbers_and_every_tier(staff_client, fleet, redis_client, settings):
     base_model = fleet.service.base_model
-    stream = protocol.request_stream(base_model)
     # Queues: a malformed entry the engine dead-letters, then two requests, one taken by a daemon that died.
-    redis_client.xadd(stream, {"v": "99", "type": "request", "body": "{}"})
+    stream = fleet.enqueue_malformed()
     fleet.step_until(lambda: redis_client.xlen(protocol.dead_letter_stream(base_model)) == 1)
     fleet.enqueue(fleet.sha("pirate"))
     fleet.enqueue(None)
