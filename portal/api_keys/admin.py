@@ -7,7 +7,8 @@ from portal.api_keys.models import TenantAPIKey
 
 @admin.register(TenantAPIKey)
 class TenantAPIKeyAdmin(APIKeyModelAdmin):
-    list_display = (*APIKeyModelAdmin.list_display, "tenant", "scopes", "last_used_at")
+    list_display = (*APIKeyModelAdmin.list_display, "tenant", "scopes", "requests_per_minute", "tokens_per_minute",
+                    "last_used_at")
     list_filter = (*APIKeyModelAdmin.list_filter, "tenant")
     search_fields = (*APIKeyModelAdmin.search_fields, "tenant__slug")
 

@@ -1,4 +1,5 @@
 from django.conf import settings
+from django.core.validators import MinValueValidator
 from django.db import models
 from django.utils.crypto import get_random_string
 from rest_framework_api_key.crypto import KeyGenerator
@@ -34,6 +35,15 @@ class TenantAPIKey(AbstractAPIKey):
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
     last_used_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
+    # Limits of this key alone, on top of its tenant's (which count all its keys together).
+    requests_per_minute = models.PositiveIntegerField(
+        null=True, blank=True, validators=[MinValueValidator(1)],
+        help_text="This key alone, within its tenant's limit. Empty: only the tenant's limit applies.",
+    )
+    tokens_per_minute = models.PositiveIntegerField(
+        null=True, blank=True, validators=[MinValueValidator(1)],
+        help_text="This key alone, within its tenant's limit. Empty: only the tenant's limit applies.",
+    )
 
     objects = TenantAPIKeyManager()
 

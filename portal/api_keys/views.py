@@ -30,7 +30,8 @@ class ApiKeyCreateForm(forms.Form):
 def _keys_page(request: HttpRequest, form: ApiKeyCreateForm, *, created=None, secret=None, status=200) -> HttpResponse:
     access = access_for_request(request)
     access.require_role(Membership.Role.ADMIN)
-    context = {"keys": api_key_list(tenant=access.tenant), "form": form, "created": created, "secret": secret}
+    context = {"keys": api_key_list(tenant=access.tenant), "tenant": access.tenant, "form": form, "created": created,
+               "secret": secret}
     response = render(request, "api_keys/list.html", context, status=status)
     add_never_cache_headers(response)  # the page may carry a secret
     return response

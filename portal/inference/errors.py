@@ -29,7 +29,8 @@ ERRORS: dict[str, tuple[int, str]] = {
     "method_not_allowed": (405, "invalid_request_error"),
     "model_not_ready": (409, "invalid_request_error"),
     "request_too_large": (413, "invalid_request_error"),
-    "rate_limit_exceeded": (429, "rate_limit_error"),
+    "rate_limit_exceeded": (429, "rate_limit_error"),  # a key's or its tenant's requests or tokens per minute
+    "too_many_requests_in_flight": (429, "rate_limit_error"),  # the tenant's cap on queued + running requests
     "engine_error": (500, "server_error"),
     "too_many_deliveries": (500, "server_error"),
     "engine_unavailable": (503, "server_error"),  # no live engine serves the base model

@@ -60,14 +60,43 @@ class CompletionParams:
         return math.ceil(len(self.prompt or "") / 4)
 
 
+# No tokenizer we serve puts more UTF-8 bytes than this into one token (long runs of one character are the
+# longest), so bytes / MAX_BYTES_PER_TOKEN never counts more tokens than a prompt really has.
+MAX_BYTES_PER_TOKEN = 64
+
+
+def prompt_token_floor(params: CompletionParams) -> tuple[int, int]:
+    """(the fewest tokens the prompt can be, its UTF-8 bytes): refusing past the context on this is never wrong."""
+    if params.messages is not None:
+        size = sum(len(m["content"].encode()) for m in params.messages)
+    else:
+        size = len((params.prompt or "").encode())
+    return size // MAX_BYTES_PER_TOKEN, size
+
+
 def body_parse(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw or b"")
     except (ValueError, UnicodeDecodeError) as exc:
         raise InferenceError(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise InferenceError("the request body nests arrays or objects too deeply to read; flatten it",
+                             code="invalid_json") from None
     if not isinstance(body, dict):
         raise InferenceError("the request body must be a JSON object", code="invalid_json")
+    _refuse_lone_surrogates(body)
     return body
+
+
+def _refuse_lone_surrogates(body: dict[str, Any]) -> None:
+    """JSON may escape half of a UTF-16 pair (``"\\ud800"``); that is no character, and no text can hold it."""
+    try:
+        json.dumps(body, ensure_ascii=False).encode()
+    except UnicodeEncodeError as exc:
+        half = exc.object[exc.start:exc.end].encode("unicode_escape").decode()
+        raise InferenceError(f"the request body holds {half}, half of a UTF-16 surrogate pair, which is not text; "
+                             "send characters as UTF-8, or escape one outside the BMP as a whole pair",
+                             code="invalid_json") from None
 
 
 def completion_params_parse(body: dict[str, Any], *, kind: str) -> CompletionParams:
@@ -203,7 +232,7 @@ def _messages(value: Any) -> list[dict[str, str]]:
         if not isinstance(message, dict):
             raise _invalid(param, "must be an object with 'role' and 'content'")
         role = message.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise InferenceError(f"'{param}.role' {role!r} is not supported; use one of {sorted(ROLES)}",
                                  code="invalid_value" if role in (None, "") else "unsupported_parameter",
                                  param=f"{param}.role")

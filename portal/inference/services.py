@@ -15,14 +15,13 @@ cancelled. A client that goes away cancels its request on the engine (a ``cancel
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
 import weakref
 from collections import deque
-from collections.abc import Coroutine
 from datetime import UTC, datetime
-from typing import Any
 
 import redis
 import redis.asyncio
@@ -48,12 +47,18 @@ from portal.common.errors import NOT_FOUND
 from portal.common.redis import redis_client
 from portal.inference.engines import base_models_sync, engine_serving, engines_live
 from portal.inference.errors import InferenceError
-from portal.inference.params import CHAT, CompletionParams
+from portal.inference.params import CHAT, CompletionParams, prompt_token_floor
 from portal.inference.ratelimits import (
-    rate_limit_request,
-    rate_limit_tokens_reserve,
-    rate_limit_tokens_settle,
+    Limit,
+    in_flight_admit,
+    in_flight_release,
+    key_limit,
+    rate_limit_requests,
+    rate_limit_tokens_reserve_all,
+    rate_limit_tokens_settle_all,
+    tenant_limit,
 )
+from portal.inference.responses import ResponseReader, ResponsesUnavailable, Subscription
 from portal.tenants.models import Tenant
 from portal.usage.models import Usage
 from portal.usage.services import usage_record
@@ -62,42 +67,57 @@ log = logging.getLogger(__name__)
 
 # How long past its deadline the portal still waits for the engine's own deadline_exceeded error.
 DEADLINE_GRACE_SECONDS = 5.0
-# One blocking read waits at most this long, so that the deadline is looked at regularly.
-READ_BLOCK_SECONDS = 5.0
-# Request streams are trimmed to about this many entries (acknowledged entries are never read again).
-REQUEST_STREAM_MAXLEN = 100_000
+# The asyncio client's pool: commands past this many at once wait for a connection, up to the timeout.
+# Only a stuck pool waits that long: an unreachable Redis fails when connecting.
+REDIS_POOL_CONNECTIONS = 64
+REDIS_POOL_TIMEOUT_SECONDS = 60.0
 
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, redis.asyncio.Redis]] = (
     weakref.WeakKeyDictionary()
 )
+_readers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, ResponseReader]] = (
+    weakref.WeakKeyDictionary()
+)
+_usage_turns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
 
 
 def async_redis() -> redis.asyncio.Redis:
-    """The asyncio Redis client of the running event loop (a client's connections belong to one loop)."""
+    """The asyncio Redis client of the running event loop (a client's connections belong to one loop).
+
+    Its pool is bounded and blocking: a burst of requests waits for a connection instead of failing with
+    "Too many connections", and the commands that end a request (settle, cancel) wait too. No command on it
+    blocks: waiting for the engine's answer takes no connection from it (``response_reader``).
+    """
     per_loop = _clients.setdefault(asyncio.get_running_loop(), {})
     url = settings.REDIS_URL
     if url not in per_loop:
-        per_loop[url] = redis.asyncio.Redis.from_url(
-            url, socket_connect_timeout=5, socket_timeout=READ_BLOCK_SECONDS + 10, health_check_interval=30
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            url, max_connections=REDIS_POOL_CONNECTIONS, timeout=REDIS_POOL_TIMEOUT_SECONDS,
+            socket_connect_timeout=5, socket_timeout=10, health_check_interval=30,
         )
+        per_loop[url] = redis.asyncio.Redis.from_pool(pool)
     return per_loop[url]
 
 
-async def _cancellable(read: Coroutine[Any, Any, Any]) -> Any:
-    """Await a Redis read so that cancelling the caller always cancels it at once.
+def response_reader() -> ResponseReader:
+    """The running event loop's reader of the response streams its requests wait on (``responses``)."""
+    per_loop = _readers.setdefault(asyncio.get_running_loop(), {})
+    url = settings.REDIS_URL
+    if url not in per_loop:
+        per_loop[url] = ResponseReader(url)
+    return per_loop[url]
 
-    redis-py's asyncio client (8.1) sometimes swallows a cancellation that arrives just as a reply
-    is read (measured: 2 of 30 cancelled blocking XREADs carried on), and a client that has gone away
-    would then keep its request running. The read runs in its own task behind a shield: the caller
-    is cancelled at once, and the read is cancelled (or ends within its block time).
+
+def usage_write_turn() -> contextlib.AbstractAsyncContextManager:
+    """Where this process's ending requests wait to write their usage rows, on SQLite.
+
+    SQLite lets one writer in at a time and has the others poll for its lock, giving up after its
+    timeout: a burst of a thousand ends spends its time polling, and the last ones fail. Queued here,
+    in order, each finds the lock free. Other databases take concurrent writers: no turn there.
     """
-    task = asyncio.ensure_future(read)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        task.cancel()
-        task.add_done_callback(lambda done: done.cancelled() or done.exception())  # nobody waits for it now
-        raise
+    if not settings.DATABASES["default"]["ENGINE"].endswith("sqlite3"):
+        return contextlib.nullcontext()
+    return _usage_turns.setdefault(asyncio.get_running_loop(), asyncio.Lock())
 
 
 def redis_unavailable(exc: Exception) -> InferenceError:
@@ -106,17 +126,56 @@ def redis_unavailable(exc: Exception) -> InferenceError:
 
 
 async def inference_admit(*, authorization: str | None) -> tuple[TenantAPIKey, Tenant]:
-    """Authenticate an ``inference`` key and take one request from its requests-per-minute allowance."""
+    """Authenticate an ``inference`` key and take one request from its own and its tenant's requests-per-minute
+    allowances (both or neither)."""
     try:
         key, tenant = await sync_to_async(api_key_authenticate_header)(authorization=authorization,
                                                                         scope=Scope.INFERENCE)
     except ApiKeyError as exc:
         raise InferenceError.from_application_error(exc) from None
     try:
-        await rate_limit_request(async_redis(), key_id=key.pk, requests_per_minute=tenant.requests_per_minute)
+        await rate_limit_requests(async_redis(), limits=request_limits(key=key, tenant=tenant))
     except redis.RedisError as exc:
         raise redis_unavailable(exc) from None
     return key, tenant
+
+
+def request_limits(*, key: TenantAPIKey, tenant: Tenant) -> list[Limit]:
+    """The tenant's requests per minute (all its keys together) and the key's own."""
+    return [tenant_limit(tenant_id=tenant.pk, slug=tenant.slug, per_minute=tenant.requests_per_minute),
+            key_limit(key_id=key.pk, per_minute=key.requests_per_minute)]
+
+
+def token_limits(*, key: TenantAPIKey, tenant: Tenant) -> list[Limit]:
+    """The tenant's tokens per minute (all its keys together) and the key's own."""
+    return [tenant_limit(tenant_id=tenant.pk, slug=tenant.slug, per_minute=tenant.tokens_per_minute),
+            key_limit(key_id=key.pk, per_minute=key.tokens_per_minute)]
+
+
+async def inference_tokens_reserve(client: redis.asyncio.Redis, *, key: TenantAPIKey, tenant: Tenant,
+                                   tokens: int) -> int:
+    """Reserve a request's worst case from its key's and its tenant's tokens per minute (both or neither);
+    returns what to settle when it ends."""
+    return await rate_limit_tokens_reserve_all(client, limits=token_limits(key=key, tenant=tenant), tokens=tokens)
+
+
+async def inference_tokens_settle(client: redis.asyncio.Redis, *, key: TenantAPIKey, tenant: Tenant, reserved: int,
+                                  used: int) -> None:
+    """Replace the reservation by what the request used, for the key and the tenant."""
+    await rate_limit_tokens_settle_all(client, limits=token_limits(key=key, tenant=tenant), reserved=reserved,
+                                       used=used)
+
+
+async def inference_in_flight_admit(client: redis.asyncio.Redis, *, tenant: Tenant, request_id: str,
+                                    deadline: float) -> None:
+    """Count the request among the tenant's queued and running ones, or a 429 at ``Tenant.max_in_flight``."""
+    await in_flight_admit(client, tenant_id=tenant.pk, slug=tenant.slug, cap=tenant.max_in_flight,
+                          request_id=request_id, deadline=deadline)
+
+
+async def inference_in_flight_release(client: redis.asyncio.Redis, *, tenant: Tenant, request_id: str) -> None:
+    """The request has ended: its place under the tenant's cap is free (a no-op when it had none)."""
+    await in_flight_release(client, tenant_id=tenant.pk, request_id=request_id)
 
 
 def model_resolve(*, tenant: Tenant, model: str) -> ResolvedModel:
@@ -137,6 +196,17 @@ def model_resolve(*, tenant: Tenant, model: str) -> ResolvedModel:
         return adapter_resolve_for_request(tenant=tenant, model=model)
     except AdapterRejected as exc:
         raise InferenceError.from_application_error(exc, param="model") from None
+
+
+def prompt_context_check(params: CompletionParams, context: int, base_model: str) -> None:
+    """A prompt that cannot fit the model's context is refused here, before it takes any room in Redis."""
+    floor, size = prompt_token_floor(params)
+    if floor >= context:
+        raise InferenceError(
+            f"the prompt is {size} bytes, so at least {floor} tokens, and {base_model}'s context is {context} "
+            "tokens including the completion; shorten the prompt",
+            code="context_length_exceeded", param=params.prompt_param,
+        )
 
 
 class Completion:
@@ -160,7 +230,7 @@ class Completion:
         self.first_token_after: float | None = None  # seconds from arrival to the first token
         self.reserved_tokens = 0
         self.ended = False
-        self._cursor = "0-0"
+        self._responses: Subscription | None = None  # this request's response stream, while it is read
         self._events: deque[DeltaEvent | DoneEvent | ErrorEvent] = deque()
 
     @property
@@ -180,6 +250,7 @@ class Completion:
         self.params = params
         self.resolved = await sync_to_async(model_resolve)(tenant=self.tenant, model=params.model)
         base_model = self.resolved.base_model.name
+        prompt_context_check(params, self.resolved.base_model.model_descriptor.max_position_embeddings, base_model)
         client = async_redis()
         try:
             if not engine_serving(await engines_live(client, base_model=base_model)):
@@ -188,11 +259,12 @@ class Completion:
                     f"python -m engine_daemon serve --model {base_model})",
                     code="engine_unavailable",
                 )
-            self.reserved_tokens = await rate_limit_tokens_reserve(
-                client, key_id=self.key.pk, tokens_per_minute=self.tenant.tokens_per_minute,
-                tokens=params.max_tokens + params.prompt_token_estimate(),
-            )
             self.deadline = self.arrived + settings.LORAFLEET_REQUEST_TIMEOUT
+            await inference_in_flight_admit(client, tenant=self.tenant, request_id=self.request_id,
+                                            deadline=self.deadline)
+            self.reserved_tokens = await inference_tokens_reserve(
+                client, key=self.key, tenant=self.tenant, tokens=params.max_tokens + params.prompt_token_estimate(),
+            )
             request = InferenceRequest(
                 request_id=self.request_id,
                 tenant_id=str(self.tenant.pk),
@@ -206,8 +278,9 @@ class Completion:
                 deadline=self.deadline,
                 created=self.arrived,
             )
-            await client.xadd(protocol.request_stream(base_model), request.to_redis(),
-                              maxlen=REQUEST_STREAM_MAXLEN, approximate=True)
+            pipe = client.pipeline(transaction=True)
+            protocol.enqueue_request(pipe, request, weight=self.tenant.fair_share_weight)
+            await pipe.execute()
         except redis.RedisError as exc:
             raise redis_unavailable(exc) from None
         self.submitted = True
@@ -216,28 +289,33 @@ class Completion:
 
     async def next_event(self) -> DeltaEvent | DoneEvent:
         """The next delta, or the done event; raises InferenceError for an engine error or a passed deadline."""
-        while not self._events:
-            remaining = self.deadline + DEADLINE_GRACE_SECONDS - time.time()
-            if remaining <= 0:
-                raise InferenceError(
-                    f"the request did not finish within {settings.LORAFLEET_REQUEST_TIMEOUT:g} s; the engines are "
-                    "busy or down: try again later, or ask for fewer tokens", code="deadline_exceeded",
-                )
-            stream = protocol.response_stream(self.request_id)
-            try:
-                reply = await _cancellable(async_redis().xread(
-                    {stream: self._cursor}, count=256, block=max(1, int(min(remaining, READ_BLOCK_SECONDS) * 1000))
-                ))
-            except redis.RedisError as exc:
-                raise redis_unavailable(exc) from None
-            for _stream, entries in reply or []:
-                for entry_id, fields in entries:
-                    self._cursor = entry_id
+        if self._responses is None:
+            self._responses = response_reader().subscribe(protocol.response_stream(self.request_id))
+        try:
+            while not self._events:
+                remaining = self.deadline + DEADLINE_GRACE_SECONDS - time.time()
+                if remaining <= 0:
+                    if (outage := self._responses.outage()) is not None:
+                        raise redis_unavailable(outage)
+                    raise InferenceError(
+                        f"the request did not finish within {settings.LORAFLEET_REQUEST_TIMEOUT:g} s; the engines "
+                        "are busy or down: try again later, or ask for fewer tokens", code="deadline_exceeded",
+                    )
+                try:
+                    entries = await self._responses.entries(timeout=remaining)
+                except ResponsesUnavailable as exc:
+                    raise redis_unavailable(exc) from None
+                for fields in entries:
                     try:
                         self._events.append(protocol.response_event_from_redis(fields))
                     except ProtocolError as exc:
                         raise InferenceError(f"the engine sent a malformed event: {exc}", code="engine_error") from None
-        event = self._events.popleft()
+            event = self._events.popleft()
+        except BaseException:  # an error, a passed deadline, or the client gone: nothing more is read
+            self._responses.close()
+            raise
+        if not isinstance(event, DeltaEvent):
+            self._responses.close()  # done or an error: the stream has ended
         if isinstance(event, ErrorEvent):
             raise InferenceError.from_engine(event.code, event.message, prompt_param=self.params.prompt_param)
         if isinstance(event, DeltaEvent):
@@ -260,25 +338,35 @@ class Completion:
     # ---- the end ----------------------------------------------------------------------------
 
     async def end(self, status: str, error_code: str = "") -> None:
-        """Record usage and settle the token reservation; the first call wins. A request that did not end on
-        the engine (cancelled, timed out) is cancelled there, which frees its KV cache at once."""
+        """Give back the in-flight place, settle the token reservation, record usage; the first call wins. A
+        request that did not end on the engine (cancelled, timed out) is cancelled there, which frees its KV
+        cache at once."""
         if self.ended:
             return
         self.ended = True
+        if self._responses is not None:
+            self._responses.close()
         client = async_redis()
+        try:  # first and on its own: a request refused after it took its place must give it back
+            await inference_in_flight_release(client, tenant=self.tenant, request_id=self.request_id)
+        except redis.RedisError as exc:  # the place expires at the request's deadline
+            log.warning("could not release the in-flight place of request %s: %s", self.request_id, exc)
         try:
             if self.submitted and self.finish_reason is None and status in (Usage.Status.CANCELLED,
                                                                              Usage.Status.TIMEOUT):
                 await client.xadd(protocol.CONTROL_STREAM,
                                   ControlEvent(action=ControlEvent.CANCEL, request_id=self.request_id).to_redis(),
                                   maxlen=CONTROL_STREAM_MAXLEN, approximate=True)
+        except redis.RedisError as exc:  # the engine's deadline ends the request
+            log.warning("could not cancel request %s: %s", self.request_id, exc)
+        try:
             if self.reserved_tokens:
-                await rate_limit_tokens_settle(client, key_id=self.key.pk,
-                                               tokens_per_minute=self.tenant.tokens_per_minute,
-                                               reserved=self.reserved_tokens, used=self.tokens_used())
-        except redis.RedisError as exc:  # the engine's deadline ends the request; the bucket refills
-            log.warning("could not cancel or settle request %s: %s", self.request_id, exc)
-        await sync_to_async(self._record)(status, error_code)
+                await inference_tokens_settle(client, key=self.key, tenant=self.tenant,
+                                              reserved=self.reserved_tokens, used=self.tokens_used())
+        except redis.RedisError as exc:  # the bucket refills by itself
+            log.warning("could not settle the tokens of request %s: %s", self.request_id, exc)
+        async with usage_write_turn():
+            await sync_to_async(self._record)(status, error_code)
 
     def tokens_used(self) -> int:
         if self.finish_reason is not None or not self.submitted:

@@ -72,6 +72,13 @@ class ModelDetailApi(OpenAIView):
             return error_response(exc)
 
 
+async def endpoint_not_found(request: HttpRequest, path: str) -> HttpResponse:
+    """Any other URL under /v1/: a 404 in OpenAI's shape too, as OpenAI answers one."""
+    return error_response(InferenceError(
+        f"{request.method} {request.path} is not an endpoint of this API; it serves GET /v1/models, "
+        "GET /v1/models/{model}, POST /v1/chat/completions and POST /v1/completions", code="not_found"))
+
+
 def _models_synced(tenant: Tenant) -> list[ModelEntry]:
     try:
         base_models_sync(redis_client())

@@ -11,12 +11,20 @@ class MembershipInline(admin.TabularInline):
 
 @admin.register(Tenant)
 class TenantAdmin(admin.ModelAdmin):
-    list_display = ("slug", "name", "is_active", "requests_per_minute", "tokens_per_minute", "created_at")
+    list_display = ("slug", "name", "is_active", "fair_share_weight", "requests_per_minute", "tokens_per_minute",
+                    "max_in_flight", "created_at")
     list_filter = ("is_active",)
     search_fields = ("slug", "name")
     fieldsets = (
         (None, {"fields": ("slug", "name", "is_active")}),
-        ("Rate limits", {"fields": ("requests_per_minute", "tokens_per_minute")}),
+        (
+            "Serving limits",
+            {
+                "description": "For all the tenant's keys together; a key may have lower limits of its own "
+                               "(API keys). Checked before a request is queued: past one, a 429 names it.",
+                "fields": ("fair_share_weight", "requests_per_minute", "tokens_per_minute", "max_in_flight"),
+            },
+        ),
         (
             "Upload quotas",
             {

@@ -1,9 +1,18 @@
+import math
+
 from django.conf import settings
-from django.core.validators import RegexValidator
+from django.core.exceptions import ValidationError
+from django.core.validators import MinValueValidator, RegexValidator
 from django.db import models
 
 SLUG_RE = r"^[a-z0-9](?:[a-z0-9-]{0,48}[a-z0-9])?$"
 slug_validator = RegexValidator(SLUG_RE, "use lowercase letters, digits and inner hyphens (at most 50)")
+DEFAULT_MAX_IN_FLIGHT = 64
+
+
+def positive_weight_validator(value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ValidationError("a fair-share weight is a number above 0 (1 is an even share)")
 
 
 class Tenant(models.Model):
@@ -12,9 +21,24 @@ class Tenant(models.Model):
     slug = models.CharField(max_length=50, unique=True, validators=[slug_validator])
     name = models.CharField(max_length=200)
     is_active = models.BooleanField(default=True, help_text="A suspended tenant's keys stop working.")
-    # Rate limits the serving path enforces per tenant; empty means no limit.
-    requests_per_minute = models.PositiveIntegerField(null=True, blank=True, default=600)
-    tokens_per_minute = models.PositiveIntegerField(null=True, blank=True, default=1_000_000)
+    # Serving limits, enforced at admission (portal.inference.ratelimits) for all the tenant's keys together;
+    # a key may have lower limits of its own on top.
+    fair_share_weight = models.FloatField(
+        default=1.0, validators=[positive_weight_validator],
+        help_text="The tenant's share of the engines when they are busy, against the others' weights (1: even).",
+    )
+    requests_per_minute = models.PositiveIntegerField(
+        null=True, blank=True, default=600, validators=[MinValueValidator(1)],
+        help_text="All keys together. Empty: no limit.",
+    )
+    tokens_per_minute = models.PositiveIntegerField(
+        null=True, blank=True, default=1_000_000, validators=[MinValueValidator(1)],
+        help_text="Prompt and completion tokens, all keys together. Empty: no limit.",
+    )
+    max_in_flight = models.PositiveIntegerField(
+        null=True, blank=True, default=DEFAULT_MAX_IN_FLIGHT, validators=[MinValueValidator(1)],
+        help_text="Requests queued or running at once, all keys together. Empty: no cap.",
+    )
     # Upload quotas, enforced when an adapter or version is uploaded (portal.adapters.services).
     max_storage_bytes = models.PositiveBigIntegerField(
         null=True, blank=True, help_text="Bytes of uploads kept. Empty: LORAFLEET_TENANT_MAX_STORAGE_BYTES; 0: no limit."
@@ -29,6 +53,10 @@ class Tenant(models.Model):
 
     class Meta:
         ordering = ("slug",)
+        constraints = [
+            models.CheckConstraint(condition=models.Q(fair_share_weight__gt=0), name="tenant_fair_share_weight_positive",
+                                   violation_error_message="a fair-share weight is a number above 0"),
+        ]
 
     def __str__(self) -> str:
         return self.slug
