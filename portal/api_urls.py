@@ -22,4 +22,5 @@ urlpatterns = [
     path("keys", key_apis.ApiKeysApi.as_view(), name="key-list"),
     path("keys/<str:prefix>/revoke", key_apis.ApiKeyRevokeApi.as_view(), name="key-revoke"),
     path("usage", usage_apis.UsageApi.as_view(), name="usage"),
+    path("usage/requests", usage_apis.UsageListApi.as_view(), name="usage-requests"),
 ]

@@ -6,8 +6,10 @@ from datetime import UTC, datetime, time, timedelta
 
 from django import forms
 
+from portal.usage.selectors import MAX_WINDOW
+
 PERIODS = {"24h": timedelta(hours=24), "7d": timedelta(days=7), "30d": timedelta(days=30)}
-MAX_CUSTOM_DAYS = 366
+MAX_CUSTOM_DAYS = MAX_WINDOW.days  # both days included
 
 
 class UsagePeriodForm(forms.Form):
@@ -30,7 +32,9 @@ class UsagePeriodForm(forms.Form):
             if since > until:
                 raise forms.ValidationError("the period's first day comes after its last")
             if (until - since).days >= MAX_CUSTOM_DAYS:
-                raise forms.ValidationError(f"choose at most {MAX_CUSTOM_DAYS} days")
+                raise forms.ValidationError(
+                    f"choose at most {MAX_CUSTOM_DAYS} days; see a longer period one part at a time"
+                )
         return data
 
     def period_range(self, now: datetime) -> tuple[datetime, datetime]:

@@ -7,6 +7,7 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
+from django.core.paginator import Paginator
 from django.http import Http404, HttpRequest, HttpResponse, QueryDict
 from django.shortcuts import render
 from django.utils import timezone
@@ -18,9 +19,11 @@ from portal.common.errors import FORBIDDEN
 from portal.ops.charts import Chart, line_chart, recent_ticks
 from portal.ops.errors import OpsError
 from portal.ops.forms import UsagePeriodForm
-from portal.ops.selectors import SERIES_SECONDS, EngineView, UsageReport, ops_overview, usage_report
+from portal.ops.selectors import SERIES_SECONDS, EngineView, ops_overview
+from portal.usage.selectors import UsageReport, usage_report
 
 LIVE_INTERVAL_MS = 1500
+USAGE_GROUPS_PER_PAGE = 50
 MIN_CHART_SECONDS = 60
 # (sort key, header, numeric: the first click sorts descending)
 RESIDENCY_COLUMNS = (
@@ -103,7 +106,8 @@ def _sort_columns(query: QueryDict, sort: str) -> list[dict[str, Any]]:
 @require_GET
 @login_required
 def usage_view(request: HttpRequest) -> HttpResponse:
-    """The active tenant's requests, tokens and latencies per adapter or per API key over a period."""
+    """The active tenant's requests, tokens and latencies per adapter or per API key over a period; the table
+    of groups a page at a time."""
     access = access_for_request(request)
     form = UsagePeriodForm(request.GET)
     context: dict[str, Any] = {"form": form, "tenant": access.tenant}
@@ -111,7 +115,13 @@ def usage_view(request: HttpRequest) -> HttpResponse:
         return render(request, "ops/usage.html", context, status=400)
     since, until = form.period_range(timezone.now())
     report = usage_report(tenant=access.tenant, since=since, until=until, group_by=form.cleaned_data["group"])
-    context.update(report=report, charts=usage_charts(report), last_day=until - timedelta(seconds=1))
+    page_query = request.GET.copy()
+    page_query.pop("page", None)
+    context.update(
+        report=report, charts=usage_charts(report), last_day=until - timedelta(seconds=1),
+        page=Paginator(report.summary, USAGE_GROUPS_PER_PAGE).get_page(request.GET.get("page")),
+        page_query=page_query.urlencode(),
+    )
     return render(request, "ops/usage.html", context)
 
 

@@ -29,6 +29,11 @@ class Usage(models.Model):
     request_id = models.CharField(max_length=64, unique=True)
     prompt_tokens = models.PositiveIntegerField(default=0)
     completion_tokens = models.PositiveIntegerField(default=0)
+    cached_tokens = models.PositiveIntegerField(default=0, help_text="prompt tokens served from a prefix cache")
+    # The token counts are the engine's own (from the usage stream): what it computed, not what the portal saw.
+    engine_reported = models.BooleanField(default=False)
+    # The portal's part (outcome, timings, the client's model name) was recorded; a portal killed mid-request never does.
+    portal_reported = models.BooleanField(default=True)
     time_to_first_token = models.FloatField(null=True, blank=True, help_text="seconds")
     total_time = models.FloatField(default=0.0, help_text="seconds, from arrival to the last byte")
     status = models.CharField(max_length=10, choices=Status.choices)

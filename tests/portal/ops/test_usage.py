@@ -1,15 +1,21 @@
-"""The tenant usage page and its selector: buckets, groups, percentiles, periods, and one tenant's records only."""
+"""The tenant usage page and its selector: buckets, groups, percentiles, periods, pages, one tenant's records only."""
 
 from __future__ import annotations
 
+import random
 import re
 from datetime import UTC, datetime, timedelta
 
+import numpy
 import pytest
+from django.db import connection
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 
 from portal.ops.forms import UsagePeriodForm
-from portal.ops.selectors import OTHER, usage_report
+from portal.usage.errors import UsageError
+from portal.usage.models import Usage
+from portal.usage.selectors import OTHER, usage_report
 from portal.usage.services import usage_record
 from tests.portal import factories
 
@@ -80,6 +86,11 @@ def test_usage_page_periods(tenant_a):
     empty = client.get("/usage/", {"period": "custom", "since": "2026-03-01", "until": "2026-03-03"})
     assert empty.status_code == 200 and b'id="usage-empty"' in empty.content
     assert b"2026-03-01 00:00 to 2026-03-03 23:59 UTC, per day" in empty.content
+    longest = client.get("/usage/", {"period": "custom", "since": "2026-03-01", "until": "2026-03-31"})
+    assert longest.status_code == 200 and b"2026-03-01 00:00 to 2026-03-31 23:59 UTC" in longest.content
+    too_long = client.get("/usage/", {"period": "custom", "since": "2026-03-01", "until": "2026-04-01"})
+    assert too_long.status_code == 400
+    assert b"choose at most 31 days; see a longer period one part at a time" in too_long.content
     backwards = client.get("/usage/", {"period": "custom", "since": "2026-03-03", "until": "2026-03-01"})
     assert backwards.status_code == 400 and b"comes after its last" in backwards.content
     assert client.get("/usage/", {"period": "custom"}).status_code == 400
@@ -94,3 +105,78 @@ def test_preset_periods_end_on_the_next_whole_hour_or_day():
     form = UsagePeriodForm({"period": "30d"})
     assert form.is_valid()
     assert form.period_range(now) == (datetime(2026, 1, 31, tzinfo=UTC), datetime(2026, 3, 2, tzinfo=UTC))
+
+
+def test_the_report_refuses_a_window_past_31_days(tenant_a):
+    with pytest.raises(UsageError, match="spans at most 31 days"):
+        usage_report(tenant=tenant_a[0], since=SINCE, until=SINCE + timedelta(days=32))
+
+
+def test_report_series_equal_a_naive_computation(tenant_a, tenant_b):
+    tenant = tenant_a[0]
+    rng = random.Random(11)
+    rows = [dict(model=f"adapter-{rng.randint(0, 11):02d}@1", status=rng.choice(["ok", "ok", "ok", "error"]),
+                 total_time=round(rng.lognormvariate(0, 1), 4), prompt_tokens=rng.randint(0, 99),
+                 completion_tokens=rng.randint(0, 99), portal_reported=rng.random() < 0.95,
+                 created=SINCE + timedelta(minutes=rng.randint(0, 7 * 24 * 60 - 1))) for _ in range(600)]
+    Usage.objects.bulk_create(Usage(tenant=tenant, request_id=f"r{n}", **row) for n, row in enumerate(rows))
+    Usage.objects.bulk_create(Usage(tenant=tenant_b[0], request_id=f"b{n}", model="adapter-00@1", status="ok",
+                                    created=SINCE) for n in range(30))
+    report = usage_report(tenant=tenant, since=SINCE, until=SINCE + timedelta(days=7))
+    requests = {}
+    for row in rows:
+        requests[row["model"]] = requests.get(row["model"], 0) + 1
+    shown = sorted(requests, key=lambda m: (-requests[m], m))[:8]
+    assert [s.group for s in report.series] == sorted(shown) + [OTHER]
+    for series in report.series:
+        for day in range(7):
+            inside = [r for r in rows if (r["model"] in shown) == (series.group != OTHER)
+                      and (series.group == OTHER or r["model"] == series.group)
+                      and r["created"].date() == (SINCE + timedelta(days=day)).date()]
+            assert series.requests[day] == len(inside)
+            assert series.tokens[day] == sum(r["prompt_tokens"] + r["completion_tokens"] for r in inside)
+            latencies = [r["total_time"] for r in inside if r["status"] == "ok" and r["portal_reported"]]
+            if latencies:
+                p50, p95 = numpy.percentile(latencies, [50, 95])
+                assert (series.total_time_p50[day], series.total_time_p95[day]) == (pytest.approx(p50), pytest.approx(p95))
+            else:
+                assert series.total_time_p50[day] is None and series.total_time_p95[day] is None
+
+
+def test_the_page_takes_the_same_few_queries_for_many_rows(tenant_a):
+    tenant, user = tenant_a
+    client = Client()
+    client.force_login(user)
+    now = datetime.now(UTC)
+    counts = []
+    for count in (5, 500):
+        Usage.objects.bulk_create(
+            Usage(tenant=tenant, request_id=f"r{count}-{n}", model=f"adapter-{n % 12}@1", status="ok", total_time=n,
+                  created=now - timedelta(minutes=n % 600)) for n in range(count))
+        for group in ("adapter", "key"):
+            with CaptureQueriesContext(connection) as queries:
+                assert client.get("/usage/", {"group": group}).status_code == 200
+            counts.append(len(queries))
+    # The session, its user and membership, the page's tenant menu: 5; the summary 3, the series 2, the key names 1.
+    assert counts[:2] == counts[2:] and max(counts) <= 11
+
+
+def test_the_page_lists_the_groups_fifty_at_a_time(tenant_a):
+    tenant, user = tenant_a
+    client = Client()
+    client.force_login(user)
+    now = datetime.now(UTC)
+    Usage.objects.bulk_create(Usage(tenant=tenant, request_id=f"r{n}", model=f"adapter-{n:03d}@1", status="ok",
+                                    created=now - timedelta(hours=1)) for n in range(120))
+    seen, html = [], client.get("/usage/", {"period": "7d"}).content.decode()
+    while True:
+        seen += re.findall(r'<tr data-group="([^"]+)">', html)
+        assert '<strong id="usage-requests">120</strong>' in html  # the totals cover every group
+        following = re.search(r'<a href="\?([^"]+)">Next', html)
+        if following is None:
+            break
+        query = following.group(1).replace("&amp;", "&")
+        assert "period=7d" in query
+        html = client.get(f"/usage/?{query}").content.decode()
+    assert seen == [f"adapter-{n:03d}@1" for n in range(120)]
+    assert "101–120 of 120" in html
