@@ -117,11 +117,12 @@ def _accepted(version: AdapterVersion) -> Response:
 
 class AdaptersApi(APIView):
     parser_classes = [MultiPartParser, FormParser]
+    pagination_class = PageNumberPagination  # the schema documents the page and its envelope from this
 
     @extend_schema(operation_id="adapters_list", responses=AdapterListItemOutput(many=True))
     def get(self, request: Request) -> Response:
         access = access_for_request(request)
-        paginator = PageNumberPagination()
+        paginator = self.pagination_class()
         page = paginator.paginate_queryset(adapter_list(tenant=access.tenant), request, view=self)
         return paginator.get_paginated_response(AdapterListItemOutput(page, many=True).data)
 

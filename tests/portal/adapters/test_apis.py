@@ -101,6 +101,13 @@ def test_list_is_paginated_and_shows_the_latest_status(key_client, tenant_a, bas
     assert page.status_code == 404  # past the last page
 
 
+def test_the_schema_documents_the_list_as_a_page(api_client):
+    operation = api_client.get("/api/schema/", HTTP_ACCEPT="application/json").json()["paths"][API]["get"]
+    assert [p["name"] for p in operation["parameters"]] == ["page"]
+    page = operation["responses"]["200"]["content"]["application/json"]["schema"]
+    assert page == {"$ref": "#/components/schemas/PaginatedAdapterListItemOutputList"}
+
+
 def test_promote_roll_back_and_the_errors_around_them(key_client, base_model, peft_zip, peft_dir_v2, run_on_commit):
     with run_on_commit():
         key_client.post(API, {"name": "bot", "archive": archive(peft_zip)})

@@ -55,3 +55,8 @@ def test_a_member_cannot_manage_keys(tenant_a):
     client.force_login(member)
     response = client.post("/api/v1/keys", {"name": "x"}, format="json")
     assert response.status_code == 403 and "admin role" in response.json()["detail"]
+
+
+def test_a_json_body_nested_too_deeply_is_a_400(owner_client):
+    response = owner_client.post("/api/v1/keys", b"[" * 50_000, content_type="application/json")
+    assert response.status_code == 400 and "too deeply" in response.json()["detail"]

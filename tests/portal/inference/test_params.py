@@ -109,3 +109,24 @@ def test_the_body_must_be_a_json_object(raw):
 def test_prompt_estimate_counts_about_four_characters_a_token():
     assert parse(COMPLETION, prompt="x" * 40).prompt_token_estimate() == 10
     assert parse(messages=[{"role": "user", "content": "x" * 40}]).prompt_token_estimate() == 14
+
+
+@pytest.mark.parametrize("role", [[], {"a": 1}, ["user"]])
+def test_a_role_that_is_not_a_string_is_refused_not_a_crash(role):
+    error = refused(messages=[{"role": role, "content": "x"}])
+    assert (error.param, error.code) == ("messages[0].role", "unsupported_parameter")
+
+
+@pytest.mark.parametrize("raw", [b'{"model": "m", "prompt": "a\\ud800"}', b'{"\\udfff": 1}', b'{"stop": ["\xed\xa0\x80"]}'])
+def test_half_a_surrogate_pair_is_not_text(raw):
+    with pytest.raises(InferenceError) as caught:
+        body_parse(raw)
+    assert caught.value.code == "invalid_json" and "surrogate" in caught.value.message
+    assert body_parse(b'{"prompt": "\\ud83d\\udca5"}') == {"prompt": "\U0001f4a5"}  # a whole pair is a character
+
+
+@pytest.mark.parametrize("raw", [b"[" * 50_000, b'{"a": ' * 50_000])
+def test_a_body_nested_too_deeply_is_refused(raw):
+    with pytest.raises(InferenceError) as caught:
+        body_parse(raw)
+    assert caught.value.code == "invalid_json" and "too deeply" in caught.value.message
