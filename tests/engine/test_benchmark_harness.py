@@ -61,3 +61,15 @@ def test_aa_rounds_compare_two_engines_on_the_same_workload(engines):
     taken = [engine.stats.steps - b for engine, b in zip(engines, before, strict=True)]
     assert taken[0] == taken[1] > 0  # both did the whole workload, twice, step for step
     assert not first.has_unfinished() and not second.has_unfinished()
+
+
+def test_the_tenants_benchmark_measures_all_three_runs(tmp_path):
+    """benchmarks/tenants.py end to end on the tiny model: a daemon subprocess, its own Redis, JSON and a chart."""
+    from benchmarks.tenants import main
+
+    report = main(["--model", "tiny", "--flood", "150", "--victim", "4", "--victim-gap", "0.05", "--out", str(tmp_path)])
+    assert set(report["runs"]) == {"alone", "flood", "one queue"}
+    assert all(run["count"] == 4 and 0 < run["p50"] <= run["p99"] for run in report["runs"].values())
+    # In the flood's own queue the victim waits behind it; with a stream of its own it does not.
+    assert report["runs"]["one queue"]["p50"] > report["runs"]["flood"]["p50"]
+    assert (tmp_path / "tenants.json").exists() and (tmp_path / "tenants.png").stat().st_size > 0
