@@ -57,6 +57,7 @@ class Stack:
     tenants: dict[str, Tenant]
     adapter_dirs: dict[str, Path] = field(default_factory=dict)
     worker: subprocess.Popen | None = None  # the Celery worker
+    portal: PortalServer | None = None
     _offline: Engine | None = None
 
     def offline_engine(self) -> Engine:
@@ -161,7 +162,8 @@ def stack(db_access, redis_url, tmp_path_factory):
         daemon.wait_ready()
         tenants = {slug: _tenant(slug) for slug in ("tenant-a", "tenant-b")}
         found = Stack(url=server.url, redis_url=redis_url, redis=client, model_dir=model_dir,
-                      cache_dir=settings.ADAPTER_CACHE_DIR, logs=logs, daemon=daemon, tenants=tenants, worker=worker)
+                      cache_dir=settings.ADAPTER_CACHE_DIR, logs=logs, daemon=daemon, tenants=tenants, worker=worker,
+                      portal=server)
         # The base model is known from the daemon's registration alone: listing the models syncs it.
         assert TINY_MODEL in [m.id for m in found.openai().models.list()]
         for name, (slug, rank, seed) in ADAPTERS.items():
