@@ -404,8 +404,8 @@ class EngineService:
         retention = self.config.dead_letter_retention_seconds
         dead_stream = protocol.dead_letter_stream(self.base_model)
         # Entry ids are milliseconds: MINID drops what is older than the retention period.
-        pipe.xadd(dead_stream, dead, minid=str(int((time.time() - retention) * 1000)), approximate=True)
-        pipe.expire(dead_stream, int(retention))
+        pipe.xadd(dead_stream, dead, minid=str(int((time.time() - retention) * 1000)), approximate=False)
+        pipe.expire(dead_stream, max(1, math.ceil(retention)))
         if stream is not None:
             pipe.xadd(stream, ErrorEvent("too_many_deliveries", f"the request could not be served: {reason}").to_redis())
             pipe.expire(stream, protocol.RESPONSE_TTL_SECONDS)

@@ -319,3 +319,17 @@ def test_sigterm_past_the_drain_time_hands_work_back_unacked(chat_model, redis_c
     service.run()
     assert not finished(redis_client, request.request_id)
     assert pending(redis_client, service.base_model) == 1  # another daemon will claim and resume it
+
+
+def test_dead_letters_older_than_the_retention_are_trimmed(chat_model, redis_client, redis_url, cache_dir):
+    service = make_service(chat_model, redis_client, redis_url, cache_dir, dead_letter_retention_seconds=0.5)
+    stream = protocol.request_stream(service.base_model, "t1")
+    redis_client.hset(protocol.tenant_index(service.base_model), "t1", "1.0")
+    dead = protocol.dead_letter_stream(service.base_model)
+    redis_client.xadd(stream, {"v": "99", "type": "request", "body": "{}"})
+    run_until(service, lambda: redis_client.xlen(dead) == 1)
+    time.sleep(0.6)
+    redis_client.xadd(stream, {"v": "99", "type": "request", "body": "{\"n\": 2}"})
+    run_until(service, lambda: redis_client.xlen(stream) == 0)
+    assert redis_client.xlen(dead) == 1  # the first one is past the retention: trimmed when the second came
+    assert 0 < redis_client.ttl(dead) <= 1  # and the stream itself goes once no dead letter is left to keep

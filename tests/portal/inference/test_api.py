@@ -516,3 +516,16 @@ def test_healthz_is_503_without_a_database(engine, monkeypatch):
 def test_a_redis_outage_is_a_503_not_a_crash(engine, auth, settings):
     settings.REDIS_URL = "redis://127.0.0.1:1/0"
     assert_error(post("/v1/chat/completions", CHAT, auth), 503, "engine_unavailable")
+
+
+def test_a_prompt_that_cannot_fit_the_context_is_refused_before_it_is_queued(engine, auth, redis_client, base_model):
+    context = base_model.model_descriptor.max_position_embeddings
+    from portal.inference.params import MAX_BYTES_PER_TOKEN
+
+    huge = "a" * (context * MAX_BYTES_PER_TOKEN)  # at least `context` tokens whatever the tokenizer
+    body = {**CHAT, "messages": [{"role": "user", "content": huge}]}
+    error = assert_error(post("/v1/chat/completions", body, auth), 400, "context_length_exceeded", "messages")
+    assert f"context is {context} tokens" in error["message"] and "shorten the prompt" in error["message"]
+    assert list(redis_client.scan_iter("lf:req:*")) == [] and engine.requests == []
+    fits = {**CHAT, "messages": [{"role": "user", "content": "a" * (context * MAX_BYTES_PER_TOKEN // 2)}]}
+    assert post("/v1/chat/completions", fits, auth).status_code == 200  # the engine's own tokenizer decides those
