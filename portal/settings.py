@@ -185,6 +185,8 @@ LORAFLEET_TENANT_MAX_ADAPTERS = _env_int("LORAFLEET_TENANT_MAX_ADAPTERS", 100)
 LORAFLEET_TENANT_MAX_VERSIONS_PER_ADAPTER = _env_int("LORAFLEET_TENANT_MAX_VERSIONS_PER_ADAPTER", 50)
 # A rejected version's uploaded files are kept this long (for the uploader to look at), then deleted.
 LORAFLEET_REJECTED_RETENTION_SECONDS = _env_int("LORAFLEET_REJECTED_RETENTION_SECONDS", 7 * 24 * 3600)
+# /v1: database calls of the serving path at once per portal process (each holds a connection while it runs).
+LORAFLEET_PORTAL_DB_CONNECTIONS = _env_int("LORAFLEET_PORTAL_DB_CONNECTIONS", 16)
 # /v1: a request's deadline (the engine drops it then; the client gets a 504), and max_tokens when not sent.
 LORAFLEET_REQUEST_TIMEOUT = float(os.environ.get("LORAFLEET_REQUEST_TIMEOUT") or 300)
 LORAFLEET_DEFAULT_MAX_TOKENS = _env_int("LORAFLEET_DEFAULT_MAX_TOKENS", 512)

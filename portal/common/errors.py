@@ -59,11 +59,15 @@ class ApplicationError(Exception):
 
 def drf_exception_handler(exc: Exception, context: dict[str, Any]) -> Any:
     # Imported here: DRF's settings import the authentication classes, which import this module.
+    from django.db import DataError
     from rest_framework.response import Response
     from rest_framework.views import exception_handler
 
     if isinstance(exc, ApplicationError):
         return Response({"detail": exc.message, "code": exc.code}, status=exc.http_status)
+    if isinstance(exc, DataError):  # e.g. a NUL byte in a path or query value, which PostgreSQL text refuses
+        return Response({"detail": "a value in the request holds a NUL byte or is out of the database's range; "
+                                   "send printable text", "code": INVALID}, status=400)
     return exception_handler(exc, context)
 
 
@@ -77,6 +81,10 @@ class ApplicationErrorMiddleware:
         return self.get_response(request)
 
     def process_exception(self, request: HttpRequest, exc: Exception) -> HttpResponse | None:
+        from django.db import DataError
+
+        if isinstance(exc, DataError):  # a NUL byte in a path or form value: the user's input, not our fault
+            exc = ApplicationError("a value in the request holds a NUL byte or is out of range; send printable text")
         if not isinstance(exc, ApplicationError):
             return None
         referer = request.META.get("HTTP_REFERER", "")

@@ -105,6 +105,9 @@ def completion_params_parse(body: dict[str, Any], *, kind: str) -> CompletionPar
     model = given.get("model")
     if not isinstance(model, str) or not model:
         raise _missing("model", "name a base model, one of your adapters ('name') or a version ('name@N')")
+    if "\x00" in model or len(model) > 200:
+        raise InferenceError("model must be a printable name of at most 200 characters", code="invalid_value",
+                             param="model")
     n = given.get("n", 1)
     if n != 1 or isinstance(n, bool):
         raise InferenceError("only n=1 is supported; send several requests for several choices",

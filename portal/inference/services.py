@@ -21,12 +21,15 @@ import time
 import uuid
 import weakref
 from collections import deque
+from collections.abc import Callable, Hashable
 from datetime import UTC, datetime
+from typing import Any
 
 import redis
 import redis.asyncio
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.db import connections
 
 from engine_daemon import protocol
 from engine_daemon.protocol import (
@@ -59,6 +62,7 @@ from portal.inference.ratelimits import (
     tenant_limit,
 )
 from portal.inference.responses import ResponseReader, ResponsesUnavailable, Subscription
+from portal.inference.turns import FairTurns
 from portal.tenants.models import Tenant
 from portal.usage.models import Usage
 from portal.usage.services import usage_record
@@ -120,6 +124,43 @@ def usage_write_turn() -> contextlib.AbstractAsyncContextManager:
     return _usage_turns.setdefault(asyncio.get_running_loop(), asyncio.Lock())
 
 
+_db_turns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, FairTurns] = weakref.WeakKeyDictionary()
+
+
+def serving_db(function: Callable[..., Any], *, owner: Hashable) -> Callable[..., Any]:
+    """A database call of the serving path: at most LORAFLEET_PORTAL_DB_CONNECTIONS at once per process, in
+    fair turns by ``owner`` (an API key, a tenant).
+
+    Django gives each ASGI request a thread, and each thread its own connection, held until the request
+    ends: a thousand open streams would be a thousand connections, past PostgreSQL's limit. So the
+    serving path's calls take turns for a slot, round robin by owner so that one tenant's backlog never
+    delays another's, and each gives its connection back when it returns.
+    """
+
+    def closing(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        finally:  # this thread's connections back: the request may stream for minutes yet
+            for connection in connections.all(initialized_only=True):
+                if not connection.in_atomic_block:  # a caller's transaction (a test's) keeps its own
+                    connection.close()
+
+    async def call(*args: Any, **kwargs: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        turns = _db_turns.get(loop)
+        if turns is None:
+            turns = _db_turns[loop] = FairTurns(settings.LORAFLEET_PORTAL_DB_CONNECTIONS)
+        async with turns.turn(owner):
+            return await sync_to_async(closing)(*args, **kwargs)
+
+    return call
+
+
+def key_owner(authorization: str | None) -> str:
+    """Whose turn a key check is, before the key is known: the bearer token's public prefix."""
+    return (authorization or "").strip()[:24]
+
+
 def redis_unavailable(exc: Exception) -> InferenceError:
     return InferenceError(f"the request queue (Redis) is unreachable: {exc}; try again shortly",
                           code="engine_unavailable")
@@ -129,7 +170,8 @@ async def inference_admit(*, authorization: str | None) -> tuple[TenantAPIKey, T
     """Authenticate an ``inference`` key and take one request from its own and its tenant's requests-per-minute
     allowances (both or neither)."""
     try:
-        key, tenant = await sync_to_async(api_key_authenticate_header)(authorization=authorization,
+        key, tenant = await serving_db(api_key_authenticate_header, owner=key_owner(authorization))(
+            authorization=authorization,
                                                                         scope=Scope.INFERENCE)
     except ApiKeyError as exc:
         raise InferenceError.from_application_error(exc) from None
@@ -248,7 +290,7 @@ class Completion:
 
     async def start(self, params: CompletionParams) -> None:
         self.params = params
-        self.resolved = await sync_to_async(model_resolve)(tenant=self.tenant, model=params.model)
+        self.resolved = await serving_db(model_resolve, owner=self.tenant.pk)(tenant=self.tenant, model=params.model)
         base_model = self.resolved.base_model.name
         prompt_context_check(params, self.resolved.base_model.model_descriptor.max_position_embeddings, base_model)
         client = async_redis()
@@ -366,7 +408,7 @@ class Completion:
         except redis.RedisError as exc:  # the bucket refills by itself
             log.warning("could not settle the tokens of request %s: %s", self.request_id, exc)
         async with usage_write_turn():
-            await sync_to_async(self._record)(status, error_code)
+            await serving_db(self._record, owner=self.tenant.pk)(status, error_code)
 
     def tokens_used(self) -> int:
         if self.finish_reason is not None or not self.submitted:

@@ -27,7 +27,7 @@ from portal.inference.engines import base_models_sync, engines_live
 from portal.inference.errors import InferenceError, error_response
 from portal.inference.params import CHAT, COMPLETION, body_parse, completion_params_parse
 from portal.inference.selectors import ModelEntry, model_list_for_tenant
-from portal.inference.services import Completion, async_redis, inference_admit, status_for_error
+from portal.inference.services import Completion, async_redis, inference_admit, serving_db, status_for_error
 from portal.tenants.models import Tenant
 from portal.usage.models import Usage
 
@@ -56,14 +56,14 @@ class ModelsApi(OpenAIView):
             _key, tenant = await _authenticated(request)
         except InferenceError as exc:
             return error_response(exc)
-        return JsonResponse(render.model_list_body(await sync_to_async(_models_synced)(tenant)))
+        return JsonResponse(render.model_list_body(await serving_db(_models_synced, owner=tenant.pk)(tenant)))
 
 
 class ModelDetailApi(OpenAIView):
     async def get(self, request: HttpRequest, model: str) -> HttpResponse:
         try:
             _key, tenant = await _authenticated(request)
-            for entry in await sync_to_async(_models_synced)(tenant):
+            for entry in await serving_db(_models_synced, owner=tenant.pk)(tenant):
                 if entry.id == model:
                     return JsonResponse(render.model_body(entry))
             raise InferenceError(f"the model {model!r} does not exist; GET /v1/models lists yours",

@@ -202,3 +202,11 @@ def test_the_openapi_schema_is_valid_and_has_no_warnings(tmp_path):
 
     call_command("spectacular", "--validate", "--fail-on-warn", "--file", str(tmp_path / "schema.yaml"))
     assert "/api/v1/adapters/{name}/versions:" in (tmp_path / "schema.yaml").read_text()
+
+
+def test_a_nul_byte_in_a_path_or_query_is_a_400_on_every_database(api_client, tenant_a, base_model):
+    _key, secret = factories.api_key_for(tenant_a[0])
+    api_client.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
+    for url in ("/api/v1/adapters/%00", "/api/v1/quota?adapter=%00"):
+        response = api_client.get(url)
+        assert response.status_code in (400, 404), (url, response.status_code)  # PostgreSQL: 400; SQLite: 404

@@ -130,3 +130,9 @@ def test_a_body_nested_too_deeply_is_refused(raw):
     with pytest.raises(InferenceError) as caught:
         body_parse(raw)
     assert caught.value.code == "invalid_json" and "too deeply" in caught.value.message
+
+
+def test_a_model_name_with_a_nul_byte_is_refused_before_any_lookup():
+    with pytest.raises(InferenceError) as caught:
+        parse(model="bot\x00")
+    assert (caught.value.code, caught.value.param) == ("invalid_value", "model")
