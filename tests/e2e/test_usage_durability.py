@@ -71,6 +71,7 @@ def test_a_portal_killed_mid_stream_loses_no_usage_row(stack):
     client.close()
     started = time.monotonic()
     usage = wait_for(lambda: written(stack, request_id), "the usage row of the killed portal's request", 120)
-    assert usage.status == Usage.Status.OK and usage.completion_tokens == 300 and usage.prompt_tokens > 5
+    # ran to its end on the engine (300 tokens, or fewer where the random model says its end-of-turn)
+    assert usage.status == Usage.Status.OK and 0 < usage.completion_tokens <= 300 and usage.prompt_tokens > 5
     assert not usage.portal_reported and usage.tenant.slug == "tenant-a"
     print(f"usage row written {time.monotonic() - started:.1f} s after the portal was killed")
