@@ -1,13 +1,15 @@
 """Multi-LoRA kernel benchmark.
 
-CPU:  the native kernels (`kernels.cpu`, what the CPU engine runs where a C compiler exists)
-      and the torch twin (`kernels.reference`, the fallback) against the loop over adapters
-      that HF PEFT runs for a mixed batch (for each adapter: select its tokens, two matmuls,
-      scatter-add), and against the even plainer masked loop (for each adapter: full matmul
-      over every token, masked). Prints the speed-up ratios.
-CUDA: Triton vs the twin vs the base GEMM at Llama-3-8B shapes, decode and prefill,
+CPU:  the native backend (`kernels.backend("native")`, the C kernels the CPU engine runs where a
+      C compiler exists) and the torch backend (`kernels.backend("torch")`: the torch twins by
+      the step's plan) against the loop over adapters that HF PEFT runs for a mixed batch (for
+      each adapter: select its tokens, two matmuls, scatter-add), and against the even plainer
+      masked loop (for each adapter: full matmul over every token, masked). Prints the ratios.
+CUDA: the Triton backend vs the torch backend (on CUDA: the specification's segment loop,
+      `kernels.reference`) vs the base GEMM at Llama-3-8B shapes, decode and prefill,
       reporting (a) LoRA time / base GEMM time, (b) achieved bandwidth vs the H200's
-      4.8 TB/s, (c) speed-up over the twin. `--check` first verifies Triton against the twins.
+      4.8 TB/s, (c) speed-up over the torch backend. `--check` first verifies Triton (and the
+      torch backend's attention) against the specification.
 
     python benchmarks/kernels.py --small            # CPU, quarter-size shapes
     python benchmarks/kernels.py --check            # CUDA: correctness, then the full table
@@ -34,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare checkout
 
 import kernels  # noqa: E402
+from kernels import reference  # noqa: E402
 
 H200_BYTES_PER_S = 4.8e12
 # (name, in_features, out_features) of the Llama-3-8B projections.
@@ -121,10 +124,13 @@ def masked_loop(batch: Batch) -> None:
         batch.base += out * (slots == slot).unsqueeze(1).to(out.dtype)
 
 
-def lora_step(batch: Batch, meta: kernels.LoraMeta, impl: str) -> Callable[[], None]:
+def lora_step(batch: Batch, backend: kernels.Backend) -> Callable[[], None]:
+    """One shrink and expand on `backend`, over the meta its own lora_meta plans (once, untimed)."""
+    meta = backend.lora_meta(batch.token_slots, batch.ranks, batch.scalings)
+
     def run() -> None:
-        y = kernels.lora_shrink(batch.x, batch.lora_a, meta, impl=impl)
-        kernels.lora_expand(y, batch.lora_b, meta, batch.base, impl=impl)
+        y = backend.lora_shrink(batch.x, batch.lora_a, meta)
+        backend.lora_expand(y, batch.lora_b, meta, batch.base)
 
     return run
 
@@ -182,18 +188,17 @@ def bench_cpu(case_list: list[Case], budget_s: float) -> list[dict]:
     from tqdm import tqdm
 
     device = torch.device("cpu")
+    twins, native = kernels.backend("torch", device), kernels.backend("native", device)
     rows = []
     for case in tqdm(case_list, desc="cpu lora", file=sys.stderr):
         batch = make_batch(case, num_slots=max(32, case.adapters), dtype=torch.float32, device=device)
-        meta = kernels.LoraMeta.build(batch.token_slots, batch.ranks, batch.scalings)
-        twin = time_it(lora_step(batch, meta, "torch"), device, budget_s)
-        fast = time_it(lora_step(batch, meta, "native"), device, budget_s)
+        twin = time_it(lora_step(batch, twins), device, budget_s)
+        fast = time_it(lora_step(batch, native), device, budget_s)
         peft = time_it(lambda b=batch: peft_loop(b), device, budget_s)
         masked = time_it(lambda b=batch: masked_loop(b), device, budget_s)
         gemm = time_it(lambda b=batch: torch.matmul(b.x, b.weight.t()), device, budget_s)
-        build = time_it(
-            lambda b=batch: kernels.LoraMeta.build(b.token_slots, b.ranks, b.scalings), device, budget_s
-        )
+        # What the CPU engine builds once per step: the meta with the native backend's plan.
+        build = time_it(lambda b=batch: native.lora_meta(b.token_slots, b.ranks, b.scalings), device, budget_s)
         rows.append(
             asdict(case)
             | {
@@ -218,13 +223,13 @@ def bench_cuda(case_list: list[Case], budget_s: float, dtype: torch.dtype) -> li
     from tqdm import tqdm
 
     device = torch.device("cuda")
+    triton_backend, twins = kernels.backend("triton", device), kernels.backend("torch", device)
     rows = []
     num_slots = 128
     for case in tqdm(case_list, desc="cuda lora", file=sys.stderr):
         batch = make_batch(case, num_slots=num_slots, dtype=dtype, device=device)
-        meta = kernels.LoraMeta.build(batch.token_slots, batch.ranks, batch.scalings)
-        fast = time_it(lora_step(batch, meta, "triton"), device, budget_s)
-        twin = time_it(lora_step(batch, meta, "torch"), device, budget_s)
+        fast = time_it(lora_step(batch, triton_backend), device, budget_s)
+        twin = time_it(lora_step(batch, twins), device, budget_s)
         gemm = time_it(lambda b=batch: torch.matmul(b.x, b.weight.t()), device, budget_s)
         rows.append(
             asdict(case)
@@ -246,10 +251,19 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def check_cuda(device: torch.device | None = None) -> list[str]:
-    """Triton vs the twins on CUDA at Llama shapes and awkward ones; returns failure lines."""
+    """The Triton backend against the specification (`kernels.reference`) on CUDA at Llama shapes
+    and awkward ones, and the torch backend's attention too; returns failure lines."""
     failures = []
     device = device or torch.device("cuda")
+    fast_backend, twins = kernels.backend("triton", device), kernels.backend("torch", device)
     tolerance = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+    def report(line: str, err: float, dtype: torch.dtype) -> None:
+        line = f"{line}: rel err {err:.2e}"
+        print(("ok   " if err <= tolerance[dtype] else "FAIL ") + line, flush=True)
+        if err > tolerance[dtype]:
+            failures.append(line)
+
     for dtype in tolerance:
         for case in [
             Case("decode", "awkward", 100, 70, 33, 16, 64),
@@ -262,19 +276,14 @@ def check_cuda(device: torch.device | None = None) -> list[str]:
             batch.base.normal_()
             batch.lora_b.normal_(std=case.rank**-0.5)
             batch.token_slots[::5] = -1
-            meta = kernels.LoraMeta.build(batch.token_slots, batch.ranks, batch.scalings)
-            y_twin = kernels.lora_shrink(batch.x, batch.lora_a, meta, impl="torch")
-            y_fast = kernels.lora_shrink(batch.x, batch.lora_a, meta, impl="triton")
-            out_twin = kernels.lora_expand(y_twin, batch.lora_b, meta, batch.base.clone(), impl="torch")
-            out_fast = kernels.lora_expand(y_fast, batch.lora_b, meta, batch.base.clone(), impl="triton")
-            for what, err in (
-                ("shrink", relative_error(y_fast, y_twin)),
-                ("expand", relative_error(out_fast, out_twin)),
-            ):
-                line = f"lora {what} {case.shape} T={case.tokens} {dtype}: rel err {err:.2e}"
-                print(("ok   " if err <= tolerance[dtype] else "FAIL ") + line)
-                if err > tolerance[dtype]:
-                    failures.append(line)
+            spec = kernels.LoraMeta.build(batch.token_slots, batch.ranks, batch.scalings)  # no plan: the spec's
+            meta = fast_backend.lora_meta(batch.token_slots, batch.ranks, batch.scalings)
+            y_spec = reference.lora_shrink(batch.x, batch.lora_a, spec)
+            y_fast = fast_backend.lora_shrink(batch.x, batch.lora_a, meta)
+            out_spec = reference.lora_expand(y_spec, batch.lora_b, spec, batch.base.clone())
+            out_fast = fast_backend.lora_expand(y_fast, batch.lora_b, meta, batch.base.clone())
+            report(f"lora shrink {case.shape} T={case.tokens} {dtype}", relative_error(y_fast, y_spec), dtype)
+            report(f"lora expand {case.shape} T={case.tokens} {dtype}", relative_error(out_fast, out_spec), dtype)
     # Paged attention at Llama-3-8B head geometry: decode and chunked prefill together.
     for dtype in (torch.float16, torch.bfloat16):
         generator = torch.Generator().manual_seed(1)
@@ -295,13 +304,10 @@ def check_cuda(device: torch.device | None = None) -> list[str]:
         q = torch.randn(sum(q_lens), n_kv * group, head_dim, generator=generator).to(device, dtype)
         seq_lens = torch.tensor([length for length, _ in spec], dtype=torch.int32, device=device)
         args = (q, k_cache, v_cache, tables.to(device), seq_lens, qsl, head_dim**-0.5)
-        err = relative_error(
-            kernels.paged_attention(*args, impl="triton"), kernels.paged_attention(*args, impl="torch")
-        )
-        line = f"paged_attention decode+chunked prefill {dtype}: rel err {err:.2e}"
-        print(("ok   " if err <= tolerance[dtype] else "FAIL ") + line)
-        if err > tolerance[dtype]:
-            failures.append(line)
+        want = reference.paged_attention(*args)
+        for name, be in (("triton", fast_backend), ("torch", twins)):
+            report(f"paged_attention decode+chunked prefill {name} {dtype}",
+                   relative_error(be.paged_attention(*args), want), dtype)
     return failures
 
 
@@ -365,7 +371,7 @@ def main() -> int:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--small", action="store_true", help="quarter-size shapes (for a CPU)")
     parser.add_argument("--quick", action="store_true", help="one case per mode: a smoke run")
-    parser.add_argument("--check", action="store_true", help="CUDA: check Triton against the twins first")
+    parser.add_argument("--check", action="store_true", help="CUDA: check Triton against the specification first")
     parser.add_argument("--budget", type=float, default=0.2, help="seconds of timing per measurement")
     parser.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16", help="CUDA dtype")
     parser.add_argument(
@@ -387,6 +393,12 @@ def main() -> int:
             return 1
 
     case_list = cases(device, args.small, args.quick)
+    if device.type == "cpu":
+        try:
+            kernels.backend("native", device)
+        except ValueError as error:
+            print(f"the CPU table compares the native backend with the torch one: {error}", file=sys.stderr)
+            return 2
     if device.type == "cuda":
         rows = bench_cuda(case_list, args.budget, getattr(torch, args.dtype))
     else:

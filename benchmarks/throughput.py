@@ -326,7 +326,7 @@ def cast_adapters(paths: dict[str, Path], dtype: str, folder: Path) -> dict[str,
 def make_engine(args, adapter_paths: dict[str, Path], count: int, lora_dtype: str = "auto") -> Engine:
     engine = Engine(EngineConfig(model=args.model, device="cpu", dtype="float32", lora_dtype=lora_dtype,
                                  max_loras=count, max_cpu_loras=count, max_lora_rank=max(RANKS),
-                                 max_num_seqs=args.max_num_seqs))
+                                 max_num_seqs=args.max_num_seqs, kernels=args.kernels))
     for name, path in adapter_paths.items():
         engine.add_adapter(name, str(path))
     # Warm-up: the first forward passes pay for allocator growth and lazy initialisation.
@@ -411,6 +411,7 @@ def main() -> None:
                         help="only redraw the chart of a saved throughput.json (beside it, as .png)")
     parser.add_argument("--skip-hf", action="store_true", help="leave out HF + PEFT (the slowest part)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kernels", default="auto", choices=kernels.KINDS, help="the engines' kernel backend")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     parser.add_argument("--adapter-cache", type=Path, default=Path("var/bench-adapters"))
     args = parser.parse_args()
@@ -485,8 +486,8 @@ def main() -> None:
     report = {
         "model": args.model,
         "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__,
-                    # Which CPU kernels the engine ran: the native C ones, or the torch twins without a compiler.
-                    "cpu_kernels": "native" if kernels.native_available() else "torch"},
+                    # Which kernel backend the engines ran ("auto": native where a C compiler is at hand).
+                    "cpu_kernels": kernels.backend(args.kernels, "cpu").name},
         "workload": {k: getattr(args, k) for k in ("requests", "min_prompt", "max_prompt", "min_output", "max_output",
                                                     "max_num_seqs", "hf_batch_size", "seed", "lora_dtypes", "turn_steps")},
         "results": rows,

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import torch
 
-import kernels
-from engine_daemon.model import GATE_UP, QKV, ModelConfig
+from engine_daemon.lora import FUSED_PROJECTIONS
 from engine_daemon.peft_format import (
     LORA_MODULES,
     WEIGHTS_FILE,
@@ -29,11 +28,6 @@ from engine_daemon.peft_format import (
     ModelDescriptor,
     adapter_manifest_load,
 )
-
-# Projections whose LoRA A matrices are stored (and shrunk) together: they read the same input.
-FUSED_PROJECTIONS = (QKV, GATE_UP)
-# Distinct target sets (unions over a step's adapters) whose group tables the pool keeps.
-_STEP_GROUP_TABLES = 64
 
 # A failed load is tried again by a later request after 5 s, 10 s, 20 s ... at most 5 minutes.
 LOAD_RETRY_FIRST_SECONDS = 5.0
@@ -86,27 +80,13 @@ class AdapterRecord:
 class SlotPool:
     """Stacked LoRA weights: a[module][layer] [S, R, in] and b[module][layer] [S, out, R] (views) on the device."""
 
-    def __init__(self, config: ModelConfig, max_loras: int, max_rank: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, descriptor: ModelDescriptor, max_loras: int, max_rank: int, dtype: torch.dtype,
+                 device: torch.device):
         self.num_slots, self.max_rank = max_loras, max_rank
-        self.in_features = {
-            "q_proj": config.hidden_size,
-            "k_proj": config.hidden_size,
-            "v_proj": config.hidden_size,
-            "o_proj": config.q_size,
-            "gate_proj": config.hidden_size,
-            "up_proj": config.hidden_size,
-            "down_proj": config.intermediate_size,
-        }
-        self.out_features = {
-            "q_proj": config.q_size,
-            "k_proj": config.kv_size,
-            "v_proj": config.kv_size,
-            "o_proj": config.hidden_size,
-            "gate_proj": config.intermediate_size,
-            "up_proj": config.intermediate_size,
-            "down_proj": config.hidden_size,
-        }
-        layers = range(config.num_layers)
+        shapes = {m: descriptor.projection_shape(m) for m in LORA_MODULES}
+        self.in_features = {m: shape[0] for m, shape in shapes.items()}
+        self.out_features = {m: shape[1] for m, shape in shapes.items()}
+        layers = range(descriptor.num_layers)
         # Projections that read the same input share one A tensor, interleaved rank-major
         # ([S, R, parts, in]): a slot's first `rank` rows of every part are then one contiguous
         # [rank * parts, in] matrix, so one shrink serves q, k and v (and gate and up) at once.
@@ -140,47 +120,6 @@ class SlotPool:
         self.ranks = torch.zeros(max_loras, dtype=torch.int32)
         self.scalings = torch.ones(max_loras, dtype=torch.float32)
         self.targets: list[frozenset[tuple[str, int]]] = [frozenset()] * max_loras
-        self._groups: dict[tuple, kernels.LoraGroup] = {}
-        self._step_groups: OrderedDict[frozenset, dict] = OrderedDict()
-
-    def lora_group(self, parts: tuple[str, ...], layer: int, adapted: tuple[str, ...]) -> kernels.LoraGroup:
-        """The LoRA kernels' view of one layer's projection group, where only `adapted` of its
-        `parts` are adapted by this step's adapters; built once (the stacks never move)."""
-        key = (parts, layer, adapted)
-        group = self._groups.get(key)
-        if group is None:
-            columns, start = {}, 0
-            for part in parts:  # the parts' outputs lie side by side in the fused projection's output
-                columns[part] = slice(start, start + self.out_features[part])
-                start = columns[part].stop
-            if len(adapted) > 1:  # one shrink over the fused A stack of all parts
-                lora_a = self.shrink_weights(parts, layer)
-                members = [(self.b[p][layer], columns[p]) if p in adapted else None for p in parts]
-            else:  # one part: its own A rows only
-                lora_a = self.a[adapted[0]][layer]
-                members = [(self.b[adapted[0]][layer], columns[adapted[0]])]
-            group = self._groups[key] = kernels.LoraGroup(lora_a, members, start)
-        return group
-
-    def groups_for(self, targets: frozenset[tuple[str, int]]) -> dict:
-        """The table a step whose adapters adapt `targets` reads its groups from: (parts, layer) →
-        `lora_group` of the adapted parts, or None where none is; filled on first use and shared by
-        every step with the same targets (a decode step makes 120 lookups: one dict read each)."""
-        table = self._step_groups.get(targets)
-        if table is None:
-            table = self._step_groups[targets] = {}
-            if len(self._step_groups) > _STEP_GROUP_TABLES:
-                self._step_groups.popitem(last=False)
-        else:
-            self._step_groups.move_to_end(targets)
-        return table
-
-    def step_group(self, table: dict, targets: frozenset[tuple[str, int]], parts: tuple[str, ...],
-                   layer: int) -> kernels.LoraGroup | None:
-        """Fill `table`'s entry for (parts, layer) (see `groups_for`)."""
-        adapted = tuple(part for part in parts if (part, layer) in targets)
-        group = table[parts, layer] = self.lora_group(parts, layer, adapted) if adapted else None
-        return group
 
     def shrink_weights(self, parts: tuple[str, ...], layer: int) -> torch.Tensor:
         """A of several fused projections as one [S, R * parts, in] stack (rank r → r * parts rows)."""
@@ -228,7 +167,6 @@ class _LoadResult:
 class AdapterResidency:
     def __init__(
         self,
-        config: ModelConfig,
         descriptor: ModelDescriptor,
         *,
         max_loras: int,
@@ -241,7 +179,7 @@ class AdapterResidency:
         self.max_lora_rank = max_lora_rank
         self.max_cpu_loras = max_cpu_loras
         self.dtype, self.device = dtype, device
-        self.pool = SlotPool(config, max_loras, max_lora_rank, dtype, device)
+        self.pool = SlotPool(descriptor, max_loras, max_lora_rank, dtype, device)
         self.records: dict[str, AdapterRecord] = {}
         self.slot_owner: list[str | None] = [None] * max_loras
         self._slot_lru: OrderedDict[int, None] = OrderedDict((s, None) for s in range(max_loras))
@@ -541,9 +479,8 @@ def run_torch_inline_on_this_thread() -> None:
 
     A second thread that runs torch ops gets its own OpenMP team. libgomp then manages more
     threads than there are CPUs and throttles its spin-wait, so the stepping thread's workers fall
-    asleep between parallel regions and every region pays a wake-up: a 64-sequence decode step
-    with 8 adapters took 253-283 ms against 221-235 ms with this (2-core CPU, same hour). The
-    loader's copies and conversions are not worth a team.
+    asleep between parallel regions and every region pays a wake-up (benchmarks/RESULTS.md, "CPU
+    kernels"). The loader's copies and conversions are not worth a team.
     """
     torch.get_num_threads()  # ATen's per-thread lazy init first: it would reset the line below
     try:

@@ -15,11 +15,14 @@ import torch
 import kernels
 from engine_daemon import detokenizer
 from engine_daemon.adapters import AdapterResidency
+from engine_daemon.config import EngineConfig
 from engine_daemon.kv_cache import KVCache
 from engine_daemon.loader import load_weights
-from engine_daemon.model import AttentionMetadata, LlamaModel, LoraBatch, ModelConfig
+from engine_daemon.lora import LoraBatch, PoolGroups
+from engine_daemon.model import AttentionMetadata, LlamaModel, ModelConfig
 from engine_daemon.model_source import SUPPORTED_ARCHITECTURES, resolve_model
 from engine_daemon.peft_format import AdapterError, descriptor_from_config
+from engine_daemon.protocol import EngineSnapshot
 from engine_daemon.sampling import Sampler, SamplingParams, make_generator
 from engine_daemon.scheduler import ScheduledSeq, Scheduler
 from engine_daemon.sequence import Sequence, Status
@@ -37,26 +40,6 @@ class RequestError(ValueError):
 
 
 @dataclass
-class EngineConfig:
-    model: str = "smollm2-135m-instruct"
-    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
-    dtype: str = "auto"  # "auto" (bfloat16 on CUDA, float32 on CPU) | "float32" | "float16" | "bfloat16"
-    # Adapter weights in slots and host RAM: "auto" = the model's dtype (exact parity with PEFT). A
-    # half dtype halves their memory and what a decode step reads; sums stay in the model's dtype.
-    lora_dtype: str = "auto"
-    max_loras: int = 8  # adapter slots on the device, i.e. distinct adapters per step
-    max_cpu_loras: int = 64  # adapters kept in host RAM
-    max_lora_rank: int = 64
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None  # default: the model's context length
-    block_size: int = 16
-    kv_cache_bytes: int | None = None  # CPU KV budget; default: enough for max_num_seqs full contexts, ≤ 2 GiB
-    gpu_memory_utilization: float = 0.90  # CUDA: share of device memory the engine may fill
-    seed: int = 0
-
-
-@dataclass
 class StepOutput:
     """What one step produced for one request (the daemon streams these)."""
 
@@ -69,6 +52,7 @@ class StepOutput:
     error: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    error_code: str | None = None  # with error: the code the client's error event carries
 
 
 @dataclass
@@ -108,6 +92,8 @@ class Engine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = _resolve_device(config.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # Triton launches on the current device, not its tensors' device
         self.dtype = _resolve_dtype(config.dtype, self.device)
         self.lora_dtype = (
             self.dtype if config.lora_dtype == "auto" else _resolve_dtype(config.lora_dtype, self.device, "lora_dtype")
@@ -120,9 +106,15 @@ class Engine:
         self.model_config = ModelConfig.from_hf(source.config)
         self.descriptor = descriptor_from_config(source.name, source.config)
         self.tokenizer = load_tokenizer(source)
+        # The kernels are decided here, once: every layer and step then runs this backend.
+        cfg = self.model_config
+        self.kernels = kernels.backend(
+            config.kernels, self.device, dtype=self.dtype, lora_dtype=self.lora_dtype,
+            attention=(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, config.block_size),
+        )
         torch.manual_seed(config.seed)
         weights = load_weights(source, self.model_config, self.device, self.dtype)
-        self.model = LlamaModel(self.model_config, weights, self.device)
+        self.model = LlamaModel(self.model_config, weights, self.device, self.kernels)
         # Full attention equals sliding-window attention while the context fits in the window.
         self.max_model_len = min(
             config.max_model_len or 10**9,
@@ -130,7 +122,6 @@ class Engine:
             self.model_config.sliding_window or 10**9,
         )
         self.residency = AdapterResidency(
-            self.model_config,
             self.descriptor,
             max_loras=config.max_loras,
             max_cpu_loras=config.max_cpu_loras,
@@ -138,6 +129,7 @@ class Engine:
             dtype=self.lora_dtype,
             device=self.device,
         )
+        self.lora_groups = PoolGroups(self.residency.pool, self.kernels)
         self.kv = self._allocate_kv_cache()
         self.scheduler = Scheduler(
             self.kv.blocks,
@@ -158,9 +150,10 @@ class Engine:
         cfg = self.model_config
         per_block = KVCache.bytes_per_block(cfg.num_layers, self.config.block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype)
         if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the weight loader's freed temporaries would count as used
             free, total = torch.cuda.mem_get_info(self.device)
             budget = int(total * self.config.gpu_memory_utilization) - (total - free)
-            budget -= 256 * 1024 * 1024  # headroom for activations of the largest step
+            budget -= self._step_activation_bytes()
         else:
             wanted = self.config.max_num_seqs * min(self.max_model_len, 4096) * per_block // self.config.block_size
             budget = self.config.kv_cache_bytes or min(wanted, 2 * 1024**3)
@@ -170,6 +163,14 @@ class Engine:
                 "no memory is left for the KV cache; lower max_loras / max_lora_rank or raise gpu_memory_utilization"
             )
         return KVCache(cfg.num_layers, num_blocks, self.config.block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device)
+
+    def _step_activation_bytes(self) -> int:
+        """Headroom for the largest step's activations: a few live [tokens, width] tensors of the
+        widest projections, float32 logits of the sampled rows, and the allocator's slack."""
+        cfg, tokens = self.model_config, self.config.max_num_batched_tokens
+        width = 6 * cfg.intermediate_size + 8 * cfg.hidden_size
+        logits = 4 * self.config.max_num_seqs * cfg.vocab_size * 3
+        return tokens * width * self.dtype.itemsize + logits + 256 * 1024 * 1024
 
     # ---- adapters --------------------------------------------------------------------------
 
@@ -271,9 +272,7 @@ class Engine:
 
     def set_tenant_weight(self, tenant: str, weight: float) -> None:
         """A tenant of weight 2 gets twice the share of sequences and tokens of a tenant of weight 1."""
-        if weight <= 0:
-            raise ValueError("a tenant's weight must be positive")
-        self.scheduler.tenant_weight[tenant] = weight
+        self.scheduler.set_tenant_weight(tenant, weight)
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request at once: its KV blocks and adapter hold are freed before this returns."""
@@ -306,10 +305,6 @@ class Engine:
         outputs += self._collect_failed()
         if not batch:
             return outputs
-        # Ordered by (adapter rank, slot), each adapter's tokens form one run and equal-rank adapters
-        # sit side by side: the CPU LoRA twins then work on views of the batch (see kernels.lora_plan).
-        ranks = self.residency.pool.ranks.tolist()
-        batch.sort(key=lambda item: (ranks[item.seq.slot] if item.seq.slot >= 0 else -1, item.seq.slot))
         sampled = [item for item in batch if item.samples]
         logits = self._forward(batch, sampled)
         for item in batch:
@@ -373,12 +368,13 @@ class Engine:
         if not slots:
             return None
         pool = self.residency.pool
-        meta = kernels.LoraMeta.build(
+        meta = self.kernels.lora_meta(
             torch.tensor(token_slots, dtype=torch.int32, device=self.device), pool.ranks, pool.scalings
         )
-        # Timing the LoRA kernels costs two device syncs per call on CUDA: there only one step in 32.
-        timed = self.device.type == "cpu" or self.stats.steps % 32 == 0
-        return LoraBatch(meta, pool, frozenset().union(*(pool.targets[s] for s in slots)), timed=timed)
+        # Timing the LoRA kernels costs two device syncs per call on CUDA (a slow step, which would
+        # show in the latency tail): there only one step in 256.
+        timed = self.device.type == "cpu" or self.stats.steps % 256 == 0
+        return LoraBatch(meta, self.lora_groups, frozenset().union(*(pool.targets[s] for s in slots)), timed=timed)
 
     def _append_token(self, seq: Sequence, token: int, logprob: float) -> StepOutput:
         now = time.monotonic()
@@ -413,20 +409,16 @@ class Engine:
         """Adapters whose load failed (e.g. NaN weights) fail the requests waiting for them."""
         outputs = []
         for name, error in self.residency.poll():
-            for queue in self.scheduler.waiting.values():
-                for seq in [s for s in queue if s.adapter == name]:
-                    queue.remove(seq)
-                    seq.status, seq.finish_reason, seq.error = Status.FINISHED, "error", error
-                    outputs.append(self._error_output(seq))
+            outputs += [self._error_output(seq) for seq in self.scheduler.fail_waiting(name, error)]
         return outputs
 
     def _collect_failed(self) -> list[StepOutput]:
-        failed, self.scheduler.failed = self.scheduler.failed, []
-        return [self._error_output(seq) for seq in failed]
+        return [self._error_output(seq) for seq in self.scheduler.take_failed()]
 
     def _error_output(self, seq: Sequence) -> StepOutput:
         return StepOutput(
-            seq.request_id, [], [], "", True, "error", seq.error, len(seq.prompt_ids), len(seq.output_ids)
+            seq.request_id, [], [], "", True, "error", seq.error, len(seq.prompt_ids), len(seq.output_ids),
+            error_code=seq.error_code,
         )
 
     def _record_step(
@@ -534,7 +526,7 @@ class Engine:
             free = 0
         return {"total": total, "weights": weights, "kv_cache": kv, "adapter_pool": pool, "free": free}
 
-    def snapshot(self, window_seconds: float = 5.0) -> dict[str, Any]:
+    def snapshot(self, window_seconds: float = 5.0) -> EngineSnapshot:
         """The engine state the heartbeat publishes (DESIGN.md, "Engine state").
 
         Rates are over the last `window_seconds` of wall-clock time, so they fall to 0 when idle.
@@ -544,29 +536,30 @@ class Engine:
         busy = sum(r.seconds for r in recent)
         timed = [r for r in recent if r.lora_seconds is not None]
         blocks = self.kv.blocks
-        return {
-            "model": self.model_name,
-            "device": str(self.device),
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "lora_dtype": str(self.lora_dtype).removeprefix("torch."),
-            "started": self.started,
-            "memory": self.memory_breakdown(),
-            "kv_blocks_total": blocks.num_blocks,
-            "kv_blocks_used": blocks.num_used,
-            "running": len(self.scheduler.running),
-            "waiting": self.scheduler.num_waiting,
-            "steps": self.stats.steps,
-            "generated_tokens": self.stats.generated_tokens,
-            "prompt_tokens": self.stats.prompt_tokens,
-            "preemptions": self.scheduler.num_preemptions,
-            "max_adapters_in_step": self.stats.max_adapters_in_step,
-            "multi_adapter_steps": self.stats.multi_adapter_steps,
-            "tokens_per_second": sum(r.num_sampled for r in recent) / window_seconds,
-            "step_seconds": busy / len(recent) if recent else 0.0,
+        return EngineSnapshot(
+            base_model=self.model_name,
+            device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."),
+            lora_dtype=str(self.lora_dtype).removeprefix("torch."),
+            kernels=self.kernels.name,
+            started=self.started,
+            memory=self.memory_breakdown(),
+            kv_blocks_total=blocks.num_blocks,
+            kv_blocks_used=blocks.num_used,
+            running=len(self.scheduler.running),
+            waiting=self.scheduler.num_waiting,
+            steps=self.stats.steps,
+            generated_tokens=self.stats.generated_tokens,
+            prompt_tokens=self.stats.prompt_tokens,
+            preemptions=self.scheduler.num_preemptions,
+            max_adapters_in_step=self.stats.max_adapters_in_step,
+            multi_adapter_steps=self.stats.multi_adapter_steps,
+            tokens_per_second=sum(r.num_sampled for r in recent) / window_seconds,
+            step_seconds=busy / len(recent) if recent else 0.0,
             # Share of step time spent in the LoRA shrink/expand, from the steps that were timed.
-            "lora_share": (sum(r.lora_seconds for r in timed) / sum(r.seconds for r in timed)) if timed else None,
-            "adapters": self.residency.snapshot(),
-        }
+            lora_share=(sum(r.lora_seconds for r in timed) / sum(r.seconds for r in timed)) if timed else None,
+            adapters=self.residency.snapshot(),
+        )
 
     def close(self) -> None:
         self.residency.close()

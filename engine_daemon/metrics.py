@@ -107,18 +107,18 @@ class EngineMetrics:
         """Gauges and counters that the engine keeps itself."""
         engine = self.service.engine
         snap = engine.snapshot()
-        self.running.labels(**self.labels).set(snap["running"])
-        self.waiting.labels(**self.labels).set(snap["waiting"])
-        self.kv_usage.labels(**self.labels).set(snap["kv_blocks_used"] / max(1, snap["kv_blocks_total"]))
-        for kind, value in snap["memory"].items():
+        self.running.labels(**self.labels).set(snap.running)
+        self.waiting.labels(**self.labels).set(snap.waiting)
+        self.kv_usage.labels(**self.labels).set(snap.kv_blocks_used / max(1, snap.kv_blocks_total))
+        for kind, value in snap.memory.items():
             self.memory.labels(**self.labels, kind=kind).set(value)
         counts = dict.fromkeys(TIERS, 0)
         evictions = slot_hits = 0
-        for row in snap["adapters"]:
+        for row in snap.adapters:
             counts[row["tier"]] = counts.get(row["tier"], 0) + 1
             evictions += self._adapter_delta(row["name"], "evictions", row["evictions"])
             slot_hits += self._adapter_delta(row["name"], "gpu_hits", row["gpu_hits"])
-        known = {row["name"] for row in snap["adapters"]}
+        known = {row["name"] for row in snap.adapters}
         self._seen_adapter = {key: value for key, value in self._seen_adapter.items() if key[0] in known}
         for tier, count in counts.items():
             self.adapters.labels(**self.labels, tier=tier).set(count)
@@ -126,12 +126,12 @@ class EngineMetrics:
             self.evictions.labels(**self.labels).inc(evictions)
         if slot_hits:
             self.slot_hits.labels(**self.labels).inc(slot_hits)
-        if snap["prompt_tokens"] > self._seen_prompt:
-            self.prompt_tokens.labels(**self.labels).inc(snap["prompt_tokens"] - self._seen_prompt)
-            self._seen_prompt = snap["prompt_tokens"]
-        if snap["preemptions"] > self._seen_preemptions:
-            self.preemptions.labels(**self.labels).inc(snap["preemptions"] - self._seen_preemptions)
-            self._seen_preemptions = snap["preemptions"]
+        if snap.prompt_tokens > self._seen_prompt:
+            self.prompt_tokens.labels(**self.labels).inc(snap.prompt_tokens - self._seen_prompt)
+            self._seen_prompt = snap.prompt_tokens
+        if snap.preemptions > self._seen_preemptions:
+            self.preemptions.labels(**self.labels).inc(snap.preemptions - self._seen_preemptions)
+            self._seen_preemptions = snap.preemptions
         events = engine.residency.load_events
         while events:
             _name, seconds, source = events.popleft()

@@ -8,7 +8,6 @@ Every projection adds the LoRA term of each token's own adapter through ``kernel
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,11 +15,8 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from engine_daemon.lora import GATE_UP, QKV, LoraBatch
 from engine_daemon.peft_format import descriptor_from_config
-
-# Projections that may carry LoRA, in the order the fused base weights hold them.
-QKV = ("q_proj", "k_proj", "v_proj")
-GATE_UP = ("gate_proj", "up_proj")
 
 
 @dataclass(frozen=True)
@@ -93,44 +89,8 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor  # int32 [B+1]
 
 
-class LoraBatch:
-    """The adapters of this step: one token→slot map (``kernels.LoraMeta``) over the slot pool's weights."""
-
-    def __init__(
-        self, meta: kernels.LoraMeta, pool: Any, targets: frozenset[tuple[str, int]], timed: bool = False
-    ) -> None:
-        self.meta = meta
-        self.pool = pool  # adapters.SlotPool: .a[module][layer] [S, R, in], .b[module][layer] [S, out, R]
-        self.targets = targets  # (module, layer) pairs that some adapter of this step adapts
-        self.groups = pool.groups_for(targets)  # (parts, layer) → kernels.LoraGroup | None
-        self.timed = timed
-        self.seconds: float | None = 0.0 if timed else None  # time spent in apply(), when timed
-
-    def apply(self, x: torch.Tensor, out: torch.Tensor, layer: int, parts: tuple[str, ...]) -> None:
-        """out += scaling · (x Aᵀ) Bᵀ for each token's adapter, for the projections `parts` whose
-        outputs lie side by side in `out` (scaling is folded into B at load)."""
-        # Inside a decode step every Python operation here costs microseconds (the caches are full
-        # of weights): one dict read finds the group.
-        key = (parts, layer)
-        group = self.groups[key] if key in self.groups else self.pool.step_group(self.groups, self.targets, parts, layer)
-        if group is None:
-            return
-        if self.timed:
-            _sync(x)
-            started = time.perf_counter()
-        group.apply(x, out, self.meta)
-        if self.timed:
-            _sync(x)
-            self.seconds += time.perf_counter() - started
-
-
-def _sync(tensor: torch.Tensor) -> None:
-    if tensor.is_cuda:  # (not tensor.device: building a device object per call shows in a CPU step)
-        torch.cuda.synchronize(tensor.device)
-
-
 # Up to this many rows, x Wᵀ runs faster on CPU as (W xᵀ)ᵀ: MKL then streams the wide weight
-# once for all rows (gate/up at 64 rows: 4.4 ms against 6.0; the LM head: 78 ms against 101).
+# once for all rows.
 _TRANSPOSED_GEMM_MAX_ROWS = 128
 
 
@@ -181,11 +141,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class LlamaModel:
-    """Weights as plain tensors (no nn.Module tree): q/k/v and gate/up fused for fewer GEMMs."""
+    """Weights as plain tensors (no nn.Module tree): q/k/v and gate/up fused for fewer GEMMs;
+    attention and the KV store through the engine's kernel backend."""
 
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], device: torch.device) -> None:
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], device: torch.device,
+                 backend: kernels.Backend) -> None:
         self.config = config
         self.device = device
+        self.backend = backend
         self.dtype = weights["embed_tokens"].dtype
         self.embed_tokens = weights["embed_tokens"]
         self.norm = weights["norm"]
@@ -227,8 +190,8 @@ class LlamaModel:
             k = apply_rope(k.reshape(-1, cfg.num_kv_heads, cfg.head_dim), cos, sin)
             v = v.reshape(-1, cfg.num_kv_heads, cfg.head_dim)
             k_cache, v_cache = kv_caches[i]
-            kernels.store_kv(k, v, k_cache, v_cache, attn.slot_mapping)
-            o = kernels.paged_attention(
+            self.backend.store_kv(k, v, k_cache, v_cache, attn.slot_mapping)
+            o = self.backend.paged_attention(
                 q, k_cache, v_cache, attn.block_tables, attn.seq_lens, attn.query_start_loc, self.scale
             )
             o = o.reshape(-1, cfg.q_size)

@@ -53,6 +53,8 @@ _TENSOR_NAME = re.compile(
 class AdapterError(ValueError):
     """An adapter we will not serve; the message names the field and the fix."""
 
+    code = "adapter_unavailable"  # what a request that needs the adapter fails with
+
 
 @dataclass(frozen=True)
 class ModelDescriptor:

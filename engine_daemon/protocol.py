@@ -23,8 +23,11 @@ Keys:
 
 from __future__ import annotations
 
+import functools
 import json
-from dataclasses import asdict, dataclass, field, fields
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 PROTOCOL_VERSION = 1
@@ -104,8 +107,6 @@ class _Message:
 
 
 def _required(f: Any) -> bool:
-    from dataclasses import MISSING
-
     return f.default is MISSING and f.default_factory is MISSING
 
 
@@ -127,18 +128,88 @@ def _parse(raw: dict[Any, Any], registry: dict[str, type[_Message]]) -> Any:
 
 
 @dataclass
-class SamplingSpec:
-    """The sampling parameters a client may set (the engine's SamplingParams mirrors these)."""
+class SamplingParams:
+    """How a request picks its tokens and when it stops: the one schema of the portal, the wire and the engine.
 
-    max_tokens: int = 256
-    temperature: float = 1.0
+    Checked here and nowhere else: a wrong type raises TypeError, a value out of range ValueError.
+    On the wire it travels as a dict (``InferenceRequest.sampling``), read back by ``from_wire``.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
+    top_k: int = 0  # 0 = off
+    seed: int | None = None  # None: the engine's shared generator
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        for name, hint in _type_hints(SamplingParams).items():
+            value = getattr(self, name)
+            if not _fits(value, hint):
+                raise TypeError(f"{name} must be {_type_name(hint)}, got {value!r}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if not 0 <= self.temperature < float("inf"):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must not be empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, body: Any) -> SamplingParams:
+        """The parameters a request message carries; ProtocolError names the one that is wrong."""
+        if not isinstance(body, dict):
+            raise ProtocolError(f"sampling must be an object, got {body!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(body) - known)
+        if unknown:
+            raise ProtocolError(f"unknown sampling parameters {unknown}; the known ones are {sorted(known)}")
+        try:
+            return cls(**body)
+        except (TypeError, ValueError) as exc:
+            raise ProtocolError(f"bad sampling parameters: {exc}") from None
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a value decoded from JSON has the annotated type (a bool is no number here)."""
+    if isinstance(hint, types.UnionType):
+        return any(_fits(value, arg) for arg in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_fits(v, item) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) and not typing.get_args(hint) else str(hint)
 
 
 @dataclass
@@ -154,13 +225,14 @@ class InferenceRequest(_Message):
     prompt: str | None = None
     adapter: str | None = None  # display name, e.g. "support-bot@3"
     adapter_sha256: str | None = None  # the staged version in the adapter cache; None = base model
-    sampling: dict[str, Any] = field(default_factory=dict)
+    sampling: dict[str, Any] = field(default_factory=dict)  # SamplingParams.to_wire(); read by sampling_params()
     deadline: float | None = None  # unix time after which the client no longer waits
     created: float = 0.0
     key_id: str | None = None
 
-    def sampling_spec(self) -> SamplingSpec:
-        return SamplingSpec(**self.sampling)
+    def sampling_params(self) -> SamplingParams:
+        """Read apart from the message, so that bad parameters fail this request with a reason, not the entry."""
+        return SamplingParams.from_wire(self.sampling)
 
     @classmethod
     def from_redis(cls, raw: dict[Any, Any]) -> InferenceRequest:
@@ -281,29 +353,28 @@ class ControlEvent(_Message):
 CONTROL_ACTIONS = (ControlEvent.ADAPTER_STAGED, ControlEvent.ADAPTER_DELETED, ControlEvent.CANCEL)
 
 
-@dataclass
-class Heartbeat:
-    """One engine's state, rewritten every second as a hash with a TTL (the ops dashboard reads only this).
+@dataclass(kw_only=True)
+class EngineSnapshot:
+    """One engine's state at one moment (``Engine.snapshot()``), torch-free so that the heartbeat can carry it.
 
     ``memory`` holds bytes: total / weights / kv_cache / adapter_pool / free. ``adapters`` holds one
     row per adapter the engine knows (its name is the content sha256 of the staged version): tier
     ("gpu" | "host" | "disk" | "loading" | "failed"), slot, requests, gpu_hits, host_hits, disk_loads,
-    slot_loads, evictions, mean_load_seconds, last_used, error.
+    slot_loads, evictions, mean_load_seconds, last_used, error. The rates (tokens_per_second,
+    step_seconds, lora_share) cover the last few seconds, so they fall to 0 when the engine idles.
     """
 
-    engine_id: str
     base_model: str
     device: str
     dtype: str
     started: float
-    updated: float
     lora_dtype: str = ""  # adapter weights in slots and host RAM ("" from engines before the field)
+    kernels: str = ""  # the kernel backend the engine chose: "triton" | "native" | "torch"
     memory: dict[str, int] = field(default_factory=dict)
     kv_blocks_total: int = 0
     kv_blocks_used: int = 0
     running: int = 0
     waiting: int = 0
-    in_flight: int = 0
     steps: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
@@ -314,8 +385,26 @@ class Heartbeat:
     max_adapters_in_step: int = 0
     multi_adapter_steps: int = 0
     adapters: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class Heartbeat(EngineSnapshot):
+    """An engine's snapshot as its daemon publishes it, rewritten every second as a hash with a TTL.
+
+    The ops dashboard reads only this. To the snapshot the daemon adds who it is, when it wrote and
+    what only it knows: requests in flight (read but not yet ended), whether it drains, its /metrics.
+    """
+
+    engine_id: str
+    updated: float
+    in_flight: int = 0
     draining: bool = False
     metrics_url: str | None = None
+
+    @classmethod
+    def of(cls, snapshot: EngineSnapshot, **daemon: Any) -> Heartbeat:
+        """The heartbeat of ``snapshot``; ``daemon`` gives the fields this class adds."""
+        return cls(**vars(snapshot), **daemon)
 
     def to_redis(self) -> dict[str, str]:
         return {"v": str(PROTOCOL_VERSION), **{k: json.dumps(v) for k, v in asdict(self).items()}}

@@ -1,41 +1,16 @@
-"""Sampling parameters and the batched sampler: greedy, temperature, top-k, top-p, per-request seeds."""
+"""The batched sampler: greedy, temperature, top-k, top-p, per-request seeds.
+
+``SamplingParams`` lives in the torch-free protocol module, shared with the portal; it is named here
+too because the sampler is where the engine reads it.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
+from engine_daemon.protocol import SamplingParams
 
-@dataclass
-class SamplingParams:
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
-    logprobs: bool = False
-
-    def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must not be empty")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
+__all__ = ["Sampler", "SamplingParams", "make_generator"]
 
 
 class Sampler:

@@ -82,6 +82,25 @@ class Scheduler:
                     return seq
         return None
 
+    def set_tenant_weight(self, tenant: str, weight: float) -> None:
+        if weight <= 0:
+            raise ValueError("a tenant's weight must be positive")
+        self.tenant_weight[tenant] = weight
+
+    def fail_waiting(self, adapter: str, error: str) -> list[Sequence]:
+        """Fail the waiting sequences that need ``adapter``, whose load failed; returns them."""
+        failed = []
+        for queue in self.waiting.values():
+            for seq in [s for s in queue if s.adapter == adapter]:
+                queue.remove(seq)
+                failed.append(_failed(seq, error, AdapterError.code))
+        return failed
+
+    def take_failed(self) -> list[Sequence]:
+        """The sequences that failed at admission since the last call, handed over once."""
+        failed, self.failed = self.failed, []
+        return failed
+
     def remove(self, seq: Sequence) -> None:
         """Take a sequence out of the scheduler and free its blocks and adapter hold."""
         if seq.status is Status.RUNNING:
@@ -165,8 +184,7 @@ class Scheduler:
                     slot = self.residency.acquire(seq.adapter)
                 except AdapterError as exc:
                     queue.remove(seq)
-                    seq.status, seq.finish_reason, seq.error = Status.FINISHED, "error", str(exc)
-                    self.failed.append(seq)
+                    self.failed.append(_failed(seq, str(exc), exc.code))
                     continue
                 if slot is None:
                     blocked_adapters.add(seq.adapter)  # loading, or no slot free yet
@@ -229,3 +247,8 @@ class Scheduler:
         if not waiting_only:
             tenants.update(s.tenant for s in self.running)
         return tenants
+
+
+def _failed(seq: Sequence, error: str, code: str) -> Sequence:
+    seq.status, seq.finish_reason, seq.error, seq.error_code = Status.FINISHED, "error", error, code
+    return seq

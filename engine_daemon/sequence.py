@@ -34,6 +34,7 @@ class Sequence:
     slot: int = -1  # LoRA slot while running; -1 = base model
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None
+    error_code: str | None = None  # with error: e.g. "adapter_unavailable"
     first_token_time: float | None = None
     finish_time: float | None = None
     num_preemptions: int = 0

@@ -29,13 +29,13 @@ import socket
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Any
 
 import redis
 
 from engine_daemon import protocol
+from engine_daemon.config import ServiceConfig
 from engine_daemon.engine import Engine, RequestError, StepOutput
 from engine_daemon.peft_format import AdapterError, cached_adapter_dir
 from engine_daemon.protocol import (
@@ -49,23 +49,10 @@ from engine_daemon.protocol import (
     UsageEvent,
     text_of,
 )
-from engine_daemon.sampling import SamplingParams
+
+__all__ = ["EngineService", "ServiceConfig", "install_signal_handlers"]
 
 log = logging.getLogger("lorafleet.daemon")
-
-
-@dataclass
-class ServiceConfig:
-    redis_url: str
-    adapter_cache_dir: Path
-    engine_id: str = ""
-    claim_idle_seconds: float = 30.0  # an entry idle this long belongs to a dead daemon
-    max_deliveries: int = 3  # past this many deliveries an entry is dead-lettered
-    drain_seconds: float = 30.0  # SIGTERM: how long running requests may take to finish
-    block_ms: int = 50  # how long an idle daemon waits for new requests per read
-    heartbeat_seconds: float = 1.0
-    dead_letter_retention_seconds: float = 7 * 24 * 3600  # dead letters older than this are trimmed
-    tenants_refresh_seconds: float = 0.1  # how often a busy daemon reads the list of tenant streams again
 
 
 # The usage stream is drained by the portal's usage writers; this cap only guards Redis if none runs for days.
@@ -279,7 +266,7 @@ class EngineService:
             pipe.execute()
             return
         try:
-            params = SamplingParams(**request.sampling)
+            params = request.sampling_params()
             if sent_ids and len(sent_ids) >= params.max_tokens:
                 self._finish_resumed(entry_id, source, stream, request, sent_ids)
                 return
@@ -294,15 +281,11 @@ class EngineService:
                 resume_token_ids=sent_ids or None,
                 resume_text=sent_text if sent_ids else None,
             )
-        except RequestError as exc:
+        except (RequestError, AdapterError) as exc:
             self._fail(entry_id, source, stream, exc.code, str(exc), self._usage(request, UsageEvent.ERROR, error_code=exc.code))
             return
-        except AdapterError as exc:
-            self._fail(entry_id, source, stream, "adapter_unavailable", str(exc),
-                       self._usage(request, UsageEvent.ERROR, error_code="adapter_unavailable"))
-            return
-        except (TypeError, ValueError) as exc:
-            self._fail(entry_id, source, stream, "invalid_request", f"bad sampling parameters: {exc}",
+        except (ProtocolError, TypeError, ValueError) as exc:  # bad sampling parameters; or e.g. a prompt of non-ids
+            self._fail(entry_id, source, stream, "invalid_request", f"malformed request: {exc}",
                        self._usage(request, UsageEvent.ERROR, error_code="invalid_request"))
             return
         self.in_flight[request.request_id] = InFlight(entry_id, source, request, stream, sent_tokens=len(sent_ids))
@@ -355,7 +338,7 @@ class EngineService:
                 flight.sent_tokens += len(out.new_token_ids)
             if out.finished:
                 if out.finish_reason == "error":
-                    code = "adapter_unavailable" if "adapter" in (out.error or "") else "engine_error"
+                    code = out.error_code or "engine_error"
                     event: Any = ErrorEvent(code, out.error or "the request failed")
                     usage = self._usage(flight.request, UsageEvent.ERROR, error_code=code,
                                         prompt_tokens=self.engine.prompt_tokens_computed(out.request_id),
@@ -482,31 +465,12 @@ class EngineService:
         self._last_beat = now
         for callback in self.on_beat:
             callback()
-        snap = self.engine.snapshot()
-        beat = Heartbeat(
+        snapshot = self.engine.snapshot()
+        beat = Heartbeat.of(
+            replace(snapshot, adapters=_beat_adapters(snapshot.adapters, now)),
             engine_id=self.engine_id,
-            base_model=self.base_model,
-            device=snap["device"],
-            dtype=snap["dtype"],
-            lora_dtype=snap["lora_dtype"],
-            started=snap["started"],
             updated=now,
-            memory=snap["memory"],
-            kv_blocks_total=snap["kv_blocks_total"],
-            kv_blocks_used=snap["kv_blocks_used"],
-            running=snap["running"],
-            waiting=snap["waiting"],
             in_flight=len(self.in_flight),
-            steps=snap["steps"],
-            prompt_tokens=snap["prompt_tokens"],
-            generated_tokens=snap["generated_tokens"],
-            preemptions=snap["preemptions"],
-            tokens_per_second=snap["tokens_per_second"],
-            step_seconds=snap["step_seconds"],
-            lora_share=snap["lora_share"],
-            max_adapters_in_step=snap["max_adapters_in_step"],
-            multi_adapter_steps=snap["multi_adapter_steps"],
-            adapters=_beat_adapters(snap["adapters"], now),
             draining=self.draining_since is not None,
             metrics_url=self.metrics_url,
         )

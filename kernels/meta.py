@@ -2,16 +2,19 @@
 
 `LoraMeta.build` runs once per engine step; every layer and projection then reuses it,
 so all sorting, segmenting and the single host sync happen here and nowhere else.
+
+A *segment* is the tokens of one adapter slot in a batch; a *plan* is how a backend splits a
+step into kernel calls (the CPU backends' ``kernels.cpu.lora_plan.LoraPlan``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-
-from kernels.lora_plan import LoraCpuPlan, build_cpu_plan
 
 # Tokens per Triton tile. A tile never crosses a segment boundary, so a weight tile is
 # loaded once per (segment, 16 tokens) instead of once per token.
@@ -38,8 +41,8 @@ class LoraMeta:
     ranks: torch.Tensor  # int32 [S] on the compute device
     scalings: torch.Tensor  # float32 [S] on the compute device
     num_lora_tokens: int = 0
-    # CPU tensors only: how the torch twins split the batch into matmul calls (see lora_plan).
-    cpu_plan: LoraCpuPlan | None = None
+    # The backend's plan of this batch (kernels.cpu.lora_plan.LoraPlan), or None (Triton, reference).
+    plan: Any = None
     # scaled_ranks results by factor: every layer asks for the same ones (not copied by replace()).
     _scaled: dict[int, LoraMeta] = field(default_factory=dict, init=False, repr=False)
 
@@ -55,6 +58,8 @@ class LoraMeta:
     def scaled_ranks(self, factor: int) -> LoraMeta:
         """The same batch over a stack whose slot s holds rank · factor rows (fused projections that
         interleave their A rows): derived from this one, with no second sort or host sync."""
+        if factor == 1:
+            return self
         scaled = self._scaled.get(factor)
         if scaled is None:
             scaled = self._scaled[factor] = self._with_ranks_times(factor)
@@ -66,7 +71,7 @@ class LoraMeta:
             segments=tuple((start, end, slot, rank * factor, scaling) for start, end, slot, rank, scaling in self.segments),
             max_rank=self.max_rank * factor,
             ranks=self.ranks * factor,
-            cpu_plan=None if self.cpu_plan is None else self.cpu_plan.scaled_ranks(factor),
+            plan=None if self.plan is None else self.plan.scaled_ranks(factor),
         )
 
     @classmethod
@@ -75,11 +80,13 @@ class LoraMeta:
         token_slots: torch.Tensor,
         ranks: torch.Tensor,
         scalings: torch.Tensor,
+        planner: Callable[[list[int], list[int], list[float]], Any] | None = None,
     ) -> LoraMeta:
         """Sort tokens by slot and segment them; one host sync (for the segment sizes).
 
         token_slots lives on the compute device; ranks and scalings may live on the host
-        (free) or on the device (one more small copy back).
+        (free) or on the device (one more small copy back). `planner` (the token slots, ranks
+        and scalings as host lists) makes the backend's plan, for a batch that uses an adapter.
         """
         if token_slots.dim() != 1:
             raise ValueError(f"token_slots must be 1-D [T], got shape {tuple(token_slots.shape)}")
@@ -126,9 +133,7 @@ class LoraMeta:
         # Keep positions in sorted_token_ids consistent with the segments above (rank-0
         # segments keep their place; they are simply never read).
         sorted_token_ids = order[num_skipped:]
-        cpu_plan = None
-        if device.type == "cpu" and segments:
-            cpu_plan = build_cpu_plan(token_slots.tolist(), ranks_host, scalings_host)
+        plan = planner(token_slots.tolist(), ranks_host, scalings_host) if planner and segments else None
         return cls(
             num_tokens=num_tokens,
             segments=tuple(segments),
@@ -139,7 +144,7 @@ class LoraMeta:
             tiles=torch.tensor(tiles, dtype=torch.int32).reshape(-1, 3).to(device),
             ranks=ranks.to(device=device, dtype=torch.int32),
             scalings=scalings.to(device=device, dtype=torch.float32),
-            cpu_plan=cpu_plan,
+            plan=plan,
             num_lora_tokens=sum(s[1] - s[0] for s in segments),
         )
 

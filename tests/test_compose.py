@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from engine_daemon.__main__ import SERVE_FLAGS
+from engine_daemon.__main__ import serve_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -135,7 +135,7 @@ def test_portal_and_worker_read_only_settings_that_exist():
 
 
 def test_engine_environment_matches_the_daemon_flags():
-    flags = {env for _flag, env, *_ in SERVE_FLAGS}
+    flags = {setting.env for setting in serve_settings()}
     unknown = set(environment("engine")) - flags
     assert not unknown, f"engine sets {unknown}, which python -m engine_daemon serve never reads"
     assert environment("engine")["LORAFLEET_DEVICE"] == "cuda"

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from django.conf import settings
 
-from engine_daemon.protocol import SamplingSpec
+from engine_daemon.protocol import SamplingParams
 from portal.inference.errors import InferenceError
 
 CHAT = "chat"
@@ -49,9 +49,9 @@ class CompletionParams:
         return "messages" if self.kind == CHAT else "prompt"
 
     def sampling(self) -> dict[str, Any]:
-        """``InferenceRequest.sampling``: a ``SamplingSpec`` as a dict."""
-        return asdict(SamplingSpec(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-                                   seed=self.seed, stop=list(self.stop)))
+        """``InferenceRequest.sampling``: the engine's ``SamplingParams``, in its wire form."""
+        return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+                              seed=self.seed, stop=list(self.stop)).to_wire()
 
     def prompt_token_estimate(self) -> int:
         """A rough prompt size for admission (the engine owns the tokenizer): ~4 characters a token."""

@@ -148,11 +148,11 @@ def test_snapshot_rates_cover_a_recent_window_and_time_the_lora_share(tiny_llama
     engine.generate([PROMPT] * 4, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True),
                     adapters=["a", "b", None, None])
     busy = engine.snapshot(window_seconds=60)
-    assert busy["tokens_per_second"] == pytest.approx(24 / 60)
-    assert 0 < busy["lora_share"] < 1  # timed on every CPU step that served an adapter
+    assert busy.tokens_per_second == pytest.approx(24 / 60)
+    assert 0 < busy.lora_share < 1  # timed on every CPU step that served an adapter
     time.sleep(0.2)
     idle = engine.snapshot(window_seconds=0.1)
-    assert idle["tokens_per_second"] == 0 and idle["step_seconds"] == 0 and idle["lora_share"] is None
+    assert idle.tokens_per_second == 0 and idle.step_seconds == 0 and idle.lora_share is None
     engine.close()
 
 
@@ -160,7 +160,7 @@ def test_slot_pool_layout_fuses_shrinks_and_keeps_low_ranks_contiguous(tiny_llam
     """q/k/v (and gate/up) A rows of a slot interleave into one [rank * parts, in] matrix, so one
     shrink serves them all; B is rank-major so a low-rank slot reads one contiguous block."""
     from engine_daemon.adapters import read_adapter_weights
-    from engine_daemon.model import GATE_UP, QKV
+    from engine_daemon.lora import GATE_UP, QKV
 
     engine = make_engine(tiny_llama, adapter_dirs)
     serve(engine, "b")
@@ -181,22 +181,21 @@ def test_slot_pool_layout_fuses_shrinks_and_keeps_low_ranks_contiguous(tiny_llam
 
 
 def test_steps_with_the_same_targets_share_one_group_table(tiny_llama, adapter_dirs):
-    """LoraBatch finds a projection group with one dict read: the pool keeps a table per target
+    """LoraBatch finds a projection group with one dict read: the engine keeps a table per target
     set (LRU-bounded), whose entries name the adapted parts only, or None where none is."""
-    from engine_daemon import adapters
-    from engine_daemon.model import QKV
+    from engine_daemon import lora
 
     engine = make_engine(tiny_llama, adapter_dirs)
-    pool = engine.residency.pool
+    groups = engine.lora_groups
     targets = frozenset({("q_proj", 0), ("v_proj", 0), ("down_proj", 1)})
-    table = pool.groups_for(targets)
-    assert pool.groups_for(frozenset(targets)) is table
-    qkv = pool.step_group(table, targets, QKV, 0)
-    assert table[QKV, 0] is qkv and qkv.parts[1] is None and None not in (qkv.parts[0], qkv.parts[2])
-    assert pool.step_group(table, targets, ("o_proj",), 0) is None and table[("o_proj",), 0] is None
-    for layer in range(adapters._STEP_GROUP_TABLES):  # as many other target sets: the first goes
-        pool.groups_for(frozenset({("o_proj", 1000 + layer)}))
-    assert pool.groups_for(targets) is not table and pool.groups_for(targets) == {}
+    table = groups.table(targets)
+    assert groups.table(frozenset(targets)) is table
+    qkv = groups.fill(table, targets, lora.QKV, 0)
+    assert table[lora.QKV, 0] is qkv and qkv.parts[1] is None and None not in (qkv.parts[0], qkv.parts[2])
+    assert groups.fill(table, targets, ("o_proj",), 0) is None and table[("o_proj",), 0] is None
+    for layer in range(lora._TARGET_TABLES):  # as many other target sets: the first goes
+        groups.table(frozenset({("o_proj", 1000 + layer)}))
+    assert groups.table(targets) is not table and groups.table(targets) == {}
     engine.close()
 
 

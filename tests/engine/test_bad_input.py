@@ -49,20 +49,39 @@ def test_adapter_for_another_base_model_is_refused(engine, tmp_path):
         engine.add_adapter("other", str(path))
 
 
-def test_nan_weights_fail_the_request_not_the_batch(engine, tmp_path, good_adapter):
-    bad = tmp_path / "nan"
-    bad.mkdir()
-    (bad / "adapter_config.json").write_bytes((good_adapter / "adapter_config.json").read_bytes())
+def write_nan_adapter(folder, good_adapter):
+    """An adapter whose header is fine: the NaN is found only when its data loads."""
+    folder.mkdir()
+    (folder / "adapter_config.json").write_bytes((good_adapter / "adapter_config.json").read_bytes())
     tensors = load_file(str(good_adapter / "adapter_model.safetensors"))
     name = next(n for n in tensors if "lora_B" in n)
     tensors[name][0, 0] = float("nan")
-    save_file(tensors, str(bad / "adapter_model.safetensors"))
-    engine.add_adapter("nan", str(bad))  # the header is fine; the data is read when it loads
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+def test_nan_weights_fail_the_request_not_the_batch(engine, tmp_path, good_adapter):
+    engine.add_adapter("nan", str(write_nan_adapter(tmp_path / "nan", good_adapter)))
     outs = engine.generate([PROMPT, PROMPT], GREEDY, adapters=["nan", None])
     assert outs[0].finish_reason == "error" and "NaN or Inf" in outs[0].error
     assert outs[1].error is None and len(outs[1].token_ids) == 4
     later = engine.generate([PROMPT], GREEDY, adapters=["nan"])[0]
     assert "NaN or Inf" in later.error
+
+
+def test_an_adapter_load_failure_reaches_the_step_output_with_its_code(engine, tmp_path, good_adapter):
+    engine.add_adapter("nan-code", str(write_nan_adapter(tmp_path / "nan", good_adapter)))
+    engine.add_request(PROMPT, GREEDY, request_id="needs-nan", adapter="nan-code")
+    engine.add_request(PROMPT, GREEDY, request_id="base")
+    outputs = []
+    while engine.has_unfinished():
+        outputs += [out for out in engine.step() if out.finished]
+    failed = {out.request_id: out for out in outputs}
+    assert failed["needs-nan"].finish_reason == "error" and "NaN or Inf" in failed["needs-nan"].error
+    assert failed["needs-nan"].error_code == AdapterError.code == "adapter_unavailable"
+    assert failed["base"].error is None and failed["base"].error_code is None
+    for request_id in failed:
+        engine.pop_finished(request_id)
 
 
 def test_prompt_longer_than_the_context_fails_only_its_request(engine):

@@ -71,9 +71,9 @@ def test_metrics_served_over_http_carry_every_family_and_the_engine_numbers(one_
     serve(service, redis_client, a, b, a, a, None)
     families = metric_families(urllib.request.urlopen(url, timeout=10).read().decode())
     snap = service.engine.snapshot()
-    rows = {row["name"]: row for row in snap["adapters"]}
-    assert samples(families, "lorafleet:generation_tokens", "_total") == snap["generated_tokens"] == 15
-    assert samples(families, "lorafleet:prompt_tokens", "_total") == snap["prompt_tokens"]
+    rows = {row["name"]: row for row in snap.adapters}
+    assert samples(families, "lorafleet:generation_tokens", "_total") == snap.generated_tokens == 15
+    assert samples(families, "lorafleet:prompt_tokens", "_total") == snap.prompt_tokens
     assert samples(families, "lorafleet:request_success", "_total", finished_reason="length") == 5
     assert samples(families, "lorafleet:e2e_request_latency_seconds", "_count") == 5
     assert samples(families, "lorafleet:time_to_first_token_seconds", "_count") == 5
@@ -88,11 +88,11 @@ def test_metrics_served_over_http_carry_every_family_and_the_engine_numbers(one_
     assert samples(families, "lorafleet:lora_adapter_capacity", tier="gpu") == 1
     assert samples(families, "lorafleet:lora_adapter_capacity", tier="host") == 1
     for kind in ("weights", "kv_cache", "adapter_pool"):
-        assert samples(families, "lorafleet:memory_bytes", kind=kind) == snap["memory"][kind] > 0
+        assert samples(families, "lorafleet:memory_bytes", kind=kind) == snap.memory[kind] > 0
     assert samples(families, "lorafleet:kv_cache_usage_perc") == 0  # every request ended: its blocks are free
     per_step = samples(families, "lorafleet:lora_adapters_per_step", "_count")
-    assert per_step == snap["steps"]
-    assert samples(families, "lorafleet:lora_adapters_per_step", "_sum") == snap["steps"] - 3  # the base request's 3 steps
+    assert per_step == snap.steps
+    assert samples(families, "lorafleet:lora_adapters_per_step", "_sum") == snap.steps - 3  # the base request's 3 steps
 
 
 def test_counters_never_run_backwards_when_an_adapter_is_removed(one_slot_service, redis_client):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
 from engine_daemon import Engine, EngineConfig, SamplingParams
 from tests.engine.builders import PeftReference, cast_adapter_file, write_adapter, write_tiny_model
 
@@ -62,13 +61,16 @@ VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("cpu_kernels", ["native", "torch"])
+# Every kernel backend inside the whole engine: native (the CPU default where a C compiler
+# exists), torch (without one), and Triton through its interpreter (what CUDA compiles).
+KERNELS = ["native", "torch", "triton"]
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_mixed_adapter_batch_matches_peft(tmp_path, variant, cpu_kernels, monkeypatch):
-    """Both CPU kernel paths: the native kernels (the default where a C compiler exists) and the
-    torch twins (the fallback without one)."""
-    monkeypatch.setenv("LORAFLEET_NATIVE_KERNELS", "1" if cpu_kernels == "native" else "0")
-    assert kernels.native_available() == (cpu_kernels == "native")
+def test_mixed_adapter_batch_matches_peft(tmp_path, variant, kernels):
+    """Several adapters of different ranks (rank and alpha patterns, rsLoRA) and a base request
+    in one batch, prefilled together, then decoded."""
     arch, overrides = VARIANTS[variant]
     base = write_tiny_model(tmp_path / "base", arch, **overrides)
     adapters = {
@@ -88,7 +90,9 @@ def test_mixed_adapter_batch_matches_peft(tmp_path, variant, cpu_kernels, monkey
         ),
     }
     reference = PeftReference.from_dir(base, adapters)
-    engine = Engine(EngineConfig(model=str(base), device="cpu", dtype="float32", max_loras=4, max_lora_rank=64))
+    engine = Engine(EngineConfig(model=str(base), device="cpu", dtype="float32", max_loras=4, max_lora_rank=64,
+                                 kernels=kernels))
+    assert engine.kernels.name == kernels
     for name, path in adapters.items():
         engine.add_adapter(name, str(path))
         engine.prefetch_adapter(name)
@@ -110,13 +114,41 @@ def test_mixed_adapter_batch_matches_peft(tmp_path, variant, cpu_kernels, monkey
     engine.close()
 
 
-@pytest.mark.parametrize("cpu_kernels", ["native", "torch"])
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_chunked_prefill_beside_decodes_matches_peft(tmp_path, kernels):
+    """A step budget of 8 tokens: the long prompts are prefilled in chunks over a cached prefix
+    while the short ones already decode in the same steps (GQA, adapters of ranks 2 and 16, and
+    the base model side by side)."""
+    base = write_tiny_model(tmp_path / "base", "llama")
+    adapters = {
+        "r2-all": write_adapter(base, tmp_path / "a1", r=2, target_modules=ALL, seed=5),
+        "r16-attn": write_adapter(base, tmp_path / "a2", r=16, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
+                                  seed=6),
+    }
+    reference = PeftReference.from_dir(base, adapters)
+    engine = Engine(EngineConfig(model=str(base), device="cpu", dtype="float32", max_loras=2, max_lora_rank=16,
+                                 max_num_batched_tokens=8, kernels=kernels))
+    for name, path in adapters.items():
+        engine.add_adapter(name, str(path))
+        engine.prefetch_adapter(name)
+    engine.wait_for_adapters()
+    prompts = [PROMPTS[3], PROMPTS[2], PROMPTS[4], PROMPTS[1]]  # 2, 21, 17 and 6 tokens
+    names = ["r2-all", "r16-attn", None, "r2-all"]
+    outs = engine.generate(prompts, SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True), adapters=names)
+    mixed = [r for r in engine.stats.recent if r.num_sampled and r.num_tokens > r.num_sampled]
+    assert mixed, "no step mixed decode tokens with a prefill chunk"
+    assert max(r.num_tokens for r in engine.stats.recent) <= 8
+    for out, prompt, adapter in zip(outs, prompts, names, strict=True):
+        assert out.token_ids == reference.greedy(prompt, adapter, 5), adapter
+    engine.close()
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("file_dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_a_bfloat16_adapter_pool_under_a_float32_model(tmp_path, file_dtype, cpu_kernels, monkeypatch):
+def test_a_bfloat16_adapter_pool_under_a_float32_model(tmp_path, file_dtype, kernels):
     """lora_dtype="bfloat16": adapters sit in slots and host RAM as bf16, sums stay fp32. A file
     saved in bf16 (scalings 2, 0.5 and 1: powers of two) loses nothing, so PEFT's fp32 result is
     matched as tightly as with an fp32 pool; an fp32 file is rounded once, to bf16 accuracy."""
-    monkeypatch.setenv("LORAFLEET_NATIVE_KERNELS", "1" if cpu_kernels == "native" else "0")
     base = write_tiny_model(tmp_path / "base", "llama")
     adapters = {
         "r8-all": write_adapter(base, tmp_path / "a1", r=8, lora_alpha=16, seed=1),
@@ -128,10 +160,10 @@ def test_a_bfloat16_adapter_pool_under_a_float32_model(tmp_path, file_dtype, cpu
         cast_adapter_file(path, file_dtype)
     reference = PeftReference.from_dir(base, adapters)
     engine = Engine(EngineConfig(model=str(base), device="cpu", dtype="float32", lora_dtype="bfloat16",
-                                 max_loras=4, max_lora_rank=64))
+                                 max_loras=4, max_lora_rank=64, kernels=kernels))
     pool = engine.residency.pool
     assert pool.a["q_proj"][0].dtype == pool.b["down_proj"][0].dtype == torch.bfloat16
-    assert engine.snapshot()["lora_dtype"] == "bfloat16"
+    assert engine.snapshot().lora_dtype == "bfloat16"
     for name, path in adapters.items():
         engine.add_adapter(name, str(path))
         engine.prefetch_adapter(name)

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
-from engine_daemon import protocol
+import engine_daemon
+from engine_daemon import protocol, sampling
 from engine_daemon.protocol import (
     ControlEvent,
     DeltaEvent,
     DoneEvent,
+    EngineSnapshot,
     ErrorEvent,
     Heartbeat,
     InferenceRequest,
     ProtocolError,
+    SamplingParams,
     response_event_from_redis,
 )
 
@@ -58,8 +62,8 @@ def test_control_events_and_heartbeats_round_trip():
     for action in protocol.CONTROL_ACTIONS:
         event = ControlEvent(action=action, sha256="b" * 64, request_id="r")
         assert ControlEvent.from_redis(as_redis_reply(event.to_redis())) == event
-    beat = Heartbeat("e", "m", "cuda:0", "bfloat16", 1.0, 2.0, memory={"weights": 3}, adapters=[{"name": "x"}],
-                     lora_share=0.05)
+    beat = Heartbeat(engine_id="e", base_model="m", device="cuda:0", dtype="bfloat16", started=1.0, updated=2.0,
+                     memory={"weights": 3}, adapters=[{"name": "x"}], lora_share=0.05)
     assert Heartbeat.from_redis(as_redis_reply(beat.to_redis())) == beat
 
 
@@ -103,3 +107,45 @@ def test_unknown_control_actions_and_bad_heartbeats_are_refused():
         Heartbeat.from_redis({"v": "0"})
     with pytest.raises(ProtocolError, match="malformed heartbeat"):
         Heartbeat.from_redis({"v": "1", "engine_id": "{"})
+
+
+def test_one_sampling_schema_serves_the_portal_the_wire_and_the_engine():
+    assert sampling.SamplingParams is engine_daemon.SamplingParams is SamplingParams
+    params = SamplingParams(max_tokens=5, temperature=0.0, top_k=3, seed=7, stop="\n", stop_token_ids=[2], logprobs=True)
+    request = InferenceRequest(request_id="r", tenant_id="t", base_model="m", prompt="hi", sampling=params.to_wire())
+    assert InferenceRequest.from_redis(as_redis_reply(request.to_redis())).sampling_params() == params
+    assert params.stop == ["\n"] and SamplingParams.from_wire({}) == SamplingParams()
+
+
+@pytest.mark.parametrize(
+    "sampling, message",
+    [
+        ({"max_tokens": 4, "temprature": 0.5}, r"unknown sampling parameters \['temprature'\]"),
+        ({"max_tokens": "4"}, "max_tokens must be int, got '4'"),
+        ({"seed": True}, r"seed must be int \| None, got True"),
+        ({"stop": ["ok", 3]}, r"stop must be list\[str\]"),
+        ({"top_p": 0}, r"top_p must be in \(0, 1\]"),
+        ({"temperature": float("nan")}, "temperature must be a finite number"),
+        ({"max_tokens": 0}, "max_tokens must be at least 1"),
+        ({"seed": 2**64}, "seed must be in"),
+        ([1, 2], "sampling must be an object"),
+    ],
+)
+def test_bad_sampling_parameters_are_a_protocol_error_that_names_them(sampling, message):
+    request = InferenceRequest(request_id="r", tenant_id="t", base_model="m", prompt="hi", sampling=sampling)
+    with pytest.raises(ProtocolError, match=message):
+        request.sampling_params()
+
+
+def test_the_heartbeat_carries_the_engine_snapshot_through_redis():
+    snapshot = EngineSnapshot(base_model="m", device="cuda:0", dtype="bfloat16", lora_dtype="float16", started=1.0,
+                              memory={"total": 9, "weights": 3}, kv_blocks_total=10, kv_blocks_used=4, running=2,
+                              waiting=1, steps=5, prompt_tokens=40, generated_tokens=9, preemptions=1,
+                              tokens_per_second=2.5, step_seconds=0.01, lora_share=0.2, max_adapters_in_step=2,
+                              multi_adapter_steps=3, adapters=[{"name": "x", "tier": "gpu"}])
+    beat = Heartbeat.of(snapshot, engine_id="e", updated=2.0, in_flight=3, draining=True, metrics_url="http://m")
+    read = Heartbeat.from_redis(as_redis_reply(beat.to_redis()))
+    assert read == beat and isinstance(read, EngineSnapshot)
+    assert {f.name: getattr(read, f.name) for f in dataclasses.fields(EngineSnapshot)} == vars(snapshot)
+    daemon_only = {f.name for f in dataclasses.fields(Heartbeat)} - {f.name for f in dataclasses.fields(EngineSnapshot)}
+    assert daemon_only == {"engine_id", "updated", "in_flight", "draining", "metrics_url"}

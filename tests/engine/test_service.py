@@ -9,17 +9,21 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import fields
 
 import pytest
 
 from engine_daemon import Engine, EngineConfig, SamplingParams, protocol
+from engine_daemon.engine import StepOutput
 from engine_daemon.metrics import EngineMetrics, metric_families
 from engine_daemon.peft_format import adapter_content_sha256
 from engine_daemon.protocol import (
     ControlEvent,
     DeltaEvent,
+    EngineSnapshot,
     Heartbeat,
     InferenceRequest,
+    UsageEvent,
     response_event_from_redis,
 )
 from engine_daemon.service import EngineService, ServiceConfig
@@ -178,13 +182,35 @@ def test_bad_requests_get_errors_and_malformed_entries_are_dead_lettered(chat_mo
     service = make_service(chat_model, redis_client, redis_url, cache_dir)
     too_long = enqueue(redis_client, service.base_model, prompt="Ahoy " * 600)
     bad_params = enqueue(redis_client, service.base_model, prompt="Ahoy", sampling={"top_p": 0})
+    typo = enqueue(redis_client, service.base_model, prompt="Ahoy", sampling={"max_tokens": 2, "temprature": 0.5})
     redis_client.xadd(protocol.request_stream(service.base_model, "t1"), {"v": "99", "type": "request", "body": "{}"})
-    run_until(service, lambda: finished(redis_client, too_long.request_id) and finished(redis_client, bad_params.request_id))
+    run_until(service, lambda: all(finished(redis_client, r.request_id) for r in (too_long, bad_params, typo)))
     assert events(redis_client, too_long.request_id)[-1].code == "context_length_exceeded"
     assert "top_p" in events(redis_client, bad_params.request_id)[-1].message
+    error = events(redis_client, typo.request_id)[-1]
+    assert error.code == "invalid_request" and "unknown sampling parameters ['temprature']" in error.message
     dead = redis_client.xrange(protocol.dead_letter_stream(service.base_model))
     assert len(dead) == 1 and b"protocol version" in dead[0][1][b"reason"]
     assert pending(redis_client, service.base_model) == 0
+
+
+def test_a_failed_step_output_reaches_the_client_with_the_engine_code(chat_model, redis_client, redis_url, cache_dir,
+                                                                    monkeypatch):
+    """The code comes from the engine's StepOutput, whatever its message says."""
+    service = make_service(chat_model, redis_client, redis_url, cache_dir)
+    request = enqueue(redis_client, service.base_model, prompt="Ahoy")
+    service._read_requests()
+    assert request.request_id in service.in_flight
+    failure = StepOutput(request.request_id, [], [], "", True, "error", "its weights hold NaN", 2, 0,
+                         error_code="adapter_unavailable")
+    monkeypatch.setattr(service.engine, "step", lambda: [failure])
+    service.run_once()
+    error = events(redis_client, request.request_id)[-1]
+    assert (error.kind, error.code, error.message) == ("error", "adapter_unavailable", "its weights hold NaN")
+    [(_id, fields)] = redis_client.xrevrange(protocol.USAGE_STREAM, count=1)
+    usage = UsageEvent.from_redis(fields)
+    assert (usage.request_id, usage.end, usage.error_code) == (request.request_id, "error", "adapter_unavailable")
+    service.engine.abort(request.request_id)
 
 
 def test_abandoned_request_is_claimed_and_resumed_after_the_sent_tokens(chat_model, redis_client, redis_url, cache_dir):
@@ -229,10 +255,13 @@ def test_heartbeat_and_metrics_report_the_engine(chat_model, redis_client, redis
     service._beat(force=True)
     beat = Heartbeat.from_redis(redis_client.hgetall(protocol.heartbeat_key("test-engine")))
     snap = service.engine.snapshot()
+    rates = {"tokens_per_second", "step_seconds", "lora_share"}  # over a window that moved on since the beat
+    assert {f.name: getattr(beat, f.name) for f in fields(EngineSnapshot) if f.name not in rates} == {
+        name: value for name, value in vars(snap).items() if name not in rates}
     assert beat.base_model == service.base_model and beat.device == "cpu"
     assert beat.dtype == beat.lora_dtype == "float32"
-    assert beat.memory == snap["memory"] and beat.memory["weights"] > 0 and beat.memory["kv_cache"] > 0
-    assert beat.kv_blocks_total == snap["kv_blocks_total"] and beat.generated_tokens == 12
+    assert beat.memory == snap.memory and beat.memory["weights"] > 0 and beat.memory["kv_cache"] > 0
+    assert beat.kv_blocks_total == snap.kv_blocks_total and beat.generated_tokens == 12
     assert [(a["name"], a["tier"], a["requests"]) for a in beat.adapters] == [(sha, "gpu", 1)]
     assert redis_client.zscore(protocol.ENGINES_KEY, "test-engine") is not None
     assert 0 < redis_client.ttl(protocol.heartbeat_key("test-engine")) <= protocol.HEARTBEAT_TTL_SECONDS

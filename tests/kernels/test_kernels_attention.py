@@ -1,15 +1,14 @@
-"""Paged attention and store_kv: the torch twin against dense causal attention on K/V
-gathered position by position, and the Triton kernels against the twin."""
+"""Paged attention and store_kv: the specification, the torch backend (length buckets, SDPA) and
+the Triton kernels against dense causal attention on K/V gathered position by position."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
 
-import kernels
 from kernels import reference
+from kernels.cpu import attention_plan, twins
+from tests.kernels.cases import backend, make_paged_batch, relative_error
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -22,46 +21,6 @@ BATCHES = {
     "prefill": [(29, 29)],
     "chunked": [(41, 7), (12, 12)],
 }
-
-
-def make_paged_batch(spec, block_size, n_kv_heads, group, head_dim, dtype, device, seed=0, head_major=False):
-    generator = torch.Generator().manual_seed(seed)
-    needed = [math.ceil(length / block_size) for length, _ in spec]
-    num_blocks = sum(needed) * 2 + 3  # unused blocks are holes between the used ones
-    physical = torch.randperm(num_blocks, generator=generator)  # shuffled block order
-    max_blocks = max(needed, default=0) + 2
-    block_tables = torch.empty(len(spec), max_blocks, dtype=torch.int32)
-    for b in range(len(spec)):
-        block_tables[b] = -1 if b % 2 else 0  # unused entries hold anything
-    shape = (num_blocks, block_size, n_kv_heads, head_dim)
-    k_cache = torch.full(shape, float("nan"))  # everything not part of a context is poison
-    v_cache = torch.full(shape, float("nan"))
-    used = 0
-    for b, (length, _) in enumerate(spec):
-        blocks = physical[used : used + 2 * needed[b] : 2]  # every other block: holes
-        used += 2 * needed[b]
-        block_tables[b, : needed[b]] = blocks.to(torch.int32)
-        for p in range(length):
-            block, offset = int(blocks[p // block_size]), p % block_size
-            k_cache[block, offset] = torch.randn(n_kv_heads, head_dim, generator=generator)
-            v_cache[block, offset] = torch.randn(n_kv_heads, head_dim, generator=generator)
-    q_lens = [q_len for _, q_len in spec]
-    query_start_loc = torch.tensor(
-        [0, *torch.tensor(q_lens, dtype=torch.int64).cumsum(0).tolist()], dtype=torch.int32
-    )
-    q = torch.randn(sum(q_lens), n_kv_heads * group, head_dim, generator=generator)
-    seq_lens = torch.tensor([length for length, _ in spec], dtype=torch.int32)
-    to = dict(device=device, dtype=dtype)
-    if head_major:  # the engine's layout: [num_blocks, kv_heads, block_size, head_dim] in memory, same view
-        k_cache, v_cache = (c.transpose(1, 2).contiguous().transpose(1, 2) for c in (k_cache, v_cache))
-    return (
-        q.to(**to),
-        k_cache.to(**to),
-        v_cache.to(**to),
-        block_tables.to(device),
-        seq_lens.to(device),
-        query_start_loc.to(device),
-    )
 
 
 def dense_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale):
@@ -83,11 +42,6 @@ def dense_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
     return out
 
 
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    a, e = actual.double().cpu(), expected.double().cpu()
-    return float((a - e).norm() / e.norm().clamp_min(1e-30))
-
-
 @pytest.mark.parametrize("layout", ["contiguous", "head-major"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("group", [1, 3, 8])
@@ -96,17 +50,17 @@ def test_paged_attention(batch, group, dtype, layout, device):
     block_size, n_kv_heads, head_dim = 16 if group == 3 else 5, 2, 24
     inputs = make_paged_batch(BATCHES[batch], block_size, n_kv_heads, group, head_dim, dtype, device,
                               head_major=layout == "head-major")
-    assert kernels.reference.is_head_major(inputs[1]) == (layout == "head-major")
+    assert attention_plan.is_head_major(inputs[1]) == (layout == "head-major")
     scale = head_dim**-0.5
     want = dense_attention(*inputs, scale)
-    twin = reference.paged_attention(*inputs, scale)
-    from kernels import attention
-
-    fast = attention.paged_attention(*inputs, scale)
-    for out in (twin, fast):
+    spec = reference.paged_attention(*inputs, scale)
+    twin = backend("torch", device).paged_attention(*inputs, scale)
+    fast = backend("triton", device).paged_attention(*inputs, scale)
+    for out in (spec, twin, fast):
         assert out.dtype == dtype and out.shape == inputs[0].shape
         assert not torch.isnan(out).any()
     tolerance = TOLERANCE[dtype]
+    assert relative_error(spec, want) <= tolerance
     assert relative_error(twin, want) <= tolerance
     assert relative_error(fast, twin) <= tolerance
     assert relative_error(fast, want) <= tolerance
@@ -115,7 +69,8 @@ def test_paged_attention(batch, group, dtype, layout, device):
 @pytest.mark.parametrize("block_m,block_n", [(16, 16), (32, 64)])
 def test_paged_attention_tile_sizes(block_m, block_n, device):
     inputs = make_paged_batch(BATCHES["mixed"], 8, 2, 3, 20, torch.float32, device, seed=1)
-    from kernels import attention
+    backend("triton", device)  # Triton importable here
+    from kernels.triton import attention
 
     fast = attention.paged_attention(*inputs, 0.3, block_m=block_m, block_n=block_n)
     assert relative_error(fast, dense_attention(*inputs, 0.3)) <= 1e-5
@@ -123,14 +78,13 @@ def test_paged_attention_tile_sizes(block_m, block_n, device):
 
 @pytest.mark.parametrize("impl", ["torch", "triton", "native"])
 def test_paged_attention_empty_batch(impl, device):
-    if impl == "native" and device.type != "cpu":
-        pytest.skip("the native kernels run on CPU tensors")
+    be = backend(impl, device)
     q = torch.empty(0, 4, 16, device=device)
-    cache = torch.zeros(3, 16, 2, 16, device=device)
+    cache = torch.zeros(3, 2, 16, 16, device=device).transpose(1, 2)  # head-major: the native layout
     empty = torch.empty(0, 4, dtype=torch.int32, device=device)
     no_seqs = torch.empty(0, dtype=torch.int32, device=device)
     zero = torch.zeros(1, dtype=torch.int32, device=device)
-    out = kernels.paged_attention(q, cache, cache, empty, no_seqs, zero, 0.25, impl=impl)
+    out = be.paged_attention(q, cache, cache, empty, no_seqs, zero, 0.25)
     assert out.shape == (0, 4, 16)
 
 
@@ -141,10 +95,8 @@ def test_decode_lengths_far_apart_form_buckets(device):
     inputs = make_paged_batch([(n, 1) for n in lengths], 16, 2, 3, 16, torch.float32, device, seed=2,
                               head_major=True)
     want = dense_attention(*inputs, 0.2)
-    out = reference.paged_attention(*inputs, 0.2)
-    from kernels import attention_plan
-
-    buckets = reference._last_plan.decode
+    out = twins.paged_attention(*inputs, 0.2)
+    buckets = twins._last_plan.decode
     assert len(buckets) > 1
     assert sorted(r for b in buckets for r in b.q_rows.tolist()) == list(range(len(lengths)))
     padded = sum(b.count * b.length for b in buckets)
@@ -154,9 +106,10 @@ def test_decode_lengths_far_apart_form_buckets(device):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "head-major"])
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", ["reference", "torch", "triton", "native"])
 def test_store_kv_then_attend(impl, layout, device):
     """store_kv writes where the block table says; padding slots (-1) are skipped."""
+    store = reference.store_kv if impl == "reference" else backend(impl, device).store_kv
     num_blocks, block_size, n_kv_heads, head_dim = 6, 4, 2, 12
     k_cache = torch.zeros(num_blocks, block_size, n_kv_heads, head_dim, device=device)
     if layout == "head-major":
@@ -166,7 +119,7 @@ def test_store_kv_then_attend(impl, layout, device):
     fused = torch.randn(7, 3, n_kv_heads, head_dim, device=device)
     k, v = fused[:, 1], fused[:, 2]
     slot_mapping = torch.tensor([5 * 4 + 1, 2 * 4 + 3, -1, 0, 5 * 4 + 2, 3 * 4 + 0, -1], device=device)
-    kernels.store_kv(k, v, k_cache, v_cache, slot_mapping, impl=impl)
+    store(k, v, k_cache, v_cache, slot_mapping)
     want_k = torch.zeros_like(k_cache)
     want_v = torch.zeros_like(v_cache)
     for t, slot in enumerate(slot_mapping.tolist()):
@@ -184,11 +137,11 @@ def test_store_kv_then_attend(impl, layout, device):
 def test_store_kv_half_cache(dtype, cache_dtype, device):
     # (fp32 -> bf16 is left out: the interpreter truncates where CUDA rounds to nearest.)
     k = torch.randn(5, 2, 16, device=device).to(dtype)
-    cache = [torch.zeros(4, 8, 2, 16, dtype=cache_dtype, device=device) for _ in range(4)]
+    cache = [torch.zeros(4, 8, 2, 16, dtype=cache_dtype, device=device) for _ in range(6)]
     slots = torch.tensor([3, 9, 17, 30, 31], device=device)
     reference.store_kv(k, -k, cache[0], cache[1], slots)
-    from kernels import attention
-
-    attention.store_kv(k, -k, cache[2], cache[3], slots)
+    backend("triton", device).store_kv(k, -k, cache[2], cache[3], slots)
+    backend("torch", device).store_kv(k, -k, cache[4], cache[5], slots)
     assert torch.equal(cache[0], cache[2]) and torch.equal(cache[1], cache[3])
+    assert torch.equal(cache[0], cache[4]) and torch.equal(cache[1], cache[5])
     assert torch.equal(cache[0].view(-1, 2, 16)[slots], k.to(cache_dtype))

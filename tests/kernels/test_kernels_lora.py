@@ -1,5 +1,6 @@
-"""Multi-LoRA shrink/expand: the torch twin against a naive per-token loop, and the Triton
-kernels (interpreted on CPU, compiled on CUDA) against the twin, on awkward batches."""
+"""Multi-LoRA shrink/expand/apply on every backend (torch by its plan, native C, Triton interpreted
+on CPU or compiled on CUDA) against a naive per-token loop on awkward batches, the CPU plans, and
+how `kernels.backend` chooses and refuses."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import pytest
 import torch
 
 import kernels
-from kernels import native, reference
+from kernels import reference
+from kernels.cpu import build, lora_plan
+from tests.kernels.cases import backend
 
 NUM_SLOTS = 16
 MAX_RANK = 64
@@ -110,26 +113,22 @@ def poisoned_y(y: torch.Tensor, token_slots: torch.Tensor, ranks: torch.Tensor) 
 
 
 def check_lora(impl: str, num_tokens: int, kind: str, dtype: torch.dtype, device: torch.device, **tuning):
+    be = backend(impl, device)
     token_slots, ranks, scalings, x, lora_a, lora_b, base = make_case(num_tokens, kind, dtype, device)
-    meta = kernels.LoraMeta.build(token_slots, ranks, scalings)
+    meta = be.lora_meta(token_slots, ranks, scalings)
     want_y, want_out = naive_lora(x, lora_a, lora_b, token_slots, ranks, scalings, base)
     adapter_rows = token_slots >= 0
 
-    if impl == "torch":
-        y = reference.lora_shrink(x, lora_a, meta)
-        out = reference.lora_expand(poisoned_y(y, token_slots, ranks), lora_b, meta, base.clone())
-    elif impl == "native":
-        from kernels import cpu
-
-        y = cpu.lora_shrink(x, lora_a, meta)
-        out = cpu.lora_expand(poisoned_y(y, token_slots, ranks), lora_b, meta, base.clone())
-    else:
-        from kernels import lora
+    if tuning:  # the Triton kernels' own knobs, past the backend's defaults
+        from kernels.triton import lora
 
         y = lora.lora_shrink(x, lora_a, meta, **tuning.get("shrink", {}))
         out = lora.lora_expand(
             poisoned_y(y, token_slots, ranks), lora_b, meta, base.clone(), **tuning.get("expand", {})
         )
+    else:
+        y = be.lora_shrink(x, lora_a, meta)
+        out = be.lora_expand(poisoned_y(y, token_slots, ranks), lora_b, meta, base.clone())
 
     assert y.dtype == torch.float32 and y.shape == (num_tokens, MAX_RANK)
     assert out.dtype == dtype
@@ -148,15 +147,37 @@ def check_lora(impl: str, num_tokens: int, kind: str, dtype: torch.dtype, device
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind", ["mixed", "runs", "engine", "one", "none"])
 @pytest.mark.parametrize("num_tokens", [0, 1, 7, 33, 80])
-def test_torch_twin_matches_naive_loop(num_tokens, kind, dtype):
+def test_torch_backend_matches_naive_loop(num_tokens, kind, dtype):
     check_lora("torch", num_tokens, kind, dtype, torch.device("cpu"))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)  # half precision: kernels.cpu hands it to the twin
 @pytest.mark.parametrize("kind", ["mixed", "runs", "engine", "one", "none"])
 @pytest.mark.parametrize("num_tokens", [0, 1, 7, 33, 80])
-def test_native_matches_naive_loop(num_tokens, kind, dtype):
-    check_lora("native", num_tokens, kind, dtype, torch.device("cpu"))
+def test_native_matches_naive_loop(num_tokens, kind):
+    check_lora("native", num_tokens, kind, torch.float32, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_native_refuses_half_precision_activations(dtype):
+    """Half-precision activations are the torch backend's: the native kernels raise naming the
+    reason (no silent fallback), and kernels.backend decides so up front."""
+    be = backend("native", torch.device("cpu"))
+    token_slots, ranks, scalings, x, lora_a, lora_b, base = make_case(7, "mixed", dtype, torch.device("cpu"))
+    meta = be.lora_meta(token_slots, ranks, scalings)
+    reason = "float32 activations.*use kernels='torch'"
+    with pytest.raises(ValueError, match=reason):
+        be.lora_shrink(x, lora_a, meta)
+    y = torch.zeros(7, MAX_RANK)
+    with pytest.raises(ValueError, match=reason):
+        be.lora_expand(y, lora_b, meta, base.clone())
+    with pytest.raises(ValueError, match=reason):
+        be.lora_apply(x, lora_a, [(lora_b, base.clone())], meta)
+    with pytest.raises(ValueError, match="float32 or bfloat16 weights"):  # half weights: not even in a group
+        be.lora_group(lora_a.half(), [(lora_b.half(), slice(0, OUT_FEATURES))], OUT_FEATURES)
+    assert kernels.backend("auto", "cpu", dtype=dtype).name == "torch"
+    assert kernels.backend("auto", "cpu", lora_dtype=torch.float16).name == "torch"
+    with pytest.raises(ValueError, match=f"kernels='native': .*not {str(dtype).removeprefix('torch.')}"):
+        kernels.backend("native", "cpu", dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -181,21 +202,32 @@ def test_triton_tuning_knobs_do_not_change_results(tuning, device):
 
 @pytest.mark.parametrize("impl", ["torch", "triton", "native"])
 def test_strided_inputs(impl, device):
-    """Activations are often views (a slice of a fused projection): strides must be honoured."""
-    if impl == "native" and device.type != "cpu":
-        pytest.skip("the native kernels run on CPU tensors")
+    """Activations are often views (a slice of a fused projection): strides must be honoured.
+    Outputs with a column stride are the torch and Triton backends' only: native raises."""
+    be = backend(impl, device)
     token_slots, ranks, scalings, x, lora_a, lora_b, base = make_case(7, "mixed", torch.float32, device)
     wide = torch.randn(7, IN_FEATURES + 13, device=device)
     wide[:, 5 : 5 + IN_FEATURES] = x
-    meta = kernels.LoraMeta.build(token_slots, ranks, scalings)
+    meta = be.lora_meta(token_slots, ranks, scalings)
+    spec = kernels.LoraMeta.build(token_slots, ranks, scalings)
     view = wide[:, 5 : 5 + IN_FEATURES]
-    y = kernels.lora_shrink(view, lora_a, meta, impl=impl)
-    want = kernels.lora_shrink(x.contiguous(), lora_a, meta, impl="torch")
+    y = be.lora_shrink(view, lora_a, meta)
+    want = reference.lora_shrink(x.contiguous(), lora_a, spec)
     assert torch.allclose(y, want, rtol=1e-5, atol=1e-6)
     wide_base = torch.randn(7, OUT_FEATURES * 2, device=device)
+    rows_view = wide_base[:, 3 : 3 + OUT_FEATURES]  # a row stride of its own: every backend
+    expected = reference.lora_expand(y, lora_b, spec, rows_view.clone())
+    be.lora_expand(y, lora_b, meta, rows_view)
+    assert torch.allclose(wide_base[:, 3 : 3 + OUT_FEATURES], expected, rtol=1e-5, atol=1e-6)
     out_view = wide_base[:, ::2]
-    expected = kernels.lora_expand(y, lora_b, meta, out_view.clone(), impl="torch")
-    kernels.lora_expand(y, lora_b, meta, out_view, impl=impl)
+    expected = reference.lora_expand(y, lora_b, spec, out_view.clone())
+    if impl == "native":
+        before = wide_base.clone()
+        with pytest.raises(ValueError, match="unit inner stride"):
+            be.lora_expand(y, lora_b, meta, out_view)
+        assert torch.equal(wide_base, before)
+        return
+    be.lora_expand(y, lora_b, meta, out_view)
     assert torch.allclose(wide_base[:, ::2], expected, rtol=1e-5, atol=1e-6)
 
 
@@ -206,17 +238,16 @@ def test_bfloat16_weights_over_float32_activations(impl, kind, b_layout, device)
     """The engine's lora_dtype=bfloat16 pool: weights stored in bf16, activations and sums in
     fp32. Widening a bf16 weight is exact, so the result must be the fp32 loop's over the same
     (rounded) weights, to fp32 accuracy, not bf16's."""
-    if impl == "native" and device.type != "cpu":
-        pytest.skip("the native kernels run on CPU tensors")
+    be = backend(impl, device)
     token_slots, ranks, scalings, x, lora_a, lora_b, base = make_case(33, kind, torch.float32, device)
     lora_a = lora_a.to(torch.bfloat16)
     lora_b = lora_b.to(torch.bfloat16)
     if b_layout == "rank_major":  # the engine's pool: [S, R, out] in memory, seen as [S, out, R]
         lora_b = lora_b.transpose(1, 2).contiguous().transpose(1, 2)
-    meta = kernels.LoraMeta.build(token_slots, ranks, scalings)
+    meta = be.lora_meta(token_slots, ranks, scalings)
     want_y, want_out = naive_lora(x, lora_a, lora_b, token_slots, ranks, scalings, base)
-    y = kernels.lora_shrink(x, lora_a, meta, impl=impl)
-    out = kernels.lora_expand(poisoned_y(y, token_slots, ranks), lora_b, meta, base.clone(), impl=impl)
+    y = be.lora_shrink(x, lora_a, meta)
+    out = be.lora_expand(poisoned_y(y, token_slots, ranks), lora_b, meta, base.clone())
     rows = token_slots >= 0
     assert out.dtype == torch.float32
     assert relative_error(y, want_y, rows) <= 1e-5
@@ -229,30 +260,39 @@ def test_fused_projections_in_the_engine_layout(impl, device):
     """The engine shrinks q/k/v in one call over A rows interleaved as [S, R, parts, in] (rank r
     reads r * parts rows), then expands each part from a strided column of y into a rank-major B
     view. Both must equal one plain shrink/expand per part."""
-    if impl == "native" and device.type != "cpu":
-        pytest.skip("the native kernels run on CPU tensors")
+    be = backend(impl, device)
     parts, tokens = 3, 33
     token_slots, ranks, scalings, x, _, _, base = make_case(tokens, "mixed", torch.float32, device)
     generator = torch.Generator().manual_seed(5)
     fused_a = torch.randn(NUM_SLOTS, MAX_RANK, parts, IN_FEATURES, generator=generator) / math.sqrt(IN_FEATURES)
     b_stacks = [torch.randn(NUM_SLOTS, MAX_RANK, OUT_FEATURES, generator=generator) for _ in range(parts)]
     fused_a, b_views = fused_a.to(device), [b.to(device).transpose(1, 2) for b in b_stacks]  # [S, out, R] views
-    meta = kernels.LoraMeta.build(token_slots, ranks, scalings)
+    meta = be.lora_meta(token_slots, ranks, scalings)
     fused_meta = meta.scaled_ranks(parts)  # what the engine uses: no second sort
-    built = kernels.LoraMeta.build(token_slots, ranks * parts, scalings)
+    built = be.lora_meta(token_slots, ranks * parts, scalings)
     assert fused_meta.segments == built.segments and fused_meta.max_rank == built.max_rank
     assert torch.equal(fused_meta.ranks, built.ranks)
-    assert [(g.rank, g.first_slot, g.slot_step, g.count) for g in fused_meta.cpu_plan.groups] == [
-        (g.rank, g.first_slot, g.slot_step, g.count) for g in built.cpu_plan.groups
-    ]
-    y = kernels.lora_shrink(x, fused_a.view(NUM_SLOTS, MAX_RANK * parts, IN_FEATURES), fused_meta, impl=impl)
+    assert plan_summary(fused_meta.plan) == plan_summary(built.plan)
+    y = be.lora_shrink(x, fused_a.view(NUM_SLOTS, MAX_RANK * parts, IN_FEATURES), fused_meta)
     per_part = y.view(tokens, MAX_RANK, parts)
     for i in range(parts):
-        got = kernels.lora_expand(per_part[:, :, i], b_views[i], meta, base.clone(), impl=impl)
+        got = be.lora_expand(per_part[:, :, i], b_views[i], meta, base.clone())
         y_i = reference.lora_shrink(x, fused_a[:, :, i].contiguous(), meta)
         want = reference.lora_expand(y_i, b_views[i].contiguous(), meta, base.clone())
         assert torch.allclose(per_part[:, :, i], y_i, rtol=1e-5, atol=1e-6)
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+def plan_summary(plan: lora_plan.LoraPlan | None):
+    """What a plan does, comparable across two builds: direct runs, rank batches, segments."""
+    if plan is None:
+        return None
+    seg = plan.segments
+    return (
+        [(r.start, r.end, r.slot, r.rank) for r in plan.direct],
+        [(b.rank, b.first_slot, b.slot_step, b.count, b.width) for b in plan.batches],
+        None if seg is None else [t.tolist() for t in (seg.starts, seg.rows, seg.slots, seg.ranks)],
+    )
 
 
 def fused_group_case(kind: str, parts: int, weights: torch.dtype, device: torch.device, tokens: int = 33):
@@ -275,15 +315,14 @@ def fused_group_case(kind: str, parts: int, weights: torch.dtype, device: torch.
 @pytest.mark.parametrize("parts,skipped", [(1, None), (2, None), (3, None), (3, 1)], ids=["1", "2", "3", "3-skip"])
 @pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16], ids=str)
 def test_apply_equals_one_shrink_and_expand_per_part(impl, kind, parts, skipped, weights, device):
-    """kernels.lora_apply (on CPU one native call for the group) against the naive loop per part;
+    """Backend.lora_apply (natively one call for the group) against the naive loop per part;
     a skipped part's columns stay exactly as they were."""
-    if impl == "native" and device.type != "cpu":
-        pytest.skip("the native kernels run on CPU tensors")
+    be = backend(impl, device)
     token_slots, ranks, scalings, x, fused_a, b_views, out, columns = fused_group_case(kind, parts, weights, device)
-    meta = kernels.LoraMeta.build(token_slots, ranks, scalings)
+    meta = be.lora_meta(token_slots, ranks, scalings)
     before = out.clone()
     group = [None if i == skipped else (b_views[i], out[:, columns[i]]) for i in range(parts)]
-    kernels.lora_apply(x, fused_a.view(NUM_SLOTS, MAX_RANK * parts, IN_FEATURES), group, meta, impl=impl)
+    be.lora_apply(x, fused_a.view(NUM_SLOTS, MAX_RANK * parts, IN_FEATURES), group, meta)
     rows = token_slots >= 0
     for i in range(parts):
         if i == skipped:
@@ -294,16 +333,17 @@ def test_apply_equals_one_shrink_and_expand_per_part(impl, kind, parts, skipped,
     assert torch.isnan(out[~rows]).all()
 
 
-@pytest.mark.parametrize("impl", ["torch", "native"])
-def test_apply_checks_every_part_before_writing_any(impl):
+@pytest.mark.parametrize("impl", ["torch", "triton", "native"])
+def test_apply_checks_every_part_before_writing_any(impl, device):
+    be = backend(impl, device)
     token_slots, ranks, scalings, x, fused_a, b_views, out, columns = fused_group_case("mixed", 2, torch.float32,
-                                                                                       torch.device("cpu"))
-    meta = kernels.LoraMeta.build(token_slots, ranks, scalings)
+                                                                                       device)
+    meta = be.lora_meta(token_slots, ranks, scalings)
     before = out.clone()
     wrong = out[:, columns[1]][:, :-1]  # one column short of B's outputs
     group = [(b_views[0], out[:, columns[0]]), (b_views[1], wrong)]
     with pytest.raises(ValueError, match="base is"):
-        kernels.lora_apply(x, fused_a.view(NUM_SLOTS, MAX_RANK * 2, IN_FEATURES), group, meta, impl=impl)
+        be.lora_apply(x, fused_a.view(NUM_SLOTS, MAX_RANK * 2, IN_FEATURES), group, meta)
     assert torch.equal(out.nan_to_num(), before.nan_to_num())
 
 
@@ -311,13 +351,12 @@ def test_apply_checks_every_part_before_writing_any(impl):
 @pytest.mark.parametrize("kind", ["mixed", "runs", "engine"])
 @pytest.mark.parametrize("layout", ["fused", "skip", "single", "strided_out"])
 def test_a_prepared_group_equals_apply_on_views(impl, kind, layout, device):
-    """kernels.LoraGroup (the engine's per-layer handle; natively one call with its part table
-    laid out once) against lora_apply on the same views: same sums, every layout and batch kind
-    (prefill runs and outputs it was not laid out for take the general path)."""
-    if impl == "native" and device.type != "cpu":
-        pytest.skip("the native kernels run on CPU tensors")
+    """Backend.lora_group (the engine's per-layer handle; natively one call with its part table
+    laid out once) against lora_apply on the same views: same sums, every layout and batch kind.
+    An output it was not laid out for (a wider row stride) is the split groups' only: native raises."""
+    be = backend(impl, device)
     token_slots, ranks, scalings, x, fused_a, b_views, out, columns = fused_group_case(kind, 3, torch.float32, device)
-    meta = kernels.LoraMeta.build(token_slots, ranks, scalings)
+    meta = be.lora_meta(token_slots, ranks, scalings)
     lora_a = fused_a.view(NUM_SLOTS, MAX_RANK * 3, IN_FEATURES)
     members = [(b_views[i], columns[i]) for i in range(3)]
     if layout == "skip":
@@ -325,27 +364,62 @@ def test_a_prepared_group_equals_apply_on_views(impl, kind, layout, device):
     if layout == "single":  # one part's own A rows out of the interleaved stack
         lora_a, members = fused_a[:, :, 2], [members[2]]
     want = out.clone()
-    kernels.lora_apply(x, lora_a, [None if m is None else (m[0], want[:, m[1]]) for m in members], meta, impl=impl)
-    group = kernels.LoraGroup(lora_a, members, out.shape[1], impl=impl)
+    be.lora_apply(x, lora_a, [None if m is None else (m[0], want[:, m[1]]) for m in members], meta)
+    group = be.lora_group(lora_a, members, out.shape[1])
     if layout == "strided_out":  # the same numbers in a wider buffer: not the layout it was laid out for
         wide = torch.full((out.shape[0], out.shape[1] + 5), 7.0, device=device)
         wide[:, : out.shape[1]] = out
         out = wide[:, : out.shape[1]]
+        if impl == "native":
+            before = wide.clone()
+            with pytest.raises(ValueError, match="out must be a contiguous float32"):
+                group.apply(x, out, meta)
+            assert torch.equal(wide.nan_to_num(), before.nan_to_num())
+            return
     group.apply(x, out, meta)
     assert torch.allclose(out, want, rtol=1e-6, atol=1e-6, equal_nan=True)
 
 
-def test_a_prepared_group_still_checks_its_batch():
+@pytest.mark.parametrize("impl", ["torch", "triton", "native"])
+def test_a_prepared_group_still_checks_its_batch(impl, device):
+    be = backend(impl, device)
     token_slots, ranks, scalings, x, fused_a, b_views, out, columns = fused_group_case("mixed", 2, torch.float32,
-                                                                                       torch.device("cpu"))
-    group = kernels.LoraGroup(fused_a.view(NUM_SLOTS, MAX_RANK * 2, IN_FEATURES),
-                              [(b_views[0], columns[0]), (b_views[1], columns[1])], out.shape[1])
-    other = kernels.LoraMeta.build(token_slots[:-1], ranks, scalings)  # built for one token fewer
-    with pytest.raises(ValueError, match="LoraMeta was built for"):
+                                                                                       device)
+    group = be.lora_group(fused_a.view(NUM_SLOTS, MAX_RANK * 2, IN_FEATURES),
+                          [(b_views[0], columns[0]), (b_views[1], columns[1])], out.shape[1])
+    before = out.clone()
+    other = be.lora_meta(token_slots[:-1], ranks, scalings)  # built for one token fewer
+    with pytest.raises(ValueError, match="LoraMeta was built for|x must be float32 \\[32, "):
         group.apply(x, out, other)
-    too_many_slots = kernels.LoraMeta.build(token_slots, torch.cat([ranks, ranks]), torch.cat([scalings, scalings]))
+    too_many_slots = be.lora_meta(token_slots, torch.cat([ranks, ranks]), torch.cat([scalings, scalings]))
     with pytest.raises(ValueError, match="slots"):
         group.apply(x, out, too_many_slots)
+    assert torch.equal(out.nan_to_num(), before.nan_to_num())
+
+
+def test_each_cpu_backend_needs_a_meta_with_its_own_plan():
+    """The native and CPU torch backends run a step by the plan their own lora_meta made: a meta
+    without one (LoraMeta.build alone, or the other backend's) raises rather than drop the term."""
+    cpu = torch.device("cpu")
+    token_slots, ranks, scalings, x, lora_a, lora_b, base = make_case(7, "mixed", torch.float32, cpu)
+    plain = kernels.LoraMeta.build(token_slots, ranks, scalings)
+    planned = {name: kernels.LoraMeta.build(token_slots, ranks, scalings, planner=planner)
+               for name, planner in (("torch", lora_plan.build_torch_plan), ("native", lora_plan.build_native_plan))}
+    assert plain.plan is None
+    assert planned["torch"].plan.segments is None and planned["native"].plan.segments is not None
+    assert not planned["native"].plan.batches
+    y = torch.zeros(7, MAX_RANK)
+    for name in ("torch", "native"):
+        if name == "native" and not build.available():
+            continue
+        be = kernels.backend(name, cpu)
+        own = be.lora_meta(token_slots, ranks, scalings)
+        assert plan_summary(own.plan) == plan_summary(planned[name].plan)
+        for meta in (plain, planned["native" if name == "torch" else "torch"]):
+            with pytest.raises(ValueError, match=f"no {name} plan; build it with the {name} backend"):
+                be.lora_shrink(x, lora_a, meta)
+            with pytest.raises(ValueError, match=f"no {name} plan"):
+                be.lora_expand(y, lora_b, meta, base.clone())
 
 
 def test_meta_groups_tokens_by_slot_stably():
@@ -361,56 +435,67 @@ def test_meta_groups_tokens_by_slot_stably():
     assert meta.tiles.tolist() == [[0, 0, 2], [2, 2, 5]]
 
 
-def test_cpu_plan_batches_equal_rank_slots_into_one_bmm():
-    """Decode-sized segments of equal rank in evenly spaced slots become one strided group; a
+def torch_plan(slots: list[int], ranks: torch.Tensor, scalings: torch.Tensor) -> lora_plan.LoraPlan:
+    return kernels.backend("torch", "cpu").lora_meta(torch.tensor(slots, dtype=torch.int32), ranks, scalings).plan
+
+
+def native_plan(slots: list[int], ranks: torch.Tensor, scalings: torch.Tensor) -> lora_plan.LoraPlan:
+    # The planner alone: it needs no compiler.
+    return kernels.LoraMeta.build(torch.tensor(slots, dtype=torch.int32), ranks, scalings,
+                                  planner=lora_plan.build_native_plan).plan
+
+
+def test_torch_plan_batches_equal_rank_slots_into_one_bmm():
+    """Decode-sized segments of equal rank in evenly spaced slots become one strided rank batch; a
     long contiguous run stays a direct matmul; every adapter token is planned exactly once."""
-    from kernels.lora_plan import GROUP_MAX_TOKENS, _progressions
+    from kernels.cpu.lora_plan import BATCH_MAX_TOKENS, _progressions
 
     ranks = torch.tensor([8, 16, 8, 16, 8, 16, 8, 64, 32], dtype=torch.int32)
-    slots = [-1, 0, 0, 1, 2, 3, 3, 3, 4, 5, 6, 7] + [8] * (GROUP_MAX_TOKENS + 1) + [-1, 1]
-    meta = kernels.LoraMeta.build(torch.tensor(slots, dtype=torch.int32), ranks, torch.ones(9))
-    plan = meta.cpu_plan
-    assert [(r.start, r.end, r.slot) for r in plan.direct] == [(12, 12 + GROUP_MAX_TOKENS + 1, 8)]
-    groups = {(g.rank, g.first_slot, g.slot_step, g.count) for g in plan.groups}
-    assert groups == {(8, 0, 2, 4), (16, 1, 2, 3), (64, 7, 1, 1)}
-    in_place = [g for g in plan.groups if g.row_start is not None]
+    slots = [-1, 0, 0, 1, 2, 3, 3, 3, 4, 5, 6, 7] + [8] * (BATCH_MAX_TOKENS + 1) + [-1, 1]
+    plan = torch_plan(slots, ranks, torch.ones(9))
+    assert plan.segments is None
+    assert [(r.start, r.end, r.slot) for r in plan.direct] == [(12, 12 + BATCH_MAX_TOKENS + 1, 8)]
+    batches = {(g.rank, g.first_slot, g.slot_step, g.count) for g in plan.batches}
+    assert batches == {(8, 0, 2, 4), (16, 1, 2, 3), (64, 7, 1, 1)}
+    in_place = [g for g in plan.batches if g.row_start is not None]
     assert [(g.rank, g.row_start) for g in in_place] == [(64, 11)]  # slot 7's lone token needs no gather
-    planned = plan.group_rows.tolist() + [t for r in plan.direct for t in range(r.start, r.end)]
+    planned = plan.batched_rows.tolist() + [t for r in plan.direct for t in range(r.start, r.end)]
     planned += [t for g in in_place for t in range(g.row_start, g.row_start + g.count * g.width)]
     assert sorted(planned) == [t for t, s in enumerate(slots) if s >= 0]
-    assert not plan.groups_cover_batch
-    # Each group token has its own row of the padded buffer, inside its group's block.
+    assert not plan.batches_cover_all_rows
+    # Each batched token has its own row of the padded buffer, inside its batch's block.
     positions = plan.padded_positions.tolist()
     assert len(set(positions)) == len(positions) and max(positions) < plan.padded_rows
-    rank16 = next(g for g in plan.groups if g.rank == 16)
+    rank16 = next(g for g in plan.batches if g.rank == 16)
     assert rank16.width == 3  # slot 1: 2 tokens (one far away), 3: 3, 5: 1
-    assert plan.padded_rows == sum(g.count * g.width for g in plan.groups if g.row_start is None)
-    for row, position in zip(plan.group_rows.tolist(), positions, strict=True):
-        group = next(g for g in plan.groups if g.row_start is None and g.offset <= position < g.offset + g.count * g.width)
-        assert group.gather_rows[position - group.offset] == row
+    assert plan.padded_rows == sum(g.count * g.width for g in plan.batches if g.row_start is None)
+    for row, position in zip(plan.batched_rows.tolist(), positions, strict=True):
+        batch = next(g for g in plan.batches if g.row_start is None and g.offset <= position < g.offset + g.count * g.width)
+        assert batch.gather_rows[position - batch.offset] == row
     assert _progressions([0, 1, 2, 5, 8, 11, 12]) == [[0, 1, 2], [5, 8, 11], [12]]
     assert _progressions([0, 4, 8, 12, 13]) == [[0, 4, 8, 12], [13]]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_plan_works_in_place_on_a_batch_ordered_by_rank_then_slot(dtype):
-    """The engine's batch order: equal-rank slots side by side. Groups of equal token counts then
-    need no gather or padded buffer at all, and the result still matches the reference."""
+def test_torch_plan_works_in_place_on_a_batch_ordered_by_rank_then_slot(dtype):
+    """The engine's batch order: equal-rank slots side by side. Rank batches of equal token counts
+    then need no gather or padded buffer at all, and the result still matches the naive sum."""
+    twins = kernels.backend("torch", "cpu")
     ranks = torch.tensor([8, 16, 8, 16, 8, 16], dtype=torch.int32)
     slots = [-1, 0, 0, 2, 2, 4, 4, 1, 3, 3, 5]  # rank 8: slots 0, 2, 4 (2 tokens each); rank 16: 1, 3, 5
-    meta = kernels.LoraMeta.build(torch.tensor(slots, dtype=torch.int32), ranks, torch.tensor([0.5, 1, 2, 1, 1, 3.0]))
-    plan = meta.cpu_plan
-    by_rank = {g.rank: g for g in plan.groups}
+    meta = twins.lora_meta(torch.tensor(slots, dtype=torch.int32), ranks, torch.tensor([0.5, 1, 2, 1, 1, 3.0]))
+    plan = meta.plan
+    by_rank = {g.rank: g for g in plan.batches}
     assert by_rank[8].row_start == 1 and by_rank[8].width == 2
     assert by_rank[16].row_start is None  # slot 3 has two tokens, slots 1 and 5 one: padded
-    assert plan.padded_rows == 6 and plan.group_rows.tolist() == [7, 8, 9, 10]
+    assert plan.padded_rows == 6 and plan.batched_rows.tolist() == [7, 8, 9, 10]
     torch.manual_seed(0)
     x = torch.randn(len(slots), 24)
     lora_a, lora_b = torch.randn(6, 16, 24), torch.randn(6, 40, 16)
     base = torch.randn(len(slots), 40)
     x, lora_a, lora_b, base = (t.to(dtype) for t in (x, lora_a, lora_b, base))
-    y = kernels.lora_shrink(x, lora_a, meta, impl="torch")
-    got = kernels.lora_expand(y, lora_b, meta, base.clone(), impl="torch")
+    y = twins.lora_shrink(x, lora_a, meta)
+    got = twins.lora_expand(y, lora_b, meta, base.clone())
     assert got.dtype == dtype
     want = base.float()
     for t, slot in enumerate(slots):
@@ -422,29 +507,31 @@ def test_cpu_plan_works_in_place_on_a_batch_ordered_by_rank_then_slot(dtype):
     torch.testing.assert_close(got.float(), want, rtol=tolerance, atol=tolerance * 10)
 
 
-def test_cpu_plan_gives_the_native_kernels_every_run_up_to_their_limit():
-    """The native split: direct runs up to NATIVE_MAX_RUN_TOKENS join the segments, longer ones stay
-    matmuls; each adapter token is in exactly one of them, and scaled ranks scale both."""
-    from kernels.lora_plan import GROUP_MAX_TOKENS, NATIVE_MAX_RUN_TOKENS
+def test_native_plan_gives_the_native_kernels_every_run_up_to_their_limit():
+    """The native plan: runs up to NATIVE_MAX_RUN_TOKENS are segments (the torch plan makes the
+    ones past BATCH_MAX_TOKENS direct), longer ones stay matmuls; each adapter token is in exactly
+    one of them, and scaled ranks scale both."""
+    from kernels.cpu.lora_plan import BATCH_MAX_TOKENS, NATIVE_MAX_RUN_TOKENS
 
     ranks = torch.tensor([8, 16, 4], dtype=torch.int32)
-    slots = [0, -1] + [1] * (GROUP_MAX_TOKENS + 1) + [2] * (NATIVE_MAX_RUN_TOKENS + 1) + [0]
-    plan = kernels.LoraMeta.build(torch.tensor(slots, dtype=torch.int32), ranks, torch.ones(3)).cpu_plan
-    assert [run.slot for run in plan.direct] == [1, 2]
-    assert [run.slot for run in plan.native_direct] == [2]
-    seg = plan.native_segments
+    slots = [0, -1] + [1] * (BATCH_MAX_TOKENS + 1) + [2] * (NATIVE_MAX_RUN_TOKENS + 1) + [0]
+    assert [run.slot for run in torch_plan(slots, ranks, torch.ones(3)).direct] == [1, 2]
+    plan = native_plan(slots, ranks, torch.ones(3))
+    assert [run.slot for run in plan.direct] == [2] and not plan.batches
+    seg = plan.segments
     assert sorted(seg.slots.tolist()) == [0, 1]
-    covered = seg.rows.tolist() + [t for run in plan.native_direct for t in range(run.start, run.end)]
+    covered = seg.rows.tolist() + [t for run in plan.direct for t in range(run.start, run.end)]
     assert sorted(covered) == [t for t, s in enumerate(slots) if s >= 0]
     for i, slot in enumerate(seg.slots.tolist()):
         rows = seg.rows[seg.starts[i] : seg.starts[i + 1]].tolist()
         assert all(slots[r] == slot for r in rows) and seg.ranks[i] == ranks[slot]
     tripled = plan.scaled_ranks(3)
-    assert tripled.native_segments.ranks.tolist() == [3 * r for r in seg.ranks.tolist()]
-    assert [run.rank for run in tripled.native_direct] == [12]
-    # A decode step has no direct runs: the native kernels share the twins' segments.
-    decode = kernels.LoraMeta.build(torch.tensor([0, 1, 2], dtype=torch.int32), ranks, torch.ones(3)).cpu_plan
-    assert decode.native_segments is decode.segments and decode.scaled_ranks(2).native_segments is not None
+    assert tripled.segments.ranks.tolist() == [3 * r for r in seg.ranks.tolist()]
+    assert [run.rank for run in tripled.direct] == [12]
+    # A decode step has no direct runs: every slot is a segment.
+    decode = native_plan([0, 1, 2], ranks, torch.ones(3))
+    assert not decode.direct and decode.segments.slots.tolist() == [0, 1, 2]
+    assert decode.scaled_ranks(2).segments.ranks.tolist() == [16, 32, 8]
 
 
 def test_meta_splits_long_segments_into_tiles():
@@ -454,13 +541,17 @@ def test_meta_splits_long_segments_into_tiles():
     assert meta.tiles.tolist() == [[1, 0, 16], [1, 16, 32], [1, 32, 40]]
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton", "native"])
 @pytest.mark.parametrize("slots", [[], [-1, -1, -1]], ids=["empty", "no_adapter"])
-def test_meta_without_adapter_tokens(slots):
-    meta = kernels.LoraMeta.build(torch.tensor(slots, dtype=torch.int32), torch.tensor([8]), torch.ones(1))
-    assert not meta.has_lora and meta.num_lora_tokens == 0 and meta.segments == ()
-    x = torch.randn(len(slots), 12)
-    y = kernels.lora_shrink(x, torch.randn(1, 8, 12), meta)
+def test_meta_without_adapter_tokens(slots, impl, device):
+    be = backend(impl, device)
+    meta = be.lora_meta(torch.tensor(slots, dtype=torch.int32, device=device), torch.tensor([8]), torch.ones(1))
+    assert not meta.has_lora and meta.num_lora_tokens == 0 and meta.segments == () and meta.plan is None
+    x = torch.randn(len(slots), 12, device=device)
+    y = be.lora_shrink(x, torch.randn(1, 8, 12, device=device), meta)
     assert y.shape == (len(slots), 8) and not y.any()
+    base = torch.randn(len(slots), 5, device=device)
+    assert torch.equal(be.lora_expand(y, torch.randn(1, 5, 8, device=device), meta, base.clone()), base)
 
 
 def test_meta_rejects_bad_slots():
@@ -471,37 +562,79 @@ def test_meta_rejects_bad_slots():
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton", "native"])
-def test_rank_above_stacked_rank_is_rejected(impl):
-    meta = kernels.LoraMeta.build(torch.tensor([0], dtype=torch.int32), torch.tensor([32]), torch.ones(1))
+def test_rank_above_stacked_rank_is_rejected(impl, device):
+    be = backend(impl, device)
+    meta = be.lora_meta(torch.tensor([0], dtype=torch.int32, device=device), torch.tensor([32]), torch.ones(1))
     with pytest.raises(ValueError, match="rank 32"):
-        kernels.lora_shrink(torch.randn(1, 8), torch.randn(1, 16, 8), meta, impl=impl)
+        be.lora_shrink(torch.randn(1, 8, device=device), torch.randn(1, 16, 8, device=device), meta)
 
 
-def test_auto_dispatch_on_cpu_and_unknown_impl(monkeypatch):
-    """auto on CPU: the native kernels when they build, else the twin; both give the same y."""
-    meta = kernels.LoraMeta.build(torch.tensor([0], dtype=torch.int32), torch.tensor([4]), torch.ones(1))
+@pytest.fixture
+def fresh_backends():
+    """Backends built anew in the test (kernels.backend caches one per kind and device), and the
+    library loaded anew after it."""
+    kernels.backends._cached.cache_clear()
+    yield
+    kernels.backends._cached.cache_clear()
+    build._load.cache_clear()
+
+
+def test_backend_choice_on_cpu_and_unknown_kinds(monkeypatch, fresh_backends):
+    """auto on CPU: native where the C kernels build and the model suits them, else torch; each
+    kind is decided once (one object per kind and device); a kind that cannot serve raises."""
+    twins = kernels.backend("torch", "cpu")
+    assert twins is kernels.backend("torch", torch.device("cpu")) and twins.name == "torch"
+    meta = twins.lora_meta(torch.tensor([0], dtype=torch.int32), torch.tensor([4]), torch.ones(1))
     x, lora_a = torch.randn(1, 8), torch.randn(1, 4, 8)
     want = reference.lora_shrink(x, lora_a, meta)
-    assert kernels._backend("auto", x) == "native"
-    assert torch.allclose(kernels.lora_shrink(x, lora_a, meta), want, rtol=1e-6, atol=1e-7)
-    monkeypatch.setenv("LORAFLEET_NATIVE_KERNELS", "0")
-    assert kernels._backend("auto", x) == "torch"
-    assert torch.equal(kernels.lora_shrink(x, lora_a, meta), want)
-    with pytest.raises(native.NativeUnavailable, match="LORAFLEET_NATIVE_KERNELS"):
-        kernels.lora_shrink(x, lora_a, meta, impl="native")
-    with pytest.raises(ValueError, match="impl must be"):
-        kernels.lora_shrink(x, lora_a, meta, impl="cuda")
+    assert torch.allclose(twins.lora_shrink(x, lora_a, meta), want, rtol=1e-6, atol=1e-7)
+    auto = kernels.backend("auto", "cpu")
+    if build.available():
+        assert auto is kernels.backend("native", "cpu")
+        auto_meta = auto.lora_meta(torch.tensor([0], dtype=torch.int32), torch.tensor([4]), torch.ones(1))
+        assert torch.allclose(auto.lora_shrink(x, lora_a, auto_meta), want, rtol=1e-6, atol=1e-7)
+    else:
+        assert auto is twins
+    assert kernels.backend("auto", "cpu", lora_dtype=torch.float16) is twins  # half weights: not native
+    assert kernels.backend("auto", "meta").name == "torch"  # neither CPU nor CUDA
+    with pytest.raises(ValueError, match="kernels must be one of auto, triton, native, torch; got 'cuda'"):
+        kernels.backend("cuda", "cpu")
+    with pytest.raises(ValueError, match="CPU only, not cuda"):
+        kernels.backend("native", "cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        kernels.backend("triton", "cpu")
+
+
+def test_without_a_compiler_native_raises_naming_it_and_auto_chooses_torch(tmp_path, monkeypatch, fresh_backends):
+    missing = tmp_path / "no-such-cc"
+    monkeypatch.setenv("CC", str(missing))
+    monkeypatch.setenv("LORAFLEET_KERNEL_CACHE", str(tmp_path / "cache"))
+    build._load.cache_clear()
+    assert not build.available()
+    with pytest.raises(ValueError, match=f"kernels='native': .*{missing}.*use kernels='torch'"):
+        kernels.backend("native", "cpu")
+    assert kernels.backend("auto", "cpu").name == "torch"
+    assert kernels.backend("auto", "cpu", attention=(4, 2, 16, 16)).name == "torch"
 
 
 def test_torch_path_works_without_triton():
-    """Importing kernels and running the twins must not need a working triton."""
+    """Importing kernels and running the torch backend must not need a working triton."""
     code = (
         "import sys; sys.modules['triton'] = None\n"
         "import torch, kernels\n"
         "assert not kernels.triton_available()\n"
-        "m = kernels.LoraMeta.build(torch.tensor([0, -1], dtype=torch.int32), torch.tensor([2]), torch.ones(1))\n"
-        "y = kernels.lora_shrink(torch.randn(2, 4), torch.randn(1, 2, 4), m)\n"
-        "kernels.lora_expand(y, torch.randn(1, 3, 2), m, torch.zeros(2, 3))\n"
+        "be = kernels.backend('torch', 'cpu')\n"
+        "m = be.lora_meta(torch.tensor([0, -1], dtype=torch.int32), torch.tensor([2]), torch.ones(1))\n"
+        "y = be.lora_shrink(torch.randn(2, 4), torch.randn(1, 2, 4), m)\n"
+        "be.lora_expand(y, torch.randn(1, 3, 2), m, torch.zeros(2, 3))\n"
+        "assert kernels.backend('auto', 'cuda').name == 'torch'\n"
+        "try:\n"
+        "    kernels.backend('triton', 'cuda')\n"
+        "except ValueError as error:\n"
+        "    assert 'cannot be imported' in str(error), error\n"
+        "else:\n"
+        "    raise AssertionError('triton without triton')\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root, timeout=120)

@@ -25,7 +25,7 @@ Script = Callable[[InferenceRequest], list[Any]]  # events, or a float: seconds 
 
 def words(request: InferenceRequest, texts=("Ahoy", " there", ",", " matey")) -> list[Any]:
     """One token per text; finish "length" when max_tokens cuts it, else "stop"."""
-    limit = request.sampling_spec().max_tokens
+    limit = request.sampling_params().max_tokens
     chosen = list(texts)[:limit]
     events: list[Any] = [DeltaEvent(text, [100 + i]) for i, text in enumerate(chosen)]
     reason = "length" if limit <= len(texts) else "stop"

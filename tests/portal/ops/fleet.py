@@ -16,7 +16,7 @@ from django.conf import settings
 from django.core.files.uploadedfile import SimpleUploadedFile
 
 from engine_daemon import Engine, EngineConfig, protocol
-from engine_daemon.protocol import InferenceRequest
+from engine_daemon.protocol import EngineSnapshot, InferenceRequest
 from engine_daemon.service import EngineService, ServiceConfig
 from portal.adapters import services
 from portal.adapters.models import AdapterVersion
@@ -65,7 +65,7 @@ class Fleet:
         stream = protocol.response_stream(request.request_id)
         self.step_until(lambda: any(f[b"type"] != b"delta" for _id, f in self.redis.xrange(stream)))
 
-    def beat(self) -> dict:
+    def beat(self) -> EngineSnapshot:
         """Write the heartbeat now; returns the engine's own numbers at that moment."""
         self.service._beat(force=True)
         return self.service.engine.snapshot()

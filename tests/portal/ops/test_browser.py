@@ -76,7 +76,7 @@ def test_ops_dashboard_updates_in_place(driver, live_server, fleet, staff):  # n
     before = int(shown("generated_tokens"))
     fleet.serve(fleet.sha("shouty"))  # host RAM → slot 0, evicting pirate
     fleet.serve(None)
-    after = fleet.beat()["generated_tokens"]
+    after = fleet.beat().generated_tokens
     assert after > before
     wait.until(lambda _: updates() >= 1 and shown("generated_tokens") == str(after))
     shouty = next(row for row in rows() if row[0] == fleet.sha("shouty"))
@@ -93,7 +93,7 @@ def test_ops_dashboard_updates_in_place(driver, live_server, fleet, staff):  # n
     fleet.enqueue_malformed()
     for name in ("pirate", "support-bot", "pirate", "shouty"):
         fleet.serve(fleet.sha(name))
-    final = fleet.beat()["generated_tokens"]
+    final = fleet.beat().generated_tokens
     wait.until(lambda _: shown("generated_tokens") == str(final) and "malformed request" in read(
         "return document.body.innerText"))
     full_page_screenshot(driver, ARTIFACTS / "ops-dashboard.png")

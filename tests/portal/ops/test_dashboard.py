@@ -48,21 +48,21 @@ def test_dashboard_shows_the_engine_numbers_and_every_tier(staff_client, fleet, 
     assert 'data-memory="free"' not in html  # a CPU engine has no device memory to be free
     for kind in ("weights", "kv_cache", "adapter_pool"):
         shown = re.search(rf'data-memory="{kind}" data-bytes="(\d+)"', html).group(1)
-        assert int(shown) == snap["memory"][kind], kind
-    assert snap["memory"]["weights"] > 0 and snap["memory"]["kv_cache"] > 0 and snap["memory"]["adapter_pool"] > 0
-    assert f'data-kv-used="{snap["kv_blocks_used"]}" data-kv-total="{snap["kv_blocks_total"]}"' in html
+        assert int(shown) == snap.memory[kind], kind
+    assert snap.memory["weights"] > 0 and snap.memory["kv_cache"] > 0 and snap.memory["adapter_pool"] > 0
+    assert f'data-kv-used="{snap.kv_blocks_used}" data-kv-total="{snap.kv_blocks_total}"' in html
     for name in ("running", "waiting", "steps", "generated_tokens", "preemptions", "max_adapters_in_step"):
-        assert field(html, name) == str(snap[name]), name
-    assert snap["generated_tokens"] == 12 and snap["max_adapters_in_step"] == 1
+        assert field(html, name) == str(getattr(snap, name)), name
+    assert snap.generated_tokens == 12 and snap.max_adapters_in_step == 1
     # LoRA share of step time: measured on the steps that served an adapter (CPU times every step).
     shown_share = re.search(r'data-lora-share="([^"]*)"', html).group(1)
-    if snap["lora_share"] is None:
+    if snap.lora_share is None:
         assert shown_share == "" and "no adapter served" in html
     else:
-        assert 0 < snap["lora_share"] < 1 and float(shown_share) == pytest.approx(snap["lora_share"])
+        assert 0 < snap.lora_share < 1 and float(shown_share) == pytest.approx(snap.lora_share)
     assert html.count('<path class="series"') + html.count("<circle") >= 1  # the charts have the samples
 
-    rows = {row["name"]: row for row in snap["adapters"]}
+    rows = {row["name"]: row for row in snap.adapters}
     tiers = {"pirate": ("gpu", "0", "GPU slot 0"), "support-bot": ("disk", "", "disk only"),
              "shouty": ("host", "", "host RAM")}
     for name, (tier, slot, label) in tiers.items():
@@ -160,10 +160,12 @@ def test_a_gpu_heartbeat_splits_device_memory_and_shows_every_tier_state(staff_c
                       "other": str(10 * gib), "free": str(12 * gib)}
     assert "140 GiB on the device" in html and "2 h 0 min" in html
     assert 'data-field="lora_dtype"' not in html  # adapters stored in the model's dtype: nothing to add
-    beat.dtype, beat.lora_dtype = "float32", "bfloat16"
+    assert 'data-field="kernels"' not in html  # an engine from before the field: nothing shown
+    beat.dtype, beat.lora_dtype, beat.kernels = "float32", "bfloat16", "native"
     redis_client.hset(protocol.heartbeat_key("gpu-0"), mapping=beat.to_redis())
     html = staff_client.get("/ops/").content.decode()
     assert 'float32, adapters in <span data-field="lora_dtype">bfloat16</span>' in html
+    assert '<span data-field="kernels">native</span> kernels' in html
     assert "<strong>250</strong> of 1000 blocks in use (25.0%)" in html
     failed, loading = adapter_row(html, "a" * 64), adapter_row(html, "b" * 64)
     assert failed["tier"] == "failed" and "NaN or Inf" in html and loading["tier"] == "loading"

@@ -1,4 +1,4 @@
-"""Native CPU kernels: C sources in this folder, compiled on first use for the machine at hand.
+"""The native CPU kernels' library: the C sources in ``c/``, compiled on first use for the machine at hand.
 
 The CPU engine's multi-LoRA and decode-attention work is memory-bound on a few tokens per
 adapter; as torch calls it is thousands of tiny ops per step, each paying dispatcher overhead
@@ -9,7 +9,7 @@ The library is built with the system C compiler (``$CC``, else ``cc``) and ``-ma
 then cached under ``$LORAFLEET_KERNEL_CACHE`` (default ``~/.cache/lorafleet/kernels``) by a hash
 of the sources, flags and CPU. It links the same OpenMP runtime torch has already loaded
 (``libgomp.so.1``), so both share one thread pool. Without a compiler, ``library()`` raises
-`NativeUnavailable` and callers use the torch twins; ``LORAFLEET_NATIVE_KERNELS=0`` forces that.
+`NativeUnavailable` with the compiler's message (``kernels="auto"`` then chooses the torch backend).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ HEADERS = ("vectors.h",)
 # -ffp-contract=fast: ISO C mode would otherwise keep every `acc += x * w` a multiply and an add
 # (twice the arithmetic instructions of one FMA; the decode LoRA kernels ran ~10% slower).
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=c11")
-_HERE = Path(__file__).resolve().parent
+_HERE = Path(__file__).resolve().parent / "c"
 
 P, I64 = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
@@ -55,17 +55,11 @@ _SIGNATURES = {
 
 
 class NativeUnavailable(RuntimeError):
-    """The native kernels cannot be built or loaded here; the torch twins serve instead."""
-
-
-def enabled() -> bool:
-    return os.environ.get("LORAFLEET_NATIVE_KERNELS", "1").lower() not in ("0", "false", "no", "off")
+    """The native kernels cannot be built or loaded here."""
 
 
 def available() -> bool:
-    """Whether the native kernels are enabled and load (compiling them on first use)."""
-    if not enabled():
-        return False
+    """Whether the native kernels load (compiling them on first use)."""
     loaded = _load()
     if isinstance(loaded, NativeUnavailable):
         _warn_once(str(loaded))
@@ -75,8 +69,6 @@ def available() -> bool:
 
 def library() -> ctypes.CDLL:
     """The loaded kernel library, compiled first if this machine has no cached build of it."""
-    if not enabled():
-        raise NativeUnavailable("disabled by LORAFLEET_NATIVE_KERNELS=0")
     loaded = _load()
     if isinstance(loaded, NativeUnavailable):
         raise NativeUnavailable(str(loaded))
@@ -101,7 +93,7 @@ def _load() -> ctypes.CDLL | NativeUnavailable:
 
 @functools.cache
 def _warn_once(reason: str) -> None:
-    logger.warning("native CPU kernels unavailable, the torch twins run instead: %s", reason)
+    logger.warning("native CPU kernels unavailable (kernels='auto' chooses the torch backend): %s", reason)
 
 
 def _compiler() -> str:

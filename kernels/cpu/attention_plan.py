@@ -1,4 +1,4 @@
-"""Index tensors for one step of the torch paged-attention twin, built once and shared by all layers.
+"""The torch backend's attention plan: index tensors for one step, built once and shared by all layers.
 
 The twin's cost on CPU is memory traffic: every decode step reads each sequence's whole context
 in every layer. Two choices here keep that traffic near its minimum:
@@ -19,8 +19,8 @@ import functools
 
 import torch
 
-# A decode bucket's fixed cost (about ten small tensor ops per layer), in padded
-# positions of one sequence: measured at ~0.4 us per position and ~100 us per bucket.
+# A decode bucket's fixed cost (about ten small tensor ops per layer), in padded positions of one
+# sequence: the ratio of a bucket's cost to a position's (benchmarks/RESULTS.md, "CPU kernels").
 _BUCKET_COST_POSITIONS = 256
 
 

@@ -1,23 +1,24 @@
-"""How the torch LoRA twins split one CPU step into matmul calls.
+"""How the CPU backends split one step's LoRA work into calls: the step's *plan*.
 
-On a CPU the LoRA term of a decode step is a few tokens per adapter, so one matmul per adapter
-segment is hundreds of tiny calls per layer, each paying ~10 us of overhead to read a few
-kilobytes of weights. Two shapes of work are distinguished:
+On a CPU the LoRA term of a decode step is a few tokens per adapter: one matmul per adapter
+segment would be hundreds of tiny calls per layer, each paying more in overhead than it reads.
+The plan sorts the batch's segments (a slot's tokens) into three kinds of work:
 
-- **Direct runs**: a slot's tokens sit in one contiguous run of the batch (the engine orders its
-  batch by adapter rank, then slot) and there are many of them (a prefill chunk): one matmul on
-  views, no copies.
-- **Slot groups**: the other slots, grouped by rank into arithmetic progressions of slot index
-  (``first, first + step, ...``). The weights of such a group are one strided view of the pool,
-  ``lora_a[first::step, :rank]``, so the whole group is one `bmm` at its true rank. Tokens are
-  gathered into ``[slots, width, in]`` (padding repeats a real row; padded results are dropped).
+- **Direct runs**: a slot's tokens sit in one contiguous run of the batch (a prefill chunk) and
+  there are many of them: one matmul on views, no copies.
+- **Rank batches** (torch backend): the other slots, grouped by rank into arithmetic progressions
+  of slot index (``first, first + step, ...``). The weights of such a batch are one strided view
+  of the pool, ``lora_a[first::step, :rank]``, so the whole batch is one `bmm` at its true rank.
+  Tokens are gathered into ``[slots, width, in]`` (padding repeats a real row; its results are
+  dropped).
+- **Native segments** (native backend): the native kernels take every slot not in a long direct
+  run as plain segments (`SlotSegments`), one call per projection group at any width with no
+  padding. Direct runs up to `NATIVE_MAX_RUN_TOKENS` are segments there too (one call beats a
+  matmul per run); longer ones stay direct runs, where MKL's blocking wins.
+  (benchmarks/RESULTS.md, "CPU kernels", has the measurements behind both limits.)
 
-The native kernels (``kernels.native``) take the same slots as plain segments instead
-(`SlotSegments`): one call per projection covers them all, at any width, with no padding. They
-also take the direct runs up to `NATIVE_MAX_RUN_TOKENS` (`native_segments`): as one call they beat
-a matmul per run (8 prefill runs of 256 tokens, ranks 8-64: 9.3 against 15.3 ms a layer; 4 runs
-of 512: 10.3 against 13.2). MKL keeps longer ones (`native_direct`), where its blocking wins
-(one rank-64 run of 1024 tokens: 8.3 against the kernels' 10.3 ms).
+Any batch order works: a slot's rows are found wherever they are, and contiguous ones are used
+in place.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from dataclasses import dataclass, replace
 import torch
 
 # A slot with more tokens than this in one contiguous run gets its own matmul.
-GROUP_MAX_TOKENS = 16
+BATCH_MAX_TOKENS = 16
 # Candidate steps tried per progression: bounds the planning work for large pools.
 _STEP_CANDIDATES = 8
 # A direct run longer than this stays a matmul on the native path too (see the module doc).
@@ -46,21 +47,21 @@ class DirectRun:
 
 
 @dataclass(frozen=True, eq=False)
-class SlotGroup:
+class RankBatch:
     rank: int
     first_slot: int
     slot_step: int
-    count: int  # slots in the group
+    count: int  # slots in the batch
     width: int  # tokens per slot after padding
     gather_rows: torch.Tensor  # int64 [count * width] batch rows, slot-major
     scalings: torch.Tensor | None  # float32 [count, 1, 1]; None when every scaling is 1
-    offset: int  # first row of this group's [count * width] block in the plan's padded buffer
-    # Set when gather_rows is exactly range(row_start, row_start + count * width): the group reads
+    offset: int  # first row of this batch's [count * width] block in the plan's padded buffer
+    # Set when gather_rows is exactly range(row_start, row_start + count * width): the batch reads
     # and writes batch rows in place (views, no gather, no padded buffer).
     row_start: int | None = None
 
     def slots(self, weights: torch.Tensor) -> torch.Tensor:
-        """This group's slots of a stacked weight tensor [S, ...], as a strided view."""
+        """This batch's slots of a stacked weight tensor [S, ...], as a strided view."""
         last = self.first_slot + self.slot_step * (self.count - 1)
         return weights[self.first_slot : last + 1 : self.slot_step]
 
@@ -87,82 +88,83 @@ class SlotSegments:
 
 
 @dataclass(frozen=True, eq=False)
-class LoraCpuPlan:
-    """Groups that are not in place compute into one padded buffer (group after group, ``count *
-    width`` rows each); ``padded_positions[i]`` is where batch row ``group_rows[i]`` lands in it.
-    Padding rows are never read back."""
+class LoraPlan:
+    """One step's LoRA work as the CPU backends run it: direct runs, then rank batches (torch
+    planner) or segments (native planner). Rank batches that are not in place compute into one
+    padded buffer (batch after batch, ``count * width`` rows each); ``padded_positions[i]`` is
+    where batch row ``batched_rows[i]`` lands in it. Padding rows are never read back."""
 
     direct: tuple[DirectRun, ...]
-    groups: tuple[SlotGroup, ...]
-    padded_rows: int
-    group_rows: torch.Tensor  # int64 ascending batch rows of every padded group's tokens
-    padded_positions: torch.Tensor  # int64, aligned with group_rows
-    groups_cover_batch: bool  # group_rows == arange(num_tokens): results are added with no scatter
-    segments: SlotSegments  # the grouped slots again, as segments
-    # The native kernels' split: runs past NATIVE_MAX_RUN_TOKENS, and every other slot as segments.
-    native_direct: tuple[DirectRun, ...]
-    native_segments: SlotSegments
+    batches: tuple[RankBatch, ...] = ()
+    padded_rows: int = 0
+    batched_rows: torch.Tensor | None = None  # int64 ascending batch rows of every padded batch's tokens
+    padded_positions: torch.Tensor | None = None  # int64, aligned with batched_rows
+    batches_cover_all_rows: bool = False  # batched_rows == arange(num_tokens): results are added, no scatter
+    segments: SlotSegments | None = None
 
-    def scaled_ranks(self, factor: int) -> LoraCpuPlan:
+    def scaled_ranks(self, factor: int) -> LoraPlan:
         """This plan over a stack whose slot s holds rank · factor rows: equal ranks stay equal."""
         def scaled(items):
             return tuple(replace(item, rank=item.rank * factor) for item in items)
 
-        segments = replace(self.segments, ranks=self.segments.ranks * factor)
-        return replace(
-            self,
-            direct=scaled(self.direct),
-            groups=scaled(self.groups),
-            segments=segments,
-            native_direct=scaled(self.native_direct),
-            native_segments=(segments if self.native_segments is self.segments
-                             else replace(self.native_segments, ranks=self.native_segments.ranks * factor)),
-        )
+        segments = self.segments and replace(self.segments, ranks=self.segments.ranks * factor)
+        return replace(self, direct=scaled(self.direct), batches=scaled(self.batches), segments=segments)
 
 
-def build_cpu_plan(slots: list[int], ranks: list[int], scalings: list[float]) -> LoraCpuPlan:
-    """Plan a batch from host lists: each token's slot (-1: none), each slot's rank and scaling."""
+def _rows_by_slot(slots: list[int], ranks: list[int]) -> dict[int, list[int]]:
     rows_by_slot: dict[int, list[int]] = defaultdict(list)
     for row, slot in enumerate(slots):
         if slot >= 0 and ranks[slot] > 0:
             rows_by_slot[slot].append(row)
-    direct = []
-    grouped: dict[int, list[int]] = defaultdict(list)
+    return rows_by_slot
+
+
+def _split_direct(rows_by_slot: dict[int, list[int]], ranks: list[int], scalings: list[float],
+                  longer_than: int) -> tuple[list[DirectRun], list[int]]:
+    """Slots whose rows are one contiguous run of more than `longer_than` tokens, and the rest."""
+    direct, rest = [], []
     for slot, rows in rows_by_slot.items():
-        contiguous = rows[-1] - rows[0] + 1 == len(rows)
-        if contiguous and len(rows) > GROUP_MAX_TOKENS:
+        if rows[-1] - rows[0] + 1 == len(rows) and len(rows) > longer_than:
             direct.append(DirectRun(rows[0], rows[-1] + 1, slot, ranks[slot], scalings[slot]))
         else:
-            grouped[ranks[slot]].append(slot)
-    groups: list[SlotGroup] = []
+            rest.append(slot)
+    return direct, rest
+
+
+def build_torch_plan(slots: list[int], ranks: list[int], scalings: list[float]) -> LoraPlan:
+    """The torch backend's plan from host lists: each token's slot (-1: none), each slot's rank and
+    scaling. Long runs are direct; the other slots form rank batches."""
+    rows_by_slot = _rows_by_slot(slots, ranks)
+    direct, rest = _split_direct(rows_by_slot, ranks, scalings, BATCH_MAX_TOKENS)
+    by_rank: dict[int, list[int]] = defaultdict(list)
+    for slot in rest:
+        by_rank[ranks[slot]].append(slot)
+    batches: list[RankBatch] = []
     position_of_row: dict[int, int] = {}
     offset = 0
-    for rank, members in grouped.items():
+    for rank, members in by_rank.items():
         for run in _progressions(sorted(members)):
-            group, token_rows = _slot_group(rank, run, rows_by_slot, scalings, offset)
-            groups.append(group)
-            if group.row_start is None:
+            batch, token_rows = _rank_batch(rank, run, rows_by_slot, scalings, offset)
+            batches.append(batch)
+            if batch.row_start is None:
                 position_of_row.update(token_rows)
-                offset += group.count * group.width
+                offset += batch.count * batch.width
     rows = sorted(position_of_row)
-    segment_slots = [slot for members in grouped.values() for slot in members]
-    segments = _segments(segment_slots, rows_by_slot, ranks, scalings)
-    native_direct = tuple(run for run in direct if run.end - run.start > NATIVE_MAX_RUN_TOKENS)
-    native_segments = segments
-    if len(native_direct) < len(direct):
-        native_slots = segment_slots + [run.slot for run in direct if run not in native_direct]
-        native_segments = _segments(native_slots, rows_by_slot, ranks, scalings)
-    return LoraCpuPlan(
+    return LoraPlan(
         direct=tuple(direct),
-        groups=tuple(groups),
+        batches=tuple(batches),
         padded_rows=offset,
-        group_rows=torch.tensor(rows, dtype=torch.int64),
+        batched_rows=torch.tensor(rows, dtype=torch.int64),
         padded_positions=torch.tensor([position_of_row[r] for r in rows], dtype=torch.int64),
-        groups_cover_batch=len(rows) == len(slots),
-        segments=segments,
-        native_direct=native_direct,
-        native_segments=native_segments,
+        batches_cover_all_rows=len(rows) == len(slots),
     )
+
+
+def build_native_plan(slots: list[int], ranks: list[int], scalings: list[float]) -> LoraPlan:
+    """The native backend's plan: runs past NATIVE_MAX_RUN_TOKENS direct, every other slot a segment."""
+    rows_by_slot = _rows_by_slot(slots, ranks)
+    direct, rest = _split_direct(rows_by_slot, ranks, scalings, NATIVE_MAX_RUN_TOKENS)
+    return LoraPlan(direct=tuple(direct), segments=_segments(rest, rows_by_slot, ranks, scalings))
 
 
 def _segments(slots: list[int], rows_by_slot: dict[int, list[int]], ranks: list[int],
@@ -179,10 +181,10 @@ def _segments(slots: list[int], rows_by_slot: dict[int, list[int]], ranks: list[
     )
 
 
-def _slot_group(
+def _rank_batch(
     rank: int, run: list[int], rows_by_slot: dict[int, list[int]], scalings: list[float], offset: int
-) -> tuple[SlotGroup, dict[int, int]]:
-    """One group, and where each of its batch rows lands in the padded buffer."""
+) -> tuple[RankBatch, dict[int, int]]:
+    """One batch, and where each of its batch rows lands in the padded buffer."""
     width = max(len(rows_by_slot[s]) for s in run)
     gather: list[int] = []
     position_of_row = {}
@@ -192,7 +194,7 @@ def _slot_group(
         gather += rows + [rows[-1]] * (width - len(rows))
     scale = [scalings[s] for s in run]
     in_place = gather == list(range(gather[0], gather[0] + len(gather)))
-    group = SlotGroup(
+    batch = RankBatch(
         rank=rank,
         first_slot=run[0],
         slot_step=run[1] - run[0] if len(run) > 1 else 1,
@@ -203,7 +205,7 @@ def _slot_group(
         row_start=gather[0] if in_place else None,
         scalings=None if all(s == 1.0 for s in scale) else torch.tensor(scale, dtype=torch.float32).view(-1, 1, 1),
     )
-    return group, position_of_row
+    return batch, position_of_row
 
 
 def _progressions(slots: list[int]) -> list[list[int]]:

@@ -9,9 +9,8 @@
    segment's tokens.
 
    Items are handed out `guided` (big chunks first, then smaller): a decode item is a fraction
-   of a microsecond of work, and with `dynamic, 1` the two threads spent it fighting over the
-   shared item counter, so the second thread bought nothing (a decode expand of 32 adapters, two
-   tokens each, into 1536 outputs: 250 us on one thread or two; guided: 126 us on two). */
+   of a microsecond of work, and with `dynamic, 1` the threads spend it fighting over the shared
+   item counter, so a second thread buys nothing (benchmarks/RESULTS.md, "CPU kernels"). */
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -27,11 +26,9 @@
 #define STREAM_COLS 256
 #define STREAM_TOKENS 8
 /* Both kernels prefetch the next 4 weight rows of their item while they read the current 4,
-   into L2 (`prefetcht2`, 3% faster than into L1: plausibly as an L1 prefetch holds one of the
-   core's few line-fill buffers for the whole trip to memory), and never past the segment's rank
-   (rows there are padding; fetching them cost bandwidth). A decode step of 8 adapters, 64
-   tokens, 30 layers, both threads: 23.8 -> 22.1 ms in float32 (no prefetch at all: 28.5); 8
-   rows ahead or 16 were slower. */
+   into L2 (`prefetcht2`: an L1 prefetch would hold one of the core's few line-fill buffers for
+   the whole trip to memory), and never past the segment's rank (rows there are padding; fetching
+   them costs bandwidth). 4 rows ahead measured best (benchmarks/RESULTS.md, "CPU kernels"). */
 
 /* Each kernel body below is one always-inlined function taking the weight type as a `bf16`
    flag, instantiated by one exported function per type. The OpenMP region must sit in the
@@ -327,23 +324,26 @@ DEFINE_EXPAND(lorafleet_lora_expand_bf16w, uint16_t, 1)
    interleave the parts: row j * n_parts + i is part i's rank row j. One parallel region runs
    the shrink of the whole stack into y, then (after the barrier) the expand of every part into
    its own output, so a projection group pays one call and one thread wake-up instead of one per
-   kernel (~330 calls per decode step down to 120). Where the segments share out evenly among
-   the threads (`apply_plan_by_segment`), each thread instead takes whole segments, shrink and
-   expands, largest first, with no barrier: a decode step of 8 adapters, 64 tokens, float32,
-   24.0 -> 22.2 ms; 32 adapters 63.1 -> 61.0 ms; prefill steps 5-20% faster.
+   kernel. Where the segments share out evenly among the threads (`apply_plan_by_segment`),
+   each thread instead takes whole segments, shrink and expands, largest first, with no barrier
+   between them.
 
-   parts: n_parts rows of APPLY_PART_FIELDS int64: B's address, its slot, out and rank strides,
-   out_dim, and the byte offset from out_base and row stride of the part's output. (Callers with
-   one output tensor pass its address as out_base and the parts' column offsets, fixed per
-   layer; others pass out_base 0 and absolute addresses.) A part whose B address is 0 is
+   parts: n_parts `lora_part`s (mirrored by kernels.cpu.native.LoraPart): B's address and
+   strides, out_dim, and the byte offset from out_base and row stride of the part's output.
+   (Callers with one output tensor pass its address as out_base and the parts' column offsets,
+   fixed per layer; others pass out_base 0 and absolute addresses.) A part whose B is NULL is
    skipped (no adapter of the step adapts it). seg_rank is the adapters' own rank. y (the
    shrink's result, rows of y_stride >= ranks x n_parts floats) may be NULL: the kernel then
    uses a buffer of its own.
    Returns 0, or -1 when out of memory (the output may then hold a partial sum). */
-#define APPLY_PART_FIELDS 7
+typedef struct {
+    const void *b;
+    int64_t b_slot_stride, b_out_stride, b_rank_stride, out_dim;
+    int64_t out_offset, out_stride;  /* the output: bytes from out_base, and its row stride */
+} lora_part;
 #define APPLY_MAX_PARTS 8
 #define APPLY_PARAMS(W) const float *x, int64_t x_stride, int64_t in_dim, const W *a, int64_t a_slot_stride, \
-    int64_t a_row_stride, float *y, int64_t y_stride, int64_t n_parts, const int64_t *parts, intptr_t out_base,  \
+    int64_t a_row_stride, float *y, int64_t y_stride, int64_t n_parts, const lora_part *parts, intptr_t out_base,  \
     int64_t n_seg, const int64_t *seg_start, const int64_t *rows, const int64_t *seg_slot, const int64_t *seg_rank, \
     const float *seg_scaling
 
@@ -402,7 +402,7 @@ int lorafleet_lora_apply_by_segment(int64_t n_seg, const int64_t *seg_start, con
     return status ? -1 : plan.by_segment;
 }
 
-static int apply_plan_init(apply_plan *plan, int64_t n_parts, const int64_t *parts, int64_t n_seg, const int64_t *seg_start,
+static int apply_plan_init(apply_plan *plan, int64_t n_parts, const lora_part *parts, int64_t n_seg, const int64_t *seg_start,
                            const int64_t *seg_rank)
 {
     plan->max_rank = 1;
@@ -416,8 +416,8 @@ static int apply_plan_init(apply_plan *plan, int64_t n_parts, const int64_t *par
     }
     plan->first[0] = 0;
     for (int64_t i = 0; i < n_parts; i++) {
-        const int64_t *p = parts + i * APPLY_PART_FIELDS;
-        plan->first[i + 1] = plan->first[i] + (p[0] ? n_seg * expand_blocks(p[4], p[2]) : 0);
+        const lora_part *p = parts + i;
+        plan->first[i + 1] = plan->first[i] + (p->b ? n_seg * expand_blocks(p->out_dim, p->b_out_stride) : 0);
     }
     if (apply_plan_by_segment(plan, n_seg, seg_start, seg_rank)) return -1;
     if (plan->by_segment) return 0;  /* the shrink item list is the item schedule's alone */
@@ -438,9 +438,10 @@ ALWAYS_INLINE void apply_expand_item(APPLY_PARAMS(void), const apply_plan *plan,
     (void)x; (void)x_stride; (void)in_dim; (void)a; (void)a_slot_stride; (void)a_row_stride;
     int64_t i = 0;
     while (it >= plan->first[i + 1]) i++;
-    const int64_t *p = parts + i * APPLY_PART_FIELDS;
-    expand_item(y + i, y_stride, n_parts, (const void *)(intptr_t)p[0], p[1], p[2], p[3], p[4], (float *)(out_base + p[5]),
-                p[6], n_seg, seg_start, rows, seg_slot, seg_rank, seg_scaling, it - plan->first[i], bt, yl, bf16);
+    const lora_part *p = parts + i;
+    expand_item(y + i, y_stride, n_parts, p->b, p->b_slot_stride, p->b_out_stride, p->b_rank_stride, p->out_dim,
+                (float *)(out_base + p->out_offset), p->out_stride, n_seg, seg_start, rows, seg_slot, seg_rank,
+                seg_scaling, it - plan->first[i], bt, yl, bf16);
 }
 
 #define APPLY_ARGS x, x_stride, in_dim, a, a_slot_stride, a_row_stride, y, y_stride, n_parts, parts, out_base, n_seg, \
@@ -453,17 +454,17 @@ ALWAYS_INLINE void apply_segment(APPLY_PARAMS(void), const apply_plan *plan, int
         shrink_item(x, x_stride, in_dim, a, a_slot_stride, a_row_stride, y, y_stride, n_seg, seg_start, rows, seg_slot,
                     plan->stack_rank, s, j, bf16);
     for (int64_t i = 0; i < n_parts; i++) {
-        const int64_t *p = parts + i * APPLY_PART_FIELDS;
-        if (!p[0]) continue;
-        int64_t per_seg = expand_blocks(p[4], p[2]);
+        const lora_part *p = parts + i;
+        if (!p->b) continue;
+        int64_t per_seg = expand_blocks(p->out_dim, p->b_out_stride);
         for (int64_t c = 0; c < per_seg; c++)
             apply_expand_item(APPLY_ARGS, plan, plan->first[i] + s * per_seg + c, bt, yl, bf16);
     }
 }
 
 /* y for a caller that passes NULL: rows up to the largest batch row the segments name, y_stride
-   floats each. (Python paid more for a scratch tensor per call, ~20 us inside a decode step,
-   than the kernel's malloc, which reuses the same free block call after call.) */
+   floats each. (A scratch tensor per call costs Python more than this malloc, which reuses the
+   same free block call after call.) */
 static float *apply_scratch(int64_t n_seg, const int64_t *seg_start, const int64_t *rows, int64_t y_stride)
 {
     int64_t n_rows = 1;

@@ -1,8 +1,8 @@
 """Triton paged attention (decode and chunked prefill in one kernel, GQA) and store_kv.
 
-One program handles a tile of queries of one sequence for one KV head and *all* query heads
-of that KV head's group, packed into the rows of the tile: row r is query r // GROUP of the
-tile, head kv_head * GROUP + r % GROUP. A decode step therefore reads each KV block once per
+One program handles a tile of queries of one sequence for one KV head and *all* the query heads
+that read it, packed into the rows of the tile: row r is query r // Q_PER_KV of the tile, head
+kv_head * Q_PER_KV + r % Q_PER_KV. A decode step therefore reads each KV block once per
 KV head, not once per query head. Keys are walked through the block table BLOCK_N positions
 at a time, so any block size works; the softmax runs online in fp32.
 """
@@ -20,7 +20,9 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@triton.jit
+# Not specialized on the batch's sequence count or the block size: Triton would otherwise compile
+# a variant for each value that is 1 or a multiple of 16, on the step thread, mid-serving.
+@triton.jit(do_not_specialize=["num_seqs", "block_size"])
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
@@ -30,7 +32,7 @@ def _paged_attention_kernel(
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_ot, stride_oh, stride_od,
     stride_bt,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, Q_PER_KV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     FP32_DOT: tl.constexpr,
 ):  # fmt: skip
@@ -56,9 +58,9 @@ def _paged_attention_kernel(
     prefix = context_len - q_len
 
     rows = tl.arange(0, BLOCK_M)
-    q_idx = q0 + rows // GROUP
-    heads = kv_head * GROUP + rows % GROUP
-    row_mask = (rows < BLOCK_Q * GROUP) & (q_idx < q_len)
+    q_idx = q0 + rows // Q_PER_KV
+    heads = kv_head * Q_PER_KV + rows % Q_PER_KV
+    row_mask = (rows < BLOCK_Q * Q_PER_KV) & (q_idx < q_len)
     q_pos = prefix + q_idx
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
@@ -145,16 +147,16 @@ def paged_attention(
     n_kv_heads = k_cache.shape[2]
     if n_heads % n_kv_heads:
         raise ValueError(f"paged_attention: {n_heads} query heads is not a multiple of {n_kv_heads} kv heads")
-    group = n_heads // n_kv_heads
+    q_per_kv = n_heads // n_kv_heads
     # Decode-only batches need only one query per tile; prefill wants taller tiles.
     decode_only = num_tokens == num_seqs
     if block_m is None:
         block_m = (
-            triton.next_power_of_2(max(16, group)) if decode_only else max(64, triton.next_power_of_2(group))
+            triton.next_power_of_2(max(16, q_per_kv)) if decode_only else max(64, triton.next_power_of_2(q_per_kv))
         )
-    block_q = block_m // group
+    block_q = block_m // q_per_kv
     if block_q < 1:
-        raise ValueError(f"paged_attention: block_m={block_m} is smaller than the GQA group {group}")
+        raise ValueError(f"paged_attention: block_m={block_m} is smaller than the {q_per_kv} query heads per KV head")
     block_n = block_n or (32 if _interpreting() else 64)
     fp32_dot = _interpreting() or q.dtype == torch.float32 or k_cache.dtype != q.dtype
     grid = (num_tokens // block_q + num_seqs, n_kv_heads)
@@ -167,13 +169,13 @@ def paged_attention(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
         out.stride(0), out.stride(1), out.stride(2),
         block_tables.stride(0),
-        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), GROUP=group,
+        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), Q_PER_KV=q_per_kv,
         BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, FP32_DOT=fp32_dot,
     )  # fmt: skip
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["block_size"])
 def _store_kv_kernel(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, block_size,
     stride_kt, stride_kh, stride_kd,

@@ -2,20 +2,20 @@
    head-major paged cache (no gathered copy of the context), online softmax over blocks.
 
    Cache layout: the block_size x head_dim floats of (block, kv head) lie contiguous at
-   cache + block * block_stride + head * head_stride. Query head h reads kv head h / group. */
+   cache + block * block_stride + head * head_stride. Query head h reads kv head h / q_per_kv. */
 #include <math.h>
 #include <stdint.h>
 
 #include "vectors.h"
 
-#define MAX_GROUP 16
+#define MAX_Q_PER_KV 16
 #define MAX_HEAD_DIM 256
 #define MAX_BLOCK_SIZE 64
 
 /* Limits of the fixed-size per-item buffers; the Python side checks them before calling. */
 int64_t lorafleet_attention_limits(int64_t which)
 {
-    return which == 0 ? MAX_GROUP : which == 1 ? MAX_HEAD_DIM : MAX_BLOCK_SIZE;
+    return which == 0 ? MAX_Q_PER_KV : which == 1 ? MAX_HEAD_DIM : MAX_BLOCK_SIZE;
 }
 
 /* w[p] = exp(s[p] - shift) for p < n. With AVX-512, 16 at a time: 2^t as a degree-6 polynomial
@@ -60,17 +60,17 @@ int lorafleet_paged_decode_attention_f32(const float *q, int64_t q_stride, float
                                          const int32_t *block_tables, int64_t table_stride, const int32_t *seq_lens,
                                          const int64_t *seqs, const int64_t *q_rows, int64_t n_seqs, float scale)
 {
-    int64_t group = n_heads / kv_heads;
-    if (group > MAX_GROUP || head_dim > MAX_HEAD_DIM || block_size > MAX_BLOCK_SIZE || group * kv_heads != n_heads)
+    int64_t q_per_kv = n_heads / kv_heads;
+    if (q_per_kv > MAX_Q_PER_KV || head_dim > MAX_HEAD_DIM || block_size > MAX_BLOCK_SIZE || q_per_kv * kv_heads != n_heads)
         return -1;
     #pragma omp parallel for schedule(guided)  /* as in lora.c: no fight over an item counter */
     for (int64_t item = 0; item < n_seqs * kv_heads; item++) {
         int64_t i = item / kv_heads, h = item % kv_heads, b = seqs[i], len = seq_lens[b];
-        const float *qh = q + q_rows[i] * q_stride + h * group * head_dim;
+        const float *qh = q + q_rows[i] * q_stride + h * q_per_kv * head_dim;
         const int32_t *table = block_tables + b * table_stride;
-        float acc[MAX_GROUP][MAX_HEAD_DIM], running_max[MAX_GROUP], total[MAX_GROUP], score[MAX_BLOCK_SIZE],
+        float acc[MAX_Q_PER_KV][MAX_HEAD_DIM], running_max[MAX_Q_PER_KV], total[MAX_Q_PER_KV], score[MAX_BLOCK_SIZE],
             weight[MAX_BLOCK_SIZE];
-        for (int64_t g = 0; g < group; g++) {
+        for (int64_t g = 0; g < q_per_kv; g++) {
             running_max[g] = -INFINITY;
             total[g] = 0.f;
             for (int64_t d = 0; d < head_dim; d++) acc[g][d] = 0.f;
@@ -88,7 +88,7 @@ int lorafleet_paged_decode_attention_f32(const float *q, int64_t q_stride, float
                     __builtin_prefetch(v_cache + next + line);
                 }
             }
-            for (int64_t g = 0; g < group; g++) {
+            for (int64_t g = 0; g < q_per_kv; g++) {
                 const float *qg = qh + g * head_dim;
                 float block_max = running_max[g];
                 for (int64_t p = 0; p < n; p++) {
@@ -109,8 +109,8 @@ int lorafleet_paged_decode_attention_f32(const float *q, int64_t q_stride, float
                 }
             }
         }
-        for (int64_t g = 0; g < group; g++) {
-            float *o = out + q_rows[i] * out_stride + (h * group + g) * head_dim;
+        for (int64_t g = 0; g < q_per_kv; g++) {
+            float *o = out + q_rows[i] * out_stride + (h * q_per_kv + g) * head_dim;
             float inverse = total[g] > 0.f ? 1.f / total[g] : 0.f;
             for (int64_t d = 0; d < head_dim; d++) o[d] = acc[g][d] * inverse;
         }
