@@ -64,7 +64,7 @@ to refresh it, never edit it by hand. From a clean clone, without internet, in u
 
 1. the environment: GPU, driver, Python packages, what is missing;
 2. `tests/kernels` compiled on CUDA (`TRITON_INTERPRET=0`: fp32, fp16 and bf16);
-3. `benchmarks/kernels.py --check`: Triton against the torch twins, then the kernel table at
+3. `benchmarks/kernels.py --check`: Triton against the specification (kernels/reference.py), then the kernel table at
    Llama-3-8B shapes;
 4. the whole engine on `random:llama-3-8b` in bfloat16: output tok/s, TTFT and ITL with 0, 8 and
    32 adapters (rank 16, all seven projections), and its memory breakdown.
@@ -172,7 +172,7 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         import triton
 
         env["triton"] = triton.__version__
-    except Exception as exc:  # the engine still runs (its torch twins); the report says why
+    except Exception as exc:  # the engine still runs (the torch backend); the report says why
         env["triton"] = f"not importable: {exc}"
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)

@@ -1,11 +1,11 @@
 """Multi-LoRA kernel benchmark.
 
 CPU:  the native backend (`kernels.backend("native")`, the C kernels the CPU engine runs where a
-      C compiler exists) and the torch backend (`kernels.backend("torch")`: the torch twins by
-      the step's plan) against the loop over adapters that HF PEFT runs for a mixed batch (for
+      C compiler exists) and the torch backend (`kernels.backend("torch")`: the specification's
+      segment loop) against the loop over adapters that HF PEFT runs for a mixed batch (for
       each adapter: select its tokens, two matmuls, scatter-add), and against the even plainer
       masked loop (for each adapter: full matmul over every token, masked). Prints the ratios.
-CUDA: the Triton backend vs the torch backend (on CUDA: the specification's segment loop,
+CUDA: the Triton backend vs the torch backend (the specification's segment loop,
       `kernels.reference`) vs the base GEMM at Llama-3-8B shapes, decode and prefill,
       reporting (a) LoRA time / base GEMM time, (b) achieved bandwidth vs the H200's
       4.8 TB/s, (c) speed-up over the torch backend. `--check` first verifies Triton (and the

@@ -8,8 +8,9 @@
 
 - ``reference.py``: the specification every fast path is tested against (a segment loop, a
   gathered attention).
-- ``cpu/``: the CPU fast paths: the step's plan (``lora_plan``, ``attention_plan``), the torch
-  backend's kernels (``twins``), the native C kernels (``native``, sources in ``c/``, ``build``).
+- ``cpu/``: the CPU fast paths: the native C kernels (``native``, sources in ``c/``, built by
+  ``build``) over the step's plan (``lora_plan``), and the torch attention (``attention``, by
+  ``attention_plan``).
 - ``triton/``: the Triton kernels for CUDA.
 - ``backends.py``: the three backends and the choice among them.
 

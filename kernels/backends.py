@@ -2,8 +2,8 @@
 
 - ``triton``: the Triton kernels (``kernels.triton``) on CUDA, or on CPU under ``TRITON_INTERPRET=1``.
 - ``native``: the C kernels (``kernels.cpu.native``) on CPU, float32 activations.
-- ``torch``: plain torch by the step's plan (``kernels.cpu.twins``) on CPU; on other devices the
-  LoRA terms are ``kernels.reference``'s segment loop.
+- ``torch``: plain torch anywhere: LoRA by ``kernels.reference``'s segment loop, attention by
+  length buckets and fused SDPA (``kernels.cpu.attention``).
 
 Every backend has the same methods and `kernels.reference`'s results. A *group* is one
 projection group of a layer: the projections that read one input (q, k, v; gate, up; or one
@@ -19,8 +19,8 @@ from typing import Protocol
 import torch
 
 from kernels import reference
-from kernels.cpu import build, twins
-from kernels.cpu.lora_plan import build_native_plan, build_torch_plan
+from kernels.cpu import attention, build
+from kernels.cpu.lora_plan import build_native_plan
 from kernels.meta import LoraMeta
 
 # parts[i] of a group: (B [S, out_i, R], the columns of the group's output it adds into) or None.
@@ -80,7 +80,7 @@ class Backend:
 
     def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:
-        twins.store_kv(k, v, k_cache, v_cache, slot_mapping)
+        attention.store_kv(k, v, k_cache, v_cache, slot_mapping)
 
     def __repr__(self) -> str:
         return f"<kernels backend {self.name} on {self.device}>"
@@ -149,13 +149,10 @@ class TorchBackend(Backend):
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        planned = device.type == "cpu"  # the plan's index tensors live on the host
-        self._planner = build_torch_plan if planned else None
-        self._shrink = twins.lora_shrink if planned else reference.lora_shrink
-        self._expand = twins.lora_expand if planned else reference.lora_expand
+        self._shrink, self._expand = reference.lora_shrink, reference.lora_expand
 
     def paged_attention(self, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale):
-        return twins.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
+        return attention.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
 
 
 KINDS = ("auto", "triton", "native", "torch")

@@ -4,7 +4,7 @@
 so all sorting, segmenting and the single host sync happen here and nowhere else.
 
 A *segment* is the tokens of one adapter slot in a batch; a *plan* is how a backend splits a
-step into kernel calls (the CPU backends' ``kernels.cpu.lora_plan.LoraPlan``).
+step into kernel calls (the native backend's ``kernels.cpu.lora_plan.LoraPlan``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class LoraMeta:
     """
 
     num_tokens: int
-    # Host side, used by the torch twins without any sync: (start, end, slot, rank, scaling).
+    # Host side, read without any sync: (start, end, slot, rank, scaling).
     segments: tuple[tuple[int, int, int, int, float], ...]
     active_slots: tuple[int, ...]
     max_rank: int
@@ -41,7 +41,7 @@ class LoraMeta:
     ranks: torch.Tensor  # int32 [S] on the compute device
     scalings: torch.Tensor  # float32 [S] on the compute device
     num_lora_tokens: int = 0
-    # The backend's plan of this batch (kernels.cpu.lora_plan.LoraPlan), or None (Triton, reference).
+    # The backend's plan of this batch (native: kernels.cpu.lora_plan.LoraPlan), or None.
     plan: Any = None
     # scaled_ranks results by factor: every layer asks for the same ones (not copied by replace()).
     _scaled: dict[int, LoraMeta] = field(default_factory=dict, init=False, repr=False)

@@ -1,2 +1,2 @@
-"""The CPU fast paths: the step's plans (``lora_plan``, ``attention_plan``), the torch backend's
-kernels (``twins``) and the native C kernels (``native``; sources in ``c/``, built by ``build``)."""
+"""The CPU fast paths: the native C kernels (``native``; sources in ``c/``, built by ``build``) over
+the step's plan (``lora_plan``), and the torch attention (``attention``, by ``attention_plan``)."""

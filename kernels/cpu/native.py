@@ -19,8 +19,9 @@ import functools
 
 import torch
 
-from kernels.cpu import build, twins
+from kernels.cpu import attention, build
 from kernels.cpu.attention_plan import is_head_major
+from kernels.cpu.lora_plan import DirectRun
 from kernels.meta import LoraMeta
 from kernels.reference import check_apply, check_expand, check_shrink
 
@@ -83,7 +84,7 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoraMeta) -> torch.
     if not meta.has_lora:
         return y
     plan = meta.plan
-    twins.shrink_direct_runs(x, lora_a, plan.direct, y)
+    _shrink_direct_runs(x, lora_a, plan.direct, y)
     seg = plan.segments
     if seg.count:
         status = _lora_kernel("shrink", lora_a)(
@@ -105,7 +106,7 @@ def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, meta: LoraMeta, base: tor
     if not meta.has_lora:
         return base
     plan = meta.plan
-    twins.expand_direct_runs(y, lora_b, plan.direct, base)
+    _expand_direct_runs(y, lora_b, plan.direct, base)
     seg = plan.segments
     if seg.count:
         status = _lora_kernel("expand", lora_b)(
@@ -210,11 +211,23 @@ def _direct_runs(x: torch.Tensor, lora_a: torch.Tensor, parts: list, meta: LoraM
         return
     n = len(parts)
     y = torch.empty(meta.num_tokens, lora_a.shape[1], dtype=_F32)  # only the runs' rows are read
-    twins.shrink_direct_runs(x, lora_a, meta.scaled_ranks(n).plan.direct, y)
+    _shrink_direct_runs(x, lora_a, meta.scaled_ranks(n).plan.direct, y)
     per_part = y.view(y.shape[0], -1, n)
     for i, part in enumerate(parts):
         if part is not None:
-            twins.expand_direct_runs(per_part[:, :, i], part[0], meta.plan.direct, part[1])
+            _expand_direct_runs(per_part[:, :, i], part[0], meta.plan.direct, part[1])
+
+
+def _shrink_direct_runs(x: torch.Tensor, lora_a: torch.Tensor, runs: tuple[DirectRun, ...], y: torch.Tensor) -> None:
+    for run in runs:
+        torch.matmul(x[run.start : run.end], lora_a[run.slot, : run.rank].float().t(),
+                     out=y[run.start : run.end, : run.rank])
+
+
+def _expand_direct_runs(y: torch.Tensor, lora_b: torch.Tensor, runs: tuple[DirectRun, ...], base: torch.Tensor) -> None:
+    for run in runs:
+        base[run.start : run.end].addmm_(y[run.start : run.end, : run.rank], lora_b[run.slot, :, : run.rank].float().t(),
+                                         alpha=run.scaling)
 
 
 @functools.cache
@@ -238,7 +251,7 @@ def attention_unsupported(dtype: torch.dtype, n_heads: int, kv_heads: int, head_
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float) -> torch.Tensor:
-    """`kernels.reference.paged_attention`: decode sequences natively, prefill chunks by the twins."""
+    """`kernels.reference.paged_attention`: decode sequences natively, prefill chunks by the torch backend's SDPA."""
     num_tokens, n_heads, head_dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
     _require(attention_unsupported(q.dtype, n_heads, kv_heads, head_dim, block_size))
@@ -253,7 +266,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     out = torch.empty(q.shape, dtype=q.dtype)  # contiguous: the kernel writes head h at h * head_dim
     if num_tokens == 0:
         return out
-    plan = twins.plan_for(block_tables, seq_lens, query_start_loc, block_size, kv_heads, True)
+    plan = attention.plan_for(block_tables, seq_lens, query_start_loc, block_size, kv_heads, True)
     if plan.decode_seqs.numel():
         status = build.library().lorafleet_paged_decode_attention_f32(
             q.data_ptr(), q.stride(0), out.data_ptr(), out.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
@@ -263,5 +276,5 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         )
         if status:
             raise ValueError("paged_attention: shapes past the native kernel's limits")
-    twins.prefill_attention(q, k_cache, v_cache, plan, scale, out)
+    attention.prefill_attention(q, k_cache, v_cache, plan, scale, out)
     return out

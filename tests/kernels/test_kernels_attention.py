@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kernels import reference
-from kernels.cpu import attention_plan, twins
+from kernels.cpu import attention, attention_plan
 from tests.kernels.cases import backend, make_paged_batch, relative_error
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -95,8 +95,8 @@ def test_decode_lengths_far_apart_form_buckets(device):
     inputs = make_paged_batch([(n, 1) for n in lengths], 16, 2, 3, 16, torch.float32, device, seed=2,
                               head_major=True)
     want = dense_attention(*inputs, 0.2)
-    out = twins.paged_attention(*inputs, 0.2)
-    buckets = twins._last_plan.decode
+    out = attention.paged_attention(*inputs, 0.2)
+    buckets = attention._last_plan.decode
     assert len(buckets) > 1
     assert sorted(r for b in buckets for r in b.q_rows.tolist()) == list(range(len(lengths)))
     padded = sum(b.count * b.length for b in buckets)

@@ -1,6 +1,6 @@
-"""Multi-LoRA shrink/expand/apply on every backend (torch by its plan, native C, Triton interpreted
-on CPU or compiled on CUDA) against a naive per-token loop on awkward batches, the CPU plans, and
-how `kernels.backend` chooses and refuses."""
+"""Multi-LoRA shrink/expand/apply on every backend (torch, native C, Triton interpreted on CPU or
+compiled on CUDA) against a naive per-token loop on awkward batches, the native plan, and how
+`kernels.backend` chooses and refuses."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def slot_pattern(kind: str, num_tokens: int, generator: torch.Generator) -> torc
         order = sorted(range(NUM_SLOTS), key=lambda s: (int(ranks[s]), s))
         slots = [s for s in order for _ in range(counts[s])]
         return torch.tensor(([-1] * max(3, num_tokens - len(slots)) + slots)[:num_tokens])
-    if kind == "one":  # a single adapter for the whole batch (the twin's identity fast path)
+    if kind == "one":  # a single adapter for the whole batch
         return torch.full((num_tokens,), 7)
     if kind == "none":
         return torch.full((num_tokens,), -1)
@@ -183,7 +183,7 @@ def test_native_refuses_half_precision_activations(dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind", ["mixed", "runs", "one", "none"])
 @pytest.mark.parametrize("num_tokens", [0, 1, 7, 33])
-def test_triton_matches_twin(num_tokens, kind, dtype, device):
+def test_triton_matches_the_torch_backend(num_tokens, kind, dtype, device):
     check_lora("triton", num_tokens, kind, dtype, device)
 
 
@@ -284,15 +284,12 @@ def test_fused_projections_in_the_engine_layout(impl, device):
 
 
 def plan_summary(plan: lora_plan.LoraPlan | None):
-    """What a plan does, comparable across two builds: direct runs, rank batches, segments."""
+    """What a plan does, comparable across two builds: direct runs and segments."""
     if plan is None:
         return None
     seg = plan.segments
-    return (
-        [(r.start, r.end, r.slot, r.rank) for r in plan.direct],
-        [(b.rank, b.first_slot, b.slot_step, b.count, b.width) for b in plan.batches],
-        None if seg is None else [t.tolist() for t in (seg.starts, seg.rows, seg.slots, seg.ranks)],
-    )
+    return ([(r.start, r.end, r.slot, r.rank) for r in plan.direct],
+            [t.tolist() for t in (seg.starts, seg.rows, seg.slots, seg.ranks)])
 
 
 def fused_group_case(kind: str, parts: int, weights: torch.dtype, device: torch.device, tokens: int = 33):
@@ -397,29 +394,23 @@ def test_a_prepared_group_still_checks_its_batch(impl, device):
     assert torch.equal(out.nan_to_num(), before.nan_to_num())
 
 
-def test_each_cpu_backend_needs_a_meta_with_its_own_plan():
-    """The native and CPU torch backends run a step by the plan their own lora_meta made: a meta
-    without one (LoraMeta.build alone, or the other backend's) raises rather than drop the term."""
+def test_the_native_backend_needs_a_meta_with_its_plan():
+    """The native backend runs a step by the plan its own lora_meta made: a meta without one
+    (LoraMeta.build alone, as Triton and torch use) raises rather than drop the LoRA term."""
+    if not build.available():
+        pytest.skip("no C compiler here")
     cpu = torch.device("cpu")
     token_slots, ranks, scalings, x, lora_a, lora_b, base = make_case(7, "mixed", torch.float32, cpu)
     plain = kernels.LoraMeta.build(token_slots, ranks, scalings)
-    planned = {name: kernels.LoraMeta.build(token_slots, ranks, scalings, planner=planner)
-               for name, planner in (("torch", lora_plan.build_torch_plan), ("native", lora_plan.build_native_plan))}
-    assert plain.plan is None
-    assert planned["torch"].plan.segments is None and planned["native"].plan.segments is not None
-    assert not planned["native"].plan.batches
-    y = torch.zeros(7, MAX_RANK)
-    for name in ("torch", "native"):
-        if name == "native" and not build.available():
-            continue
-        be = kernels.backend(name, cpu)
-        own = be.lora_meta(token_slots, ranks, scalings)
-        assert plan_summary(own.plan) == plan_summary(planned[name].plan)
-        for meta in (plain, planned["native" if name == "torch" else "torch"]):
-            with pytest.raises(ValueError, match=f"no {name} plan; build it with the {name} backend"):
-                be.lora_shrink(x, lora_a, meta)
-            with pytest.raises(ValueError, match=f"no {name} plan"):
-                be.lora_expand(y, lora_b, meta, base.clone())
+    planned = kernels.LoraMeta.build(token_slots, ranks, scalings, planner=lora_plan.build_native_plan)
+    assert plain.plan is None and planned.plan.segments is not None
+    assert kernels.backend("torch", cpu).lora_meta(token_slots, ranks, scalings).plan is None
+    be = kernels.backend("native", cpu)
+    assert plan_summary(be.lora_meta(token_slots, ranks, scalings).plan) == plan_summary(planned.plan)
+    with pytest.raises(ValueError, match="no native plan; build it with the native backend"):
+        be.lora_shrink(x, lora_a, plain)
+    with pytest.raises(ValueError, match="no native plan"):
+        be.lora_expand(torch.zeros(7, MAX_RANK), lora_b, plain, base.clone())
 
 
 def test_meta_groups_tokens_by_slot_stably():
@@ -435,89 +426,22 @@ def test_meta_groups_tokens_by_slot_stably():
     assert meta.tiles.tolist() == [[0, 0, 2], [2, 2, 5]]
 
 
-def torch_plan(slots: list[int], ranks: torch.Tensor, scalings: torch.Tensor) -> lora_plan.LoraPlan:
-    return kernels.backend("torch", "cpu").lora_meta(torch.tensor(slots, dtype=torch.int32), ranks, scalings).plan
-
-
 def native_plan(slots: list[int], ranks: torch.Tensor, scalings: torch.Tensor) -> lora_plan.LoraPlan:
     # The planner alone: it needs no compiler.
     return kernels.LoraMeta.build(torch.tensor(slots, dtype=torch.int32), ranks, scalings,
                                   planner=lora_plan.build_native_plan).plan
 
 
-def test_torch_plan_batches_equal_rank_slots_into_one_bmm():
-    """Decode-sized segments of equal rank in evenly spaced slots become one strided rank batch; a
-    long contiguous run stays a direct matmul; every adapter token is planned exactly once."""
-    from kernels.cpu.lora_plan import BATCH_MAX_TOKENS, _progressions
-
-    ranks = torch.tensor([8, 16, 8, 16, 8, 16, 8, 64, 32], dtype=torch.int32)
-    slots = [-1, 0, 0, 1, 2, 3, 3, 3, 4, 5, 6, 7] + [8] * (BATCH_MAX_TOKENS + 1) + [-1, 1]
-    plan = torch_plan(slots, ranks, torch.ones(9))
-    assert plan.segments is None
-    assert [(r.start, r.end, r.slot) for r in plan.direct] == [(12, 12 + BATCH_MAX_TOKENS + 1, 8)]
-    batches = {(g.rank, g.first_slot, g.slot_step, g.count) for g in plan.batches}
-    assert batches == {(8, 0, 2, 4), (16, 1, 2, 3), (64, 7, 1, 1)}
-    in_place = [g for g in plan.batches if g.row_start is not None]
-    assert [(g.rank, g.row_start) for g in in_place] == [(64, 11)]  # slot 7's lone token needs no gather
-    planned = plan.batched_rows.tolist() + [t for r in plan.direct for t in range(r.start, r.end)]
-    planned += [t for g in in_place for t in range(g.row_start, g.row_start + g.count * g.width)]
-    assert sorted(planned) == [t for t, s in enumerate(slots) if s >= 0]
-    assert not plan.batches_cover_all_rows
-    # Each batched token has its own row of the padded buffer, inside its batch's block.
-    positions = plan.padded_positions.tolist()
-    assert len(set(positions)) == len(positions) and max(positions) < plan.padded_rows
-    rank16 = next(g for g in plan.batches if g.rank == 16)
-    assert rank16.width == 3  # slot 1: 2 tokens (one far away), 3: 3, 5: 1
-    assert plan.padded_rows == sum(g.count * g.width for g in plan.batches if g.row_start is None)
-    for row, position in zip(plan.batched_rows.tolist(), positions, strict=True):
-        batch = next(g for g in plan.batches if g.row_start is None and g.offset <= position < g.offset + g.count * g.width)
-        assert batch.gather_rows[position - batch.offset] == row
-    assert _progressions([0, 1, 2, 5, 8, 11, 12]) == [[0, 1, 2], [5, 8, 11], [12]]
-    assert _progressions([0, 4, 8, 12, 13]) == [[0, 4, 8, 12], [13]]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_torch_plan_works_in_place_on_a_batch_ordered_by_rank_then_slot(dtype):
-    """The engine's batch order: equal-rank slots side by side. Rank batches of equal token counts
-    then need no gather or padded buffer at all, and the result still matches the naive sum."""
-    twins = kernels.backend("torch", "cpu")
-    ranks = torch.tensor([8, 16, 8, 16, 8, 16], dtype=torch.int32)
-    slots = [-1, 0, 0, 2, 2, 4, 4, 1, 3, 3, 5]  # rank 8: slots 0, 2, 4 (2 tokens each); rank 16: 1, 3, 5
-    meta = twins.lora_meta(torch.tensor(slots, dtype=torch.int32), ranks, torch.tensor([0.5, 1, 2, 1, 1, 3.0]))
-    plan = meta.plan
-    by_rank = {g.rank: g for g in plan.batches}
-    assert by_rank[8].row_start == 1 and by_rank[8].width == 2
-    assert by_rank[16].row_start is None  # slot 3 has two tokens, slots 1 and 5 one: padded
-    assert plan.padded_rows == 6 and plan.batched_rows.tolist() == [7, 8, 9, 10]
-    torch.manual_seed(0)
-    x = torch.randn(len(slots), 24)
-    lora_a, lora_b = torch.randn(6, 16, 24), torch.randn(6, 40, 16)
-    base = torch.randn(len(slots), 40)
-    x, lora_a, lora_b, base = (t.to(dtype) for t in (x, lora_a, lora_b, base))
-    y = twins.lora_shrink(x, lora_a, meta)
-    got = twins.lora_expand(y, lora_b, meta, base.clone())
-    assert got.dtype == dtype
-    want = base.float()
-    for t, slot in enumerate(slots):
-        if slot >= 0:
-            r = int(ranks[slot])
-            a, b = lora_a[slot, :r].float(), lora_b[slot, :, :r].float()
-            want[t] += float(meta.scalings[slot]) * (x[t].float() @ a.T) @ b.T
-    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(got.float(), want, rtol=tolerance, atol=tolerance * 10)
-
-
 def test_native_plan_gives_the_native_kernels_every_run_up_to_their_limit():
-    """The native plan: runs up to NATIVE_MAX_RUN_TOKENS are segments (the torch plan makes the
-    ones past BATCH_MAX_TOKENS direct), longer ones stay matmuls; each adapter token is in exactly
-    one of them, and scaled ranks scale both."""
-    from kernels.cpu.lora_plan import BATCH_MAX_TOKENS, NATIVE_MAX_RUN_TOKENS
+    """The native plan: runs up to NATIVE_MAX_RUN_TOKENS are segments, wherever their rows are,
+    longer ones stay matmuls; each adapter token is in exactly one of them, and scaled ranks
+    scale both."""
+    from kernels.cpu.lora_plan import NATIVE_MAX_RUN_TOKENS
 
     ranks = torch.tensor([8, 16, 4], dtype=torch.int32)
-    slots = [0, -1] + [1] * (BATCH_MAX_TOKENS + 1) + [2] * (NATIVE_MAX_RUN_TOKENS + 1) + [0]
-    assert [run.slot for run in torch_plan(slots, ranks, torch.ones(3)).direct] == [1, 2]
+    slots = [0, -1] + [1] * 17 + [2] * (NATIVE_MAX_RUN_TOKENS + 1) + [0]
     plan = native_plan(slots, ranks, torch.ones(3))
-    assert [run.slot for run in plan.direct] == [2] and not plan.batches
+    assert [run.slot for run in plan.direct] == [2]
     seg = plan.segments
     assert sorted(seg.slots.tolist()) == [0, 1]
     covered = seg.rows.tolist() + [t for run in plan.direct for t in range(run.start, run.end)]
@@ -582,20 +506,20 @@ def fresh_backends():
 def test_backend_choice_on_cpu_and_unknown_kinds(monkeypatch, fresh_backends):
     """auto on CPU: native where the C kernels build and the model suits them, else torch; each
     kind is decided once (one object per kind and device); a kind that cannot serve raises."""
-    twins = kernels.backend("torch", "cpu")
-    assert twins is kernels.backend("torch", torch.device("cpu")) and twins.name == "torch"
-    meta = twins.lora_meta(torch.tensor([0], dtype=torch.int32), torch.tensor([4]), torch.ones(1))
+    plain = kernels.backend("torch", "cpu")
+    assert plain is kernels.backend("torch", torch.device("cpu")) and plain.name == "torch"
+    meta = plain.lora_meta(torch.tensor([0], dtype=torch.int32), torch.tensor([4]), torch.ones(1))
     x, lora_a = torch.randn(1, 8), torch.randn(1, 4, 8)
     want = reference.lora_shrink(x, lora_a, meta)
-    assert torch.allclose(twins.lora_shrink(x, lora_a, meta), want, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(plain.lora_shrink(x, lora_a, meta), want, rtol=1e-6, atol=1e-7)
     auto = kernels.backend("auto", "cpu")
     if build.available():
         assert auto is kernels.backend("native", "cpu")
         auto_meta = auto.lora_meta(torch.tensor([0], dtype=torch.int32), torch.tensor([4]), torch.ones(1))
         assert torch.allclose(auto.lora_shrink(x, lora_a, auto_meta), want, rtol=1e-6, atol=1e-7)
     else:
-        assert auto is twins
-    assert kernels.backend("auto", "cpu", lora_dtype=torch.float16) is twins  # half weights: not native
+        assert auto is plain
+    assert kernels.backend("auto", "cpu", lora_dtype=torch.float16) is plain  # half weights: not native
     assert kernels.backend("auto", "meta").name == "torch"  # neither CPU nor CUDA
     with pytest.raises(ValueError, match="kernels must be one of auto, triton, native, torch; got 'cuda'"):
         kernels.backend("cuda", "cpu")

@@ -1,5 +1,5 @@
 """The native CPU kernels: they build here, the native backend really runs them (never the torch
-twins), decode attention matches the specification, inputs they cannot take raise naming why,
+paths), decode attention matches the specification, inputs they cannot take raise naming why,
 and a machine without a compiler gets the torch backend from kernels="auto" with a clear reason."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 
 import kernels
 from kernels import reference
-from kernels.cpu import build, native, twins
+from kernels.cpu import attention, build, native
 from kernels.cpu.lora_plan import NATIVE_MAX_RUN_TOKENS
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
@@ -113,7 +113,7 @@ def engine_like_lora(tokens_per_slot: list[int], in_features=200, out_features=1
 
 
 @pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16], ids=str)
-def test_fp32_lora_runs_natively_not_through_the_twin(weights, monkeypatch):
+def test_fp32_lora_runs_natively_not_through_torch(weights, monkeypatch):
     # Slot 6: a prefill run the native kernels take (many token blocks); slot 7: one past their
     # limit, left to an MKL matmul.
     x, lora_a, lora_b, meta = engine_like_lora([1, 3, 2, 5, 1, 2, 40, NATIVE_MAX_RUN_TOKENS + 1])
@@ -121,14 +121,13 @@ def test_fp32_lora_runs_natively_not_through_the_twin(weights, monkeypatch):
     want_y = reference.lora_shrink(x, lora_a, meta)
     want = reference.lora_expand(want_y, lora_b, meta, torch.zeros(x.shape[0], lora_b.shape[1]))
 
-    def no_twin(*args, **kwargs):
-        raise AssertionError(f"the fast path for {weights} weights fell back to the torch twin")
+    def no_torch(*args, **kwargs):
+        raise AssertionError(f"the fast path for {weights} weights fell back to the torch backend")
 
-    for module in (reference, twins):
-        monkeypatch.setattr(module, "lora_shrink", no_twin)
-        monkeypatch.setattr(module, "lora_expand", no_twin)
+    monkeypatch.setattr(reference, "lora_shrink", no_torch)
+    monkeypatch.setattr(reference, "lora_expand", no_torch)
     plan = meta.plan
-    assert [run.slot for run in plan.direct] == [7] and plan.segments.count == 7 and not plan.batches
+    assert [run.slot for run in plan.direct] == [7] and plan.segments.count == 7
     be = native_backend()
     y = be.lora_shrink(x, lora_a, meta)
     got = be.lora_expand(y, lora_b, meta, torch.zeros(x.shape[0], lora_b.shape[1]))
@@ -140,7 +139,7 @@ def test_fp32_lora_runs_natively_not_through_the_twin(weights, monkeypatch):
 @pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16], ids=str)
 def test_a_projection_group_is_one_native_call(weights, monkeypatch):
     """The native lora_apply: the fused group's shrink and every expand in one native call, not a
-    shrink and expands one by one (nor the twins)."""
+    shrink and expands one by one (nor the torch backend's)."""
     x, _, _, meta = engine_like_lora([1, 3, 2, 5, 1, 2, 40, 4])
     generator = torch.Generator().manual_seed(1)
     fused_a = (torch.randn(8, 32, 2, x.shape[1], generator=generator) / 15).to(weights)
@@ -157,7 +156,7 @@ def test_a_projection_group_is_one_native_call(weights, monkeypatch):
         def refuse(*args, name=name, **kwargs):
             raise AssertionError(f"lora_apply fell back to {name}")
 
-        for module in (reference, twins, native):
+        for module in (reference, native):
             monkeypatch.setattr(module, name, refuse)
     got = torch.zeros(x.shape[0], 200)
     group = [(b_views[0], got[:, :130]), (b_views[1], got[:, 130:])]
@@ -171,7 +170,7 @@ def test_a_projection_group_is_one_native_call(weights, monkeypatch):
     ([2, 3, 2, 3, 2, 3, 2, 3], True),  # a decode step: whole segments per thread, no barrier
     ([1, 1, 1, 1, 1, 1, 120, 1], False),  # one segment outweighs the rest: the shared item lists
 ], ids=["balanced", "lopsided"])
-def test_apply_schedules_agree_with_the_twin(tokens_per_slot, by_segment, threads):
+def test_apply_schedules_agree_with_the_specification(tokens_per_slot, by_segment, threads):
     """The native apply splits work by segment where that shares out evenly, by items otherwise;
     both give the twin's result, at any thread count."""
     x, _, _, meta = engine_like_lora(tokens_per_slot)
@@ -269,8 +268,8 @@ def test_decode_attention_reads_the_paged_cache_in_place(group, block_size, monk
     inputs = (q, k_cache, v_cache, tables, seq_lens, query_start, head_dim**-0.5)
 
     want = reference.paged_attention(*inputs)
-    for module in (reference, twins):
-        monkeypatch.setattr(module, "paged_attention", lambda *a, **k: pytest.fail("fell back to the twin"))
+    for module in (reference, attention):
+        monkeypatch.setattr(module, "paged_attention", lambda *a, **k: pytest.fail("fell back to torch"))
     got = native_backend().paged_attention(*inputs)
     assert not torch.isnan(got).any()
     assert float((got - want).norm() / want.norm()) < 1e-5
@@ -297,14 +296,14 @@ def test_attention_outside_the_native_layout_raises():
     with pytest.raises(ValueError, match="float32, not bfloat16; use kernels='torch'"):
         be.paged_attention(half[0], half[1], half[1], tables, seq_lens, start, 0.25)
     max_q_per_kv, max_head_dim, max_block_size = native._attention_limits()
-    for attention, reason in [
+    for shape, reason in [
         ((2 * (max_q_per_kv + 1), 2, 16, 16), "query heads per KV head"),
         ((4, 2, max_head_dim + 1, 16), "head_dim <="),
         ((4, 2, 16, max_block_size + 1), "block_size <="),
     ]:
         with pytest.raises(ValueError, match=f"kernels='native': .*{reason}"):
-            kernels.backend("native", "cpu", attention=attention)
-        assert kernels.backend("auto", "cpu", attention=attention).name == "torch"
+            kernels.backend("native", "cpu", attention=shape)
+        assert kernels.backend("auto", "cpu", attention=shape).name == "torch"
     assert kernels.backend("auto", "cpu", attention=(4, 2, 16, 16)) is be
     assert kernels.backend("auto", "cpu", dtype=torch.bfloat16, attention=(4, 2, 16, 16)).name == "torch"
     with pytest.raises(ValueError, match="float32 activations"):

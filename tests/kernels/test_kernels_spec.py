@@ -35,8 +35,7 @@ LORA_CASES = {
     # decode-like: singleton segments, -1 and the rank-0 slot interleaved, a slot coming back
     "ragged": [2, -1, 0, 4, 2, 3, 1, -1, 5, 2, 0, 4, -1],
     "ragged_strided": [2, -1, 0, 4, 2, 3, 1, -1, 5, 2, 0, 4, -1],  # the same over strided views
-    # prefill-like runs: a run past the torch plan's BATCH_MAX_TOKENS (a direct matmul there)
-    # and past the Triton tile (16), a slot coming back later, -1 runs between
+    # prefill-like runs: a run past the Triton tile (16), a slot coming back later, -1 runs between
     "runs": [2] * 9 + [-1] * 2 + [4] * 5 + [1] * 18 + [2] * 3 + [0],
     "rank1": [0, 5, 0, 0, 5, -1, 5],  # every adapter token at rank 1
     "empty": [],
