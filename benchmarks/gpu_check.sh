@@ -4,7 +4,7 @@
 #   1. env          the environment: GPU, driver, packages, what is missing      summary.txt
 #   2. kernel tests tests/kernels compiled on CUDA (TRITON_INTERPRET=0; fp32,     kernel_tests.txt
 #                   fp16, bf16), in parallel where pytest-xdist is installed
-#   3. kernel table benchmarks/kernels.py --check: Triton against the twins,      kernels_log.txt,
+#   3. kernel table benchmarks/kernels.py --check: Triton against the spec,       kernels_log.txt,
 #                   then the table at Llama-3-8B shapes                           kernels.md, kernels.json
 #   4. engine       benchmarks/engine_gpu.py: random:llama-3-8b in bf16, 0/8/32   engine_log.txt,
 #                   rank-16 adapters: tok/s, TTFT, ITL, memory                    results.json, RESULTS-gpu.md
@@ -128,7 +128,7 @@ echo "== 2/4 tests/kernels on CUDA"
 if [ "$HAVE_CUDA" != 1 ]; then
   record "kernel tests" "NOT RUN" 0 "no CUDA device visible to torch"
 elif [ "$HAVE_PYTEST" != 1 ]; then
-  record "kernel tests" "NOT RUN" 0 "pytest is not installed (carry its wheel); step 3 still checks Triton against the twins"
+  record "kernel tests" "NOT RUN" 0 "pytest is not installed (carry its wheel); step 3 still checks Triton against the specification"
 else
   parallel=()
   [ "$HAVE_XDIST" = 1 ] && parallel=(-n 8)  # Triton compiles dominate: one compiler per worker
@@ -162,7 +162,7 @@ else
     --budget 0.05 --out "$OUT"
   fails=$(grep -c '^FAIL' "$OUT/kernels_log.txt" || true)
   if [ $rc -eq 0 ]; then
-    record "kernel table" PASSED $took "Triton matches the twins; table in kernels.md"
+    record "kernel table" PASSED $took "Triton matches the specification; table in kernels.md"
   elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
     record "kernel table" TIMEOUT $took "past ${TABLE_LIMIT}s ($fails correctness failures before that)"
   else
