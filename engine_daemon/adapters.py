@@ -10,6 +10,7 @@ engine thread: the loader thread only fills a slot that nobody else may touch an
 from __future__ import annotations
 
 import ctypes
+import itertools
 import queue
 import threading
 import time
@@ -64,6 +65,7 @@ class AdapterRecord:
     in_use: int = 0  # running sequences holding the slot
     pinned: bool = False
     fresh_load: bool = False  # the next hold() is the request that caused the load, not a hit
+    generation: int = field(default_factory=itertools.count().__next__)  # which registration this is
     stats: AdapterStats = field(default_factory=AdapterStats)
 
     @property
@@ -218,6 +220,11 @@ class AdapterResidency:
             self.pool.ranks[record.slot] = 0
             self._slot_lru.move_to_end(record.slot, last=False)  # reuse this slot first
         self._host_lru.pop(name, None)
+
+    def identity(self, name: str) -> str:
+        """What the prefix cache keys an adapter's blocks by: its name and which registration of it
+        (a name added again with other weights must not find the old weights' blocks)."""
+        return f"{name}\0{self.get(name).generation}"
 
     def get(self, name: str) -> AdapterRecord:
         record = self.records.get(name)

@@ -50,6 +50,8 @@ class EngineConfig:
     max_num_batched_tokens: int = field(default=2048, metadata=setting("tokens per step (decode + prefill chunks)"))
     max_model_len: int | None = field(default=None, metadata=setting("context length (default: the model's)"))
     block_size: int = field(default=16, metadata=setting("tokens per KV cache block"))
+    enable_prefix_caching: bool = field(default=True, metadata=setting(
+        "reuse the KV blocks of a prompt prefix this tenant sent before under the same adapter (0 turns it off)"))
     kv_cache_bytes: int | None = field(default=None, metadata=setting(
         "CPU: bytes for the KV cache (default: enough for max-num-seqs full contexts, at most 2 GiB)"))
     gpu_memory_utilization: float = field(default=0.90, metadata=setting("CUDA: share of device memory to fill"))
@@ -94,7 +96,7 @@ class Setting:
     name: str
     flag: str
     env: str
-    kind: type  # what the flag's text is converted with
+    kind: Any  # what the flag's text is converted with (a type, or `boolean`)
     default: Any  # None where the help says what the default is
     help: str
 
@@ -110,12 +112,22 @@ def settings(config: type) -> list[Setting]:
     ]
 
 
-def _value_type(hint: Any) -> type:
+def _value_type(hint: Any) -> Any:
     """``int | None`` → int: an optional setting is left out, never given as null."""
     if isinstance(hint, types.UnionType):
         (kind,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
         return kind
-    return hint
+    return boolean if hint is bool else hint
+
+
+def boolean(text: str) -> bool:
+    """A yes/no setting's text (bool("0") would be True)."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected 1/0, true/false, yes/no or on/off, got {text!r}")
 
 
 def _default(f: Field) -> Any:

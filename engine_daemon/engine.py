@@ -22,6 +22,7 @@ from engine_daemon.lora import LoraBatch, PoolGroups
 from engine_daemon.model import AttentionMetadata, LlamaModel, ModelConfig
 from engine_daemon.model_source import SUPPORTED_ARCHITECTURES, resolve_model
 from engine_daemon.peft_format import AdapterError, descriptor_from_config
+from engine_daemon.prefix_cache import cache_salt
 from engine_daemon.protocol import EngineSnapshot
 from engine_daemon.sampling import Sampler, SamplingParams, make_generator
 from engine_daemon.scheduler import ScheduledSeq, Scheduler
@@ -53,6 +54,7 @@ class StepOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error_code: str | None = None  # with error: the code the client's error event carries
+    cached_tokens: int = 0  # of the prompt tokens, those found in the prefix cache
 
 
 @dataclass
@@ -65,6 +67,7 @@ class RequestOutput:
     logprobs: list[float] | None = None
     error: str | None = None
     time_to_first_token: float | None = None
+    num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
 
 
 @dataclass
@@ -136,6 +139,7 @@ class Engine:
             self.residency,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
+            enable_prefix_caching=config.enable_prefix_caching,
         )
         self.sampler = Sampler(self.device)
         self.eos_token_ids = set(self.tokenizer.eos_token_ids if self.tokenizer else self.model_config.eos_token_ids)
@@ -246,6 +250,7 @@ class Engine:
             adapter=adapter,
             tenant=tenant,
             generator=make_generator(params.seed, self.device),
+            cache_salt=cache_salt(tenant, self.residency.identity(adapter) if adapter is not None else ""),
         )
         if resume_token_ids:
             detokenizer.resume(seq, [int(t) for t in resume_token_ids], resume_text, self.tokenizer)
@@ -293,6 +298,13 @@ class Engine:
             return len(seq.prompt_ids)
         return min(seq.num_computed, len(seq.prompt_ids))
 
+    def prompt_tokens_cached(self, request_id: str) -> int:
+        """Of ``prompt_tokens_computed``, those its first admission found in the prefix cache."""
+        seq = self.sequences.get(request_id)
+        if seq is None:
+            return 0
+        return min(seq.num_cached_tokens, self.prompt_tokens_computed(request_id))
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
@@ -307,8 +319,7 @@ class Engine:
             return outputs
         sampled = [item for item in batch if item.samples]
         logits = self._forward(batch, sampled)
-        for item in batch:
-            item.seq.num_computed += item.num_tokens
+        self.scheduler.computed(batch)
         if sampled:
             params = [item.seq.params for item in sampled]
             tokens, logprobs = self.sampler.sample(logits, params, [item.seq.generator for item in sampled])
@@ -402,6 +413,7 @@ class Engine:
             finished=reason is not None,
             finish_reason=reason,
             prompt_tokens=len(seq.prompt_ids),
+            cached_tokens=seq.num_cached_tokens,
             completion_tokens=len(seq.output_ids),
         )
 
@@ -506,6 +518,7 @@ class Engine:
             list(seq.output_logprobs) if seq.params.logprobs else None,
             seq.error,
             ttft,
+            seq.num_cached_tokens,
         )
 
     def pop_finished(self, request_id: str) -> RequestOutput | None:
@@ -536,6 +549,7 @@ class Engine:
         busy = sum(r.seconds for r in recent)
         timed = [r for r in recent if r.lora_seconds is not None]
         blocks = self.kv.blocks
+        prefix = self.scheduler.prefix_tokens
         return EngineSnapshot(
             base_model=self.model_name,
             device=str(self.device),
@@ -559,6 +573,11 @@ class Engine:
             # Share of step time spent in the LoRA shrink/expand, from the steps that were timed.
             lora_share=(sum(r.lora_seconds for r in timed) / sum(r.seconds for r in timed)) if timed else None,
             adapters=self.residency.snapshot(),
+            prefix_caching=self.config.enable_prefix_caching,
+            prefix_cache_blocks=blocks.num_cached,
+            prefix_prompt_tokens=sum(prompt for prompt, _cached in prefix.values()),
+            prefix_cached_tokens=sum(cached for _prompt, cached in prefix.values()),
+            prefix_tenants={tenant: list(counts) for tenant, counts in prefix.items()},
         )
 
     def close(self) -> None:

@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 if TYPE_CHECKING:
     from engine_daemon.engine import StepOutput
+    from engine_daemon.protocol import EngineSnapshot
     from engine_daemon.service import EngineService
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -52,6 +53,13 @@ class EngineMetrics:
         self.evictions = counter("lorafleet:lora_adapter_evictions", "Adapters evicted from a device slot")
         self.slot_hits = counter("lorafleet:lora_adapter_slot_hits", "Requests whose adapter was already in a device slot")
         self.preemptions = counter("lorafleet:num_preemptions", "Sequences preempted (their KV freed, recomputed later)")
+        self.prefix_blocks = gauge("lorafleet:prefix_cache_blocks", "KV blocks in the prefix cache, in use or idle")
+        self.prefix_queries = counter(
+            "lorafleet:prefix_cache_queries", "Prompt tokens looked up in the prefix cache, by tenant", ("tenant",))
+        self.prefix_hits = counter(
+            "lorafleet:prefix_cache_hits", "Prompt tokens found in the prefix cache, by tenant", ("tenant",))
+        self.prefix_hit_rate = gauge(
+            "lorafleet:prefix_cache_hit_rate", "Share of prompt tokens found in the prefix cache since the engine started")
         self.load_time = histogram("lorafleet:lora_adapter_load_seconds", "Time to bring an adapter into a slot")
         self.ttft = histogram("lorafleet:time_to_first_token_seconds", "Time from request creation to its first token")
         self.itl = histogram("lorafleet:inter_token_latency_seconds", "Time between two tokens of one request")
@@ -62,11 +70,12 @@ class EngineMetrics:
         )
         for metric in (self.running, self.waiting, self.kv_usage, self.prompt_tokens, self.generation_tokens,
                        self.evictions, self.slot_hits, self.preemptions, self.load_time, self.ttft, self.itl,
-                       self.e2e, self.step_time, self.adapters_per_step):
+                       self.e2e, self.step_time, self.adapters_per_step, self.prefix_blocks, self.prefix_hit_rate):
             metric.labels(**labels)  # exported at 0 from the start, so that rate() and absent() behave
         self._last_token: dict[str, float] = {}
         self._seen_prompt = 0
         self._seen_preemptions = 0
+        self._seen_prefix: dict[str, tuple[int, int]] = {}  # tenant -> (prompt, cached) tokens already counted
         self._seen_steps = service.engine.stats.steps
         # Per adapter, so that removing one (its stats go with it) never makes a counter run backwards.
         self._seen_adapter: dict[tuple[str, str], int] = {}
@@ -132,11 +141,25 @@ class EngineMetrics:
         if snap.preemptions > self._seen_preemptions:
             self.preemptions.labels(**self.labels).inc(snap.preemptions - self._seen_preemptions)
             self._seen_preemptions = snap.preemptions
+        self._refresh_prefix_cache(snap)
         events = engine.residency.load_events
         while events:
             _name, seconds, source = events.popleft()
             self.loads.labels(**self.labels, source=source).inc()
             self.load_time.labels(**self.labels).observe(seconds)
+
+    def _refresh_prefix_cache(self, snap: EngineSnapshot) -> None:
+        self.prefix_blocks.labels(**self.labels).set(snap.prefix_cache_blocks)
+        self.prefix_hit_rate.labels(**self.labels).set(snap.prefix_hit_rate or 0.0)
+        for tenant, (prompt, cached) in snap.prefix_tenants.items():
+            seen = self._seen_prefix.get(tenant)
+            if seen == (prompt, cached):
+                continue
+            seen_prompt, seen_cached = seen or (0, 0)
+            # Both series exist from a tenant's first request on, so that hits / queries is 0, not absent.
+            self.prefix_queries.labels(**self.labels, tenant=tenant).inc(max(0, prompt - seen_prompt))
+            self.prefix_hits.labels(**self.labels, tenant=tenant).inc(max(0, cached - seen_cached))
+            self._seen_prefix[tenant] = (max(prompt, seen_prompt), max(cached, seen_cached))
 
     def _adapter_delta(self, name: str, stat: str, value: int) -> int:
         """How much an adapter's own counter grew since the last look (a re-added adapter starts again at 0)."""

@@ -257,6 +257,7 @@ class DoneEvent(_Message):
     completion_tokens: int
     time_to_first_token: float | None = None
     engine_id: str | None = None
+    cached_tokens: int = 0  # of the prompt tokens, those whose K/V came from the prefix cache
 
 
 @dataclass
@@ -362,6 +363,10 @@ class EngineSnapshot:
     ("gpu" | "host" | "disk" | "loading" | "failed"), slot, requests, gpu_hits, host_hits, disk_loads,
     slot_loads, evictions, mean_load_seconds, last_used, error. The rates (tokens_per_second,
     step_seconds, lora_share) cover the last few seconds, so they fall to 0 when the engine idles.
+
+    The prefix cache's figures count requests once, at their first admission, since the engine
+    started: ``prefix_prompt_tokens`` their prompt tokens, ``prefix_cached_tokens`` those of them
+    found in the cache; ``prefix_tenants`` the same per tenant id, as [prompt, cached].
     """
 
     base_model: str
@@ -385,6 +390,21 @@ class EngineSnapshot:
     max_adapters_in_step: int = 0
     multi_adapter_steps: int = 0
     adapters: list[dict[str, Any]] = field(default_factory=list)
+    prefix_caching: bool = False  # whether the engine reuses cached KV blocks (False from engines before the field)
+    prefix_cache_blocks: int = 0  # KV blocks registered in the prefix cache, in use or idle
+    prefix_prompt_tokens: int = 0
+    prefix_cached_tokens: int = 0
+    prefix_tenants: dict[str, list[int]] = field(default_factory=dict)  # tenant id -> [prompt, cached]
+
+    @property
+    def prefix_hit_rate(self) -> float | None:
+        """Share of prompt tokens found in the prefix cache (None before the first request)."""
+        return prefix_hit_rate(self.prefix_prompt_tokens, self.prefix_cached_tokens)
+
+
+def prefix_hit_rate(prompt_tokens: int, cached_tokens: int) -> float | None:
+    """Cached tokens / prompt tokens, the one definition of the prefix cache's hit rate (None: no prompt yet)."""
+    return cached_tokens / prompt_tokens if prompt_tokens else None
 
 
 @dataclass(kw_only=True)

@@ -5,6 +5,12 @@ Each step mixes the decode tokens of running sequences with prefill chunks, unde
 adapter in a slot, so a step never holds more than ``max_loras`` distinct adapters. When KV
 blocks run out, the newest running sequence is preempted and later recomputed from its tokens.
 
+With prefix caching, a sequence starts from the longest run of its full blocks that the cache
+holds (same tenant, same adapter, same tokens before them: ``prefix_cache``), attached rather
+than computed; at least its last token is always computed, for the logits. Blocks are cached as
+their last token's K/V is written, generated tokens' blocks too, so the next turn of a chat
+finds the previous turn's.
+
 Admission is weighted fair share across tenants: the tenant that has been served the fewest
 tokens per unit of weight goes first, and a tenant below its share of running sequences may
 preempt one from a tenant above its share, so a tenant with 500 queued requests cannot make
@@ -19,6 +25,7 @@ from dataclasses import dataclass
 from engine_daemon.adapters import AdapterResidency
 from engine_daemon.kv_cache import BlockManager
 from engine_daemon.peft_format import AdapterError
+from engine_daemon.prefix_cache import block_hashes
 from engine_daemon.sequence import Sequence, Status
 
 
@@ -41,8 +48,10 @@ class Scheduler:
         *,
         max_num_seqs: int,
         max_num_batched_tokens: int,
+        enable_prefix_caching: bool = True,
     ) -> None:
         self.blocks = blocks
+        self.enable_prefix_caching = enable_prefix_caching
         self.residency = residency
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -55,6 +64,8 @@ class Scheduler:
         # (request id, tenant) of every admission, oldest first: the record fairness is checked against.
         self.admitted: deque[tuple[str, str]] = deque(maxlen=10_000)
         self.num_admissions = 0
+        # Per tenant, over first admissions: [prompt tokens, of them found in the prefix cache].
+        self.prefix_tokens: dict[str, list[int]] = defaultdict(lambda: [0, 0])
 
     # ---- queue ----------------------------------------------------------------------------
 
@@ -152,12 +163,14 @@ class Scheduler:
                 return
             if len(self.running) >= self.max_num_seqs and not self._make_room_for(candidate, batch):
                 return
-            count = min(candidate.num_tokens, budget)
-            needed = self.blocks.blocks_for(count)
+            hits = self._attach_cached_prefix(candidate)
+            count = min(candidate.num_tokens - candidate.num_computed, budget)
+            needed = self.blocks.blocks_for(candidate.num_computed + count) - len(hits)
             if not self.blocks.can_allocate(needed) and not self._make_room_for(candidate, batch, needed):
+                self._detach(candidate)
                 return
             self.waiting[candidate.tenant].remove(candidate)
-            self.blocks.grow(candidate.block_table, count)
+            self.blocks.grow(candidate.block_table, candidate.num_computed + count)
             candidate.status = Status.RUNNING
             if candidate.adapter is not None:
                 self.residency.hold(candidate.adapter)
@@ -165,9 +178,44 @@ class Scheduler:
             if candidate.admission is None:
                 candidate.admission = self.num_admissions
                 self.num_admissions += 1
+                candidate.num_cached_tokens = min(candidate.num_computed, len(candidate.prompt_ids))
+                counts = self.prefix_tokens[candidate.tenant]
+                counts[0] += len(candidate.prompt_ids)
+                counts[1] += candidate.num_cached_tokens
             self.admitted.append((candidate.request_id, candidate.tenant))
             batch.append(ScheduledSeq(candidate, count))
             budget -= count
+
+    def _attach_cached_prefix(self, seq: Sequence) -> list[int]:
+        """Start a sequence from its longest cached prefix of full blocks (leaving at least one
+        token to compute); returns the blocks attached."""
+        if not self.enable_prefix_caching:
+            return []
+        reusable = (seq.num_tokens - 1) // self.blocks.block_size
+        hits = self.blocks.cached_prefix(block_hashes(seq, self.blocks.block_size, reusable))
+        self.blocks.attach(hits)
+        seq.block_table = list(hits)
+        seq.num_registered_blocks = len(hits)
+        seq.num_computed = len(hits) * self.blocks.block_size
+        return hits
+
+    def _detach(self, seq: Sequence) -> None:
+        """Undo `_attach_cached_prefix` for a sequence that is not admitted after all."""
+        self.blocks.free(seq.block_table)
+        seq.block_table, seq.num_computed, seq.num_registered_blocks = [], 0, 0
+
+    def computed(self, batch: list[ScheduledSeq]) -> None:
+        """The step's K/V are written: advance each sequence and cache the blocks it filled."""
+        size = self.blocks.block_size
+        for item in batch:
+            seq = item.seq
+            seq.num_computed += item.num_tokens
+            full = seq.num_computed // size
+            if not self.enable_prefix_caching or full <= seq.num_registered_blocks:
+                continue
+            for i, digest in enumerate(block_hashes(seq, size, full)[seq.num_registered_blocks :], seq.num_registered_blocks):
+                self.blocks.register(seq.block_table[i], digest)
+            seq.num_registered_blocks = full
 
     def _next_candidate(self, blocked_adapters: set[str]) -> Sequence | None:
         """The oldest ready request of the least-served tenant; requests whose adapter is still
@@ -238,6 +286,7 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         self.blocks.free(seq.block_table)
         seq.block_table = []
+        seq.num_registered_blocks = 0
         if seq.adapter is not None:
             self.residency.release(seq.adapter)
         seq.slot = -1

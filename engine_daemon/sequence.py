@@ -39,6 +39,12 @@ class Sequence:
     finish_time: float | None = None
     num_preemptions: int = 0
     admission: int | None = None  # this engine's count of admissions when the sequence first ran
+    # Prefix caching (see prefix_cache.py): the hash chain's root, the hashes of full blocks so far,
+    # the prompt tokens found in the cache at the first admission, blocks registered in this run.
+    cache_salt: bytes = b""
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_cached_tokens: int = 0
+    num_registered_blocks: int = 0
     # Incremental detokenization (see detokenizer.py).
     text: str = ""
     emitted_chars: int = 0

@@ -61,6 +61,8 @@ USAGE_STREAM_MAXLEN = 1_000_000
 # Adapters a heartbeat lists: every one resident or failed, and others used this recently, at most this many.
 BEAT_ADAPTERS_RECENT_SECONDS = 3600
 BEAT_ADAPTERS_MAX = 256
+# Tenants whose prefix cache hit rate a heartbeat lists: those with the most prompt tokens.
+BEAT_PREFIX_TENANTS_MAX = 64
 
 
 @dataclass
@@ -342,12 +344,14 @@ class EngineService:
                     event: Any = ErrorEvent(code, out.error or "the request failed")
                     usage = self._usage(flight.request, UsageEvent.ERROR, error_code=code,
                                         prompt_tokens=self.engine.prompt_tokens_computed(out.request_id),
+                                        cached_tokens=self.engine.prompt_tokens_cached(out.request_id),
                                         completion_tokens=out.completion_tokens)
                 else:
                     ttft = flight.first_token_at - flight.request.created if flight.first_token_at and flight.request.created else None
-                    event = DoneEvent(out.finish_reason or "stop", out.prompt_tokens, out.completion_tokens, ttft, self.engine_id)
+                    event = DoneEvent(out.finish_reason or "stop", out.prompt_tokens, out.completion_tokens, ttft, self.engine_id,
+                                      cached_tokens=out.cached_tokens)
                     usage = self._usage(flight.request, UsageEvent.DONE, prompt_tokens=out.prompt_tokens,
-                                        completion_tokens=out.completion_tokens)
+                                        cached_tokens=out.cached_tokens, completion_tokens=out.completion_tokens)
                 pipe.xadd(flight.stream, event.to_redis())
                 _add_usage(pipe, usage)
                 finished_entries[flight.source].append(flight.entry_id)
@@ -358,12 +362,12 @@ class EngineService:
             _ack_and_delete(pipe, source, entry_ids)
         pipe.execute()
 
-    def _usage(self, request: InferenceRequest, end: str, *, prompt_tokens: int = 0, completion_tokens: int = 0,
-               error_code: str = "") -> UsageEvent:
+    def _usage(self, request: InferenceRequest, end: str, *, prompt_tokens: int = 0, cached_tokens: int = 0,
+               completion_tokens: int = 0, error_code: str = "") -> UsageEvent:
         seq = self.engine.sequences.get(request.request_id)
-        return UsageEvent.for_request(request, end=end, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                      engine_id=self.engine_id, error_code=error_code,
-                                      admission=seq.admission if seq is not None else None)
+        return UsageEvent.for_request(request, end=end, prompt_tokens=prompt_tokens, cached_tokens=cached_tokens,
+                                      completion_tokens=completion_tokens, engine_id=self.engine_id,
+                                      error_code=error_code, admission=seq.admission if seq is not None else None)
 
     def _fail(self, entry_id: str, source: str, stream: str, code: str, message: str, usage: UsageEvent) -> None:
         log.info("request entry %s failed: %s", entry_id, message)
@@ -418,10 +422,12 @@ class EngineService:
             if flight is None:
                 return  # not ours, or not taken yet: refused when it arrives
             prompt_tokens = self.engine.prompt_tokens_computed(event.request_id)
+            cached_tokens = self.engine.prompt_tokens_cached(event.request_id)
             usage = self._usage(flight.request, UsageEvent.CANCELLED, prompt_tokens=prompt_tokens,
-                                completion_tokens=flight.sent_tokens)
+                                cached_tokens=cached_tokens, completion_tokens=flight.sent_tokens)
             self.engine.abort(event.request_id)  # frees its KV blocks now
-            done = DoneEvent("cancelled", prompt_tokens, flight.sent_tokens, engine_id=self.engine_id)
+            done = DoneEvent("cancelled", prompt_tokens, flight.sent_tokens, engine_id=self.engine_id,
+                             cached_tokens=cached_tokens)
             self._write_and_ack(flight.entry_id, flight.source, flight.stream, done, usage)
         elif event.action == ControlEvent.ADAPTER_STAGED and event.sha256 and event.base_model in (None, self.base_model):
             try:
@@ -453,6 +459,7 @@ class EngineService:
                 del self.in_flight[request_id]
                 usage = self._usage(flight.request, UsageEvent.DEADLINE, error_code="deadline_exceeded",
                                     prompt_tokens=self.engine.prompt_tokens_computed(request_id),
+                                    cached_tokens=self.engine.prompt_tokens_cached(request_id),
                                     completion_tokens=flight.sent_tokens)
                 self.engine.abort(request_id)
                 self._fail(flight.entry_id, flight.source, flight.stream, "deadline_exceeded",
@@ -467,7 +474,8 @@ class EngineService:
             callback()
         snapshot = self.engine.snapshot()
         beat = Heartbeat.of(
-            replace(snapshot, adapters=_beat_adapters(snapshot.adapters, now)),
+            replace(snapshot, adapters=_beat_adapters(snapshot.adapters, now),
+                    prefix_tenants=_beat_prefix_tenants(snapshot.prefix_tenants)),
             engine_id=self.engine_id,
             updated=now,
             in_flight=len(self.in_flight),
@@ -534,6 +542,12 @@ def _beat_adapters(adapters: list[dict], now: float) -> list[dict]:
     shown = [row for row in adapters if recent(row)]
     shown.sort(key=lambda row: (row["tier"] not in ("gpu", "loading", "failed"), -(row.get("last_used") or 0)))
     return shown[:BEAT_ADAPTERS_MAX]
+
+
+def _beat_prefix_tenants(tenants: dict[str, list[int]]) -> dict[str, list[int]]:
+    """The tenants with the most prompt tokens, at most BEAT_PREFIX_TENANTS_MAX (the totals still count them all)."""
+    busiest = sorted(tenants.items(), key=lambda item: (-item[1][0], item[0]))[:BEAT_PREFIX_TENANTS_MAX]
+    return dict(busiest)
 
 
 def install_signal_handlers(service: EngineService) -> None:

@@ -10,11 +10,13 @@ from portal.inference.selectors import ModelEntry
 from portal.inference.services import Completion
 
 
-def usage_body(completion: Completion) -> dict[str, int]:
+def usage_body(completion: Completion) -> dict[str, Any]:
+    """OpenAI's usage object; ``cached_tokens``, of the prompt tokens, are those the engine's prefix cache held."""
     return {
         "prompt_tokens": completion.prompt_tokens,
         "completion_tokens": completion.completion_tokens,
         "total_tokens": completion.prompt_tokens + completion.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": completion.cached_tokens},
     }
 
 

@@ -266,6 +266,7 @@ class Completion:
         self.deadline: float | None = None
         self.submitted = False
         self.prompt_tokens = 0
+        self.cached_tokens = 0  # of the prompt tokens, those found in the engine's prefix cache
         self.completion_tokens = 0
         self.text_parts: list[str] = []
         self.finish_reason: str | None = None
@@ -367,6 +368,7 @@ class Completion:
             self.text_parts.append(event.text)
         else:
             self.prompt_tokens = event.prompt_tokens
+            self.cached_tokens = event.cached_tokens
             self.completion_tokens = event.completion_tokens
             self.finish_reason = event.finish_reason
         return event
@@ -429,6 +431,7 @@ class Completion:
             status=status,
             error_code=error_code,
             prompt_tokens=self.prompt_tokens,
+            cached_tokens=self.cached_tokens,
             completion_tokens=self.completion_tokens,
             time_to_first_token=self.first_token_after,
             total_time=time.monotonic() - self._clock,

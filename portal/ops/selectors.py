@@ -20,9 +20,10 @@ from django.conf import settings
 from django.db.models import F
 
 from engine_daemon import protocol
-from engine_daemon.protocol import Heartbeat, ProtocolError
+from engine_daemon.protocol import Heartbeat, ProtocolError, prefix_hit_rate
 from portal.adapters.models import AdapterVersion
 from portal.base_models.models import BaseModel
+from portal.tenants.models import Tenant
 
 SERIES_SECONDS = protocol.SERIES_MAXLEN  # one sample a second
 GONE_ENGINES_SECONDS = 3600  # engines that stopped beating this recently are listed as gone
@@ -57,10 +58,26 @@ class MemorySegment:
 
 
 @dataclass
+class PrefixTenantRow:
+    """One tenant's prompt tokens on one engine, and how many of them its prefix cache held."""
+
+    tenant_id: str  # as the engine knows it: the tenant's primary key
+    slug: str | None  # None: no such tenant in the database (gone, or another portal's)
+    prompt_tokens: int
+    cached_tokens: int
+
+    @property
+    def hit_percent(self) -> float | None:
+        rate = prefix_hit_rate(self.prompt_tokens, self.cached_tokens)
+        return None if rate is None else 100.0 * rate
+
+
+@dataclass
 class EngineView:
     beat: Heartbeat
     series: list[SeriesPoint]
     now: float
+    prefix_tenants: list[PrefixTenantRow] = field(default_factory=list)  # the most prompt tokens first
 
     @property
     def engine_id(self) -> str:
@@ -81,6 +98,11 @@ class EngineView:
     @property
     def kv_percent(self) -> float:
         return 100.0 * self.beat.kv_blocks_used / self.beat.kv_blocks_total if self.beat.kv_blocks_total else 0.0
+
+    @property
+    def prefix_hit_percent(self) -> float | None:
+        rate = self.beat.prefix_hit_rate
+        return None if rate is None else 100.0 * rate
 
     @property
     def has_device_memory(self) -> bool:
@@ -247,6 +269,7 @@ def ops_overview(*, tenant_slug: str | None = None, sort: str = "tier", now: flo
         _read_redis(overview, _ops_redis(settings.REDIS_URL))
     except redis.RedisError as exc:
         overview.redis_error = str(exc) or exc.__class__.__name__
+    prefix_tenants_attach(engines=overview.engines)
     rows = adapter_residency_list(engines=overview.engines)
     overview.adapter_tenants = sorted({o.tenant for row in rows for o in row.owners})
     overview.adapters = residency_filter_and_sort(rows, tenant_slug=tenant_slug, sort=sort)
@@ -434,6 +457,17 @@ def adapter_residency_list(*, engines: list[EngineView]) -> list[ResidencyRow]:
     for row in rows:
         row.owners = owners.get(row.name, [])
     return rows
+
+
+def prefix_tenants_attach(*, engines: list[EngineView]) -> None:
+    """Each engine's per-tenant prefix cache figures as rows named by tenant slug (one query for all engines)."""
+    ids = {tenant_id for view in engines for tenant_id in view.beat.prefix_tenants}
+    slugs = {str(pk): slug for pk, slug in
+             Tenant.objects.filter(pk__in=[int(i) for i in ids if i.isdigit()]).values_list("pk", "slug")}
+    for view in engines:
+        rows = [PrefixTenantRow(tenant_id, slugs.get(tenant_id), int(prompt), int(cached))
+                for tenant_id, (prompt, cached) in view.beat.prefix_tenants.items()]
+        view.prefix_tenants = sorted(rows, key=lambda row: (-row.prompt_tokens, row.tenant_id))
 
 
 def residency_filter_and_sort(rows: list[ResidencyRow], *, tenant_slug: str | None, sort: str) -> list[ResidencyRow]:

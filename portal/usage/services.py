@@ -30,6 +30,7 @@ def usage_record(
     base_model: BaseModel | None = None,
     adapter_version: AdapterVersion | None = None,
     prompt_tokens: int = 0,
+    cached_tokens: int = 0,
     completion_tokens: int = 0,
     time_to_first_token: float | None = None,
     error_code: str = "",
@@ -54,7 +55,8 @@ def usage_record(
         stream=stream,
         created=created,
     )
-    tokens = dict(prompt_tokens=max(0, prompt_tokens), completion_tokens=max(0, completion_tokens))
+    tokens = dict(prompt_tokens=max(0, prompt_tokens), completion_tokens=max(0, completion_tokens),
+                  cached_tokens=max(0, cached_tokens))
     with transaction.atomic():
         usage, created_now = Usage.objects.select_for_update().get_or_create(
             request_id=request_id, defaults=fields | tokens

@@ -27,6 +27,7 @@ PUBLISHED = {
     "--dead-letter-retention-seconds": "LORAFLEET_DEAD_LETTER_RETENTION_SECONDS",
     "--drain-seconds": "LORAFLEET_DRAIN_SECONDS", "--metrics-port": "LORAFLEET_METRICS_PORT",
     "--metrics-host": "LORAFLEET_METRICS_HOST", "--log-level": "LORAFLEET_LOG_LEVEL",
+    "--enable-prefix-caching": "LORAFLEET_ENABLE_PREFIX_CACHING",
 }
 
 
@@ -58,6 +59,19 @@ def test_kernels_reach_the_engine_config_from_the_flag_or_the_environment(monkey
     monkeypatch.setenv("LORAFLEET_KERNELS", "native")
     assert parse()[0].kernels == "native"
     assert parse("--kernels", "triton")[0].kernels == "triton"  # a flag beats the environment
+
+
+def test_prefix_caching_is_on_unless_a_flag_or_the_environment_says_0(monkeypatch, capsys):
+    assert parse()[0].enable_prefix_caching is True
+    assert parse("--enable-prefix-caching", "0")[0].enable_prefix_caching is False  # bool("0") would be True
+    assert parse("--enable-prefix-caching", "yes")[0].enable_prefix_caching is True
+    monkeypatch.setenv("LORAFLEET_ENABLE_PREFIX_CACHING", "off")
+    assert parse()[0].enable_prefix_caching is False
+    assert parse("--enable-prefix-caching", "1")[0].enable_prefix_caching is True  # a flag beats the environment
+    monkeypatch.setenv("LORAFLEET_ENABLE_PREFIX_CACHING", "maybe")
+    with pytest.raises(SystemExit):
+        parse()
+    assert "--enable-prefix-caching: invalid boolean value: 'maybe'" in capsys.readouterr().err
 
 
 def test_environment_values_are_converted_and_checked_like_flags(monkeypatch, capsys):

@@ -5,13 +5,15 @@ from __future__ import annotations
 import threading
 import time
 
-from engine_daemon import Engine, EngineConfig, protocol
+from engine_daemon import Engine, EngineConfig, SamplingParams, protocol
 from engine_daemon.service import (
     BEAT_ADAPTERS_MAX,
     BEAT_ADAPTERS_RECENT_SECONDS,
+    BEAT_PREFIX_TENANTS_MAX,
     EngineService,
     ServiceConfig,
     _beat_adapters,
+    _beat_prefix_tenants,
 )
 from tests.engine.builders import write_tiny_model
 
@@ -58,3 +60,31 @@ def test_the_heartbeat_lists_resident_and_recent_adapters_only():
     assert {f"gpu{i}" for i in range(4)} | {"broken"} <= set(names)  # resident and failed always
     assert not any(name.startswith("old") for name in names)
     assert names[5:8] == ["recent0", "recent1", "recent2"]  # then the most recently used first
+
+
+def test_the_heartbeat_lists_the_prefix_cache_of_the_busiest_tenants_and_totals_them_all():
+    tenants = {f"t{i}": [i * 10, i] for i in range(1, 201)}
+    shown = _beat_prefix_tenants(tenants)
+    assert len(shown) == BEAT_PREFIX_TENANTS_MAX
+    assert set(shown) == {f"t{i}" for i in range(201 - BEAT_PREFIX_TENANTS_MAX, 201)}
+    assert shown["t200"] == [2000, 200] and _beat_prefix_tenants({"a": [1, 0]}) == {"a": [1, 0]}
+
+
+def test_the_beat_bounds_the_tenants_but_not_the_totals(tmp_path, redis_client, redis_url):
+    model = write_tiny_model(tmp_path / "m")
+    engine = Engine(EngineConfig(model=str(model), device="cpu", dtype="float32", max_num_seqs=2, block_size=4))
+    service = EngineService(engine, ServiceConfig(redis_url=redis_url, adapter_cache_dir=tmp_path, engine_id="beat"),
+                            client=redis_client)
+    service.start()
+    prompt, one = list(range(3, 12)), SamplingParams(max_tokens=1)  # 9 tokens: two full blocks to reuse
+    for i in range(BEAT_PREFIX_TENANTS_MAX + 6):
+        engine.generate([prompt, prompt], one, tenants=[f"t{i}", f"t{i}"] if i else ["busiest", "busiest"])
+    engine.generate([prompt], one, tenants=["busiest"])
+    service._beat(force=True)
+    beat = protocol.Heartbeat.from_redis(redis_client.hgetall(protocol.heartbeat_key("beat")))
+    engine.close()
+    assert len(beat.prefix_tenants) == BEAT_PREFIX_TENANTS_MAX
+    assert beat.prefix_tenants["busiest"][0] == 27 and beat.prefix_tenants["busiest"][1] >= 8  # the third found two blocks
+    tenants = BEAT_PREFIX_TENANTS_MAX + 6
+    assert beat.prefix_prompt_tokens == 9 * (2 * tenants + 1)
+    assert beat.prefix_cached_tokens == sum(c for _p, c in engine.scheduler.prefix_tokens.values()) > 0

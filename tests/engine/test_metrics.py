@@ -21,7 +21,8 @@ FAMILIES = (
     "lorafleet:request_success", "lorafleet:memory_bytes", "lorafleet:step_seconds",
     "lorafleet:lora_adapters", "lorafleet:lora_adapter_capacity", "lorafleet:lora_adapter_loads",
     "lorafleet:lora_adapter_load_seconds", "lorafleet:lora_adapter_evictions", "lorafleet:lora_adapter_slot_hits",
-    "lorafleet:lora_adapters_per_step", "lorafleet:num_preemptions",
+    "lorafleet:lora_adapters_per_step", "lorafleet:num_preemptions", "lorafleet:prefix_cache_blocks",
+    "lorafleet:prefix_cache_queries", "lorafleet:prefix_cache_hits", "lorafleet:prefix_cache_hit_rate",
 )
 
 
@@ -105,3 +106,27 @@ def test_counters_never_run_backwards_when_an_adapter_is_removed(one_slot_servic
     families = metric_families(generate_latest(metrics.registry).decode())
     assert samples(families, "lorafleet:lora_adapter_evictions", "_total") == 2
     assert samples(families, "lorafleet:lora_adapter_loads", "_total") == 3
+
+
+def test_the_prefix_cache_shows_its_blocks_hit_rate_and_tokens_per_tenant(one_slot_service, redis_client):
+    service, _shas = one_slot_service
+    metrics = EngineMetrics(service)
+    prompt = "Ahoy matey, where be the treasure buried on this island of ours? " * 3
+    for tenant in ("t1", "t1", "t2", "t1"):
+        request = enqueue(redis_client, service.base_model, tenant_id=tenant, prompt=prompt, sampling=SHORT)
+        run_until(service, lambda request=request: finished(redis_client, request.request_id))
+    families = metric_families(generate_latest(metrics.registry).decode())
+    snap = service.engine.snapshot()
+    (t1_prompt, t1_cached), (t2_prompt, t2_cached) = snap.prefix_tenants["t1"], snap.prefix_tenants["t2"]
+    assert t1_cached > 0 and t2_cached == 0 and t1_prompt == 3 * t2_prompt
+    assert samples(families, "lorafleet:prefix_cache_queries", "_total", tenant="t1") == t1_prompt
+    assert samples(families, "lorafleet:prefix_cache_hits", "_total", tenant="t1") == t1_cached
+    assert samples(families, "lorafleet:prefix_cache_queries", "_total", tenant="t2") == t2_prompt
+    # a tenant without a hit has its series at 0, so that hits / queries reads 0 rather than nothing
+    assert any(s.labels.get("tenant") == "t2" for s in families["lorafleet:prefix_cache_hits"].samples)
+    assert samples(families, "lorafleet:prefix_cache_blocks") == snap.prefix_cache_blocks > 0
+    assert samples(families, "lorafleet:prefix_cache_hit_rate") == pytest.approx(
+        t1_cached / (t1_prompt + t2_prompt)) == snap.prefix_hit_rate
+    metrics.refresh()  # no new request: the counters stay where they are
+    again = metric_families(generate_latest(metrics.registry).decode())
+    assert samples(again, "lorafleet:prefix_cache_hits", "_total", tenant="t1") == t1_cached

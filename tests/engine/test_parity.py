@@ -144,6 +144,32 @@ def test_chunked_prefill_beside_decodes_matches_peft(tmp_path, kernels):
 
 
 @pytest.mark.parametrize("kernels", KERNELS)
+def test_prefills_over_cached_prefixes_match_peft(tmp_path, kernels):
+    """The prefix cache on (the default), small blocks: the second round of the same prompts finds
+    their full blocks cached and prefills only the rest, attending over the cached K/V."""
+    base = write_tiny_model(tmp_path / "base", "llama")
+    adapters = {
+        "r4-all": write_adapter(base, tmp_path / "a1", r=4, target_modules=ALL, seed=7),
+        "r8-qv": write_adapter(base, tmp_path / "a2", r=8, target_modules=("q_proj", "v_proj"), seed=8),
+    }
+    reference = PeftReference.from_dir(base, adapters)
+    engine = Engine(EngineConfig(model=str(base), device="cpu", dtype="float32", max_loras=2, max_lora_rank=8,
+                                 block_size=4, kernels=kernels))
+    for name, path in adapters.items():
+        engine.add_adapter(name, str(path))
+    prompts = [PROMPTS[2], PROMPTS[4], PROMPTS[0]]  # 21, 17 and 8 tokens
+    names = ["r4-all", "r8-qv", None]
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    first = engine.generate(prompts, params, adapters=names)
+    second = engine.generate(prompts, params, adapters=names)
+    assert [out.num_cached_tokens for out in first] == [0, 0, 0]
+    assert [out.num_cached_tokens for out in second] == [20, 16, 4]
+    for out, prompt, adapter in zip(second, prompts, names, strict=True):
+        assert out.token_ids == reference.greedy(prompt, adapter, 4), adapter
+    engine.close()
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("file_dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_a_bfloat16_adapter_pool_under_a_float32_model(tmp_path, file_dtype, kernels):
     """lora_dtype="bfloat16": adapters sit in slots and host RAM as bf16, sums stay fp32. A file

@@ -19,6 +19,7 @@ from engine_daemon.protocol import (
     InferenceRequest,
     ProtocolError,
     SamplingParams,
+    UsageEvent,
     response_event_from_redis,
 )
 
@@ -50,12 +51,27 @@ def test_requests_round_trip(request_):
         DeltaEvent("Arr", [5, 6], [-0.1, -0.2]),
         DeltaEvent("", []),
         DoneEvent("length", 10, 3, 0.25, "e1"),
+        DoneEvent("stop", 40, 3, 0.1, "e1", cached_tokens=32),
         DoneEvent("cancelled", 0, 0),
         ErrorEvent("context_length_exceeded", "too long"),
     ],
 )
 def test_response_events_round_trip(event):
     assert response_event_from_redis(as_redis_reply(event.to_redis())) == event
+
+
+def test_a_done_event_from_before_cached_tokens_reads_as_none_cached():
+    old = {"v": "1", "type": "done", "body": json.dumps({"finish_reason": "stop", "prompt_tokens": 9,
+                                                         "completion_tokens": 2})}
+    assert response_event_from_redis(as_redis_reply(old)) == DoneEvent("stop", 9, 2)
+
+
+def test_usage_events_carry_the_cached_tokens():
+    request = REQUESTS[1]
+    usage = UsageEvent.for_request(request, end=UsageEvent.CANCELLED, prompt_tokens=40, completion_tokens=2,
+                                   cached_tokens=32, engine_id="e1", admission=4)
+    read = UsageEvent.from_redis(as_redis_reply(usage.to_redis()))
+    assert read == usage and (read.prompt_tokens, read.cached_tokens) == (40, 32)
 
 
 def test_control_events_and_heartbeats_round_trip():
@@ -142,10 +158,21 @@ def test_the_heartbeat_carries_the_engine_snapshot_through_redis():
                               memory={"total": 9, "weights": 3}, kv_blocks_total=10, kv_blocks_used=4, running=2,
                               waiting=1, steps=5, prompt_tokens=40, generated_tokens=9, preemptions=1,
                               tokens_per_second=2.5, step_seconds=0.01, lora_share=0.2, max_adapters_in_step=2,
-                              multi_adapter_steps=3, adapters=[{"name": "x", "tier": "gpu"}])
+                              multi_adapter_steps=3, adapters=[{"name": "x", "tier": "gpu"}], prefix_caching=True,
+                              prefix_cache_blocks=6, prefix_prompt_tokens=120, prefix_cached_tokens=48,
+                              prefix_tenants={"7": [100, 48], "8": [20, 0]})
     beat = Heartbeat.of(snapshot, engine_id="e", updated=2.0, in_flight=3, draining=True, metrics_url="http://m")
     read = Heartbeat.from_redis(as_redis_reply(beat.to_redis()))
     assert read == beat and isinstance(read, EngineSnapshot)
+    assert read.prefix_tenants == {"7": [100, 48], "8": [20, 0]} and read.prefix_hit_rate == 0.4
     assert {f.name: getattr(read, f.name) for f in dataclasses.fields(EngineSnapshot)} == vars(snapshot)
     daemon_only = {f.name for f in dataclasses.fields(Heartbeat)} - {f.name for f in dataclasses.fields(EngineSnapshot)}
     assert daemon_only == {"engine_id", "updated", "in_flight", "draining", "metrics_url"}
+
+
+def test_a_heartbeat_from_before_the_prefix_cache_reads_as_caching_off():
+    beat = Heartbeat(engine_id="e", base_model="m", device="cpu", dtype="float32", started=1.0, updated=2.0)
+    fields = {k: v for k, v in beat.to_redis().items() if not k.startswith("prefix_")}
+    read = Heartbeat.from_redis(as_redis_reply(fields))
+    assert (read.prefix_caching, read.prefix_cache_blocks, read.prefix_tenants) == (False, 0, {})
+    assert read.prefix_hit_rate is None  # no prompt yet: no rate, rather than 0%

@@ -135,24 +135,48 @@ def test_abort_frees_blocks_and_adapter_at_once(tmp_path, tiny_llama):
     engine.close()
 
 
-def test_kv_block_accounting_never_leaks_under_random_churn(tiny_llama):
+@pytest.mark.parametrize("caching", [True, False], ids=["prefix-cache", "no-cache"])
+def test_kv_block_accounting_never_leaks_under_random_churn(tiny_llama, caching):
+    """Random arrivals, aborts and preemptions; half the prompts share a 20-token system prompt and
+    some repeat a finished one, so with the cache on blocks are shared and reclaimed. After every
+    step each block's owners are exactly the running sequences that hold it, the cache's index
+    agrees with itself, and at the end every block is free (idle cached blocks count as free)."""
     rng = random.Random(7)
     block_bytes = 2 * 2 * 16 * 2 * 16 * 4
-    engine = make_engine(tiny_llama, kv_cache_bytes=24 * block_bytes, max_num_seqs=6, max_num_batched_tokens=40)
+    engine = make_engine(tiny_llama, kv_cache_bytes=24 * block_bytes, max_num_seqs=6, max_num_batched_tokens=40,
+                         enable_prefix_caching=caching)
     blocks = engine.kv.blocks
+    system = prompts(1, seed=99, low=20, high=21)[0]
+    sent: list[list[int]] = []
     live: list[str] = []
     for step in range(150):
         if rng.random() < 0.4:
+            prompt = prompts(1, seed=step)[0]
+            if rng.random() < 0.5:
+                prompt = system + prompt
+            elif sent and rng.random() < 0.3:
+                prompt = rng.choice(sent)
+            sent.append(prompt)
             params = SamplingParams(max_tokens=rng.randrange(1, 30), temperature=0.0, ignore_eos=True)
-            live.append(engine.add_request(prompts(1, seed=step)[0], params))
+            live.append(engine.add_request(prompt, params))
         if live and rng.random() < 0.1:
             engine.abort(live.pop(rng.randrange(len(live))))
         for out in engine.step():
             if out.finished:
                 engine.pop_finished(out.request_id)
                 live.remove(out.request_id)
-        held = sum(len(s.block_table) for s in engine.scheduler.running)
-        assert blocks.num_used == held, f"step {step}: {blocks.num_used} used, {held} held"
+        owners = [0] * blocks.num_blocks
+        for seq in engine.scheduler.running:
+            for block in seq.block_table:
+                owners[block] += 1
+        assert blocks._refs == owners, f"step {step}: owners and reference counts differ"
+        assert blocks.num_used == sum(1 for n in owners if n), f"step {step}"
+        assert all(blocks._hash_of[block] == digest for digest, block in blocks._cached.items())
+        assert all(owners[block] == 0 for block in blocks._idle)
+    if caching:
+        assert engine.scheduler.prefix_tokens and any(c for _, c in engine.scheduler.prefix_tokens.values())
+    else:
+        assert blocks.num_cached == 0
     for request_id in live:
         engine.abort(request_id)
     assert blocks.num_free == blocks.num_blocks

@@ -213,6 +213,65 @@ def test_a_failed_step_output_reaches_the_client_with_the_engine_code(chat_model
     service.engine.abort(request.request_id)
 
 
+def usage_events(redis_client) -> dict[str, UsageEvent]:
+    return {(u := UsageEvent.from_redis(f)).request_id: u for _id, f in redis_client.xrange(protocol.USAGE_STREAM)}
+
+
+LONG_PROMPT = "Ahoy matey, where be the treasure buried on this island of ours? " * 3
+
+
+def test_a_repeated_prompt_reports_its_cached_tokens_in_done_usage_and_the_heartbeat(
+        chat_model, redis_client, redis_url, cache_dir):
+    service = make_service(chat_model, redis_client, redis_url, cache_dir)
+    block = service.engine.config.block_size
+    served = []
+    for tenant in ("t1", "t1", "t2"):  # one after the other: a block is cached once its K/V are written
+        request = enqueue(redis_client, service.base_model, tenant_id=tenant, prompt=LONG_PROMPT)
+        run_until(service, lambda request=request: finished(redis_client, request.request_id))
+        served.append(request)
+    first, again, other = (events(redis_client, r.request_id)[-1] for r in served)
+    prompt = first.prompt_tokens
+    cached = (prompt - 1) // block * block  # every full block but the one holding the last prompt token
+    assert prompt > block and cached > 0
+    assert (first.cached_tokens, again.cached_tokens, other.cached_tokens) == (0, cached, 0)  # t2 never sees t1's
+    assert again.prompt_tokens == prompt  # cached tokens are still prompt tokens
+    usage = usage_events(redis_client)
+    assert [usage[r.request_id].cached_tokens for r in served] == [0, cached, 0]
+
+    service._beat(force=True)
+    beat = Heartbeat.from_redis(redis_client.hgetall(protocol.heartbeat_key("test-engine")))
+    assert beat.prefix_caching and beat.prefix_cache_blocks == service.engine.kv.blocks.num_cached > 0
+    assert beat.prefix_tenants == {"t1": [2 * prompt, cached], "t2": [prompt, 0]}
+    assert (beat.prefix_prompt_tokens, beat.prefix_cached_tokens) == (3 * prompt, cached)
+    assert beat.prefix_hit_rate == cached / (3 * prompt)
+
+
+def test_a_cancelled_or_timed_out_request_bills_the_cached_part_of_its_prompt(
+        chat_model, redis_client, redis_url, cache_dir):
+    service = make_service(chat_model, redis_client, redis_url, cache_dir)
+    block = service.engine.config.block_size
+    warm = enqueue(redis_client, service.base_model, prompt=LONG_PROMPT)
+    run_until(service, lambda: finished(redis_client, warm.request_id))
+    cached = (events(redis_client, warm.request_id)[-1].prompt_tokens - 1) // block * block
+
+    cancelled = enqueue(redis_client, service.base_model, prompt=LONG_PROMPT, sampling={**GREEDY, "max_tokens": 500})
+    run_until(service, lambda: len(events(redis_client, cancelled.request_id)) >= 2)
+    redis_client.xadd(protocol.CONTROL_STREAM, ControlEvent(action="cancel", request_id=cancelled.request_id).to_redis())
+    service.run_once()
+    done = events(redis_client, cancelled.request_id)[-1]
+    assert (done.finish_reason, done.cached_tokens) == ("cancelled", cached)
+
+    late = enqueue(redis_client, service.base_model, prompt=LONG_PROMPT, deadline=time.time() + 0.5,
+                   sampling={**GREEDY, "max_tokens": 100000})
+    run_until(service, lambda: finished(redis_client, late.request_id))
+    assert events(redis_client, late.request_id)[-1].code == "deadline_exceeded"
+
+    usage = usage_events(redis_client)
+    assert (usage[cancelled.request_id].end, usage[cancelled.request_id].cached_tokens) == ("cancelled", cached)
+    assert (usage[late.request_id].end, usage[late.request_id].cached_tokens) == ("deadline", cached)
+    assert usage[late.request_id].prompt_tokens == usage[cancelled.request_id].prompt_tokens > cached
+
+
 def test_abandoned_request_is_claimed_and_resumed_after_the_sent_tokens(chat_model, redis_client, redis_url, cache_dir):
     service = make_service(chat_model, redis_client, redis_url, cache_dir, claim_idle_seconds=0.2)
     request = enqueue(redis_client, service.base_model, prompt="Ahoy matey, the sea", sampling={**GREEDY, "max_tokens": 10})

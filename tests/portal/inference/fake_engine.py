@@ -24,12 +24,13 @@ Script = Callable[[InferenceRequest], list[Any]]  # events, or a float: seconds 
 
 
 def words(request: InferenceRequest, texts=("Ahoy", " there", ",", " matey")) -> list[Any]:
-    """One token per text; finish "length" when max_tokens cuts it, else "stop"."""
+    """One token per text; finish "length" when max_tokens cuts it, else "stop". Of the 7 prompt tokens,
+    4 came from the prefix cache."""
     limit = request.sampling_params().max_tokens
     chosen = list(texts)[:limit]
     events: list[Any] = [DeltaEvent(text, [100 + i]) for i, text in enumerate(chosen)]
     reason = "length" if limit <= len(texts) else "stop"
-    return events + [DoneEvent(reason, 7, len(chosen), 0.01, "fake")]
+    return events + [DoneEvent(reason, 7, len(chosen), 0.01, "fake", cached_tokens=4)]
 
 
 @dataclass

@@ -78,7 +78,9 @@ def test_chat_and_completion_through_the_openai_client(engine, secret, tenant):
     assert chat.object == "chat.completion" and chat.id.startswith("chatcmpl-") and chat.model == "random:tiny"
     assert chat.choices[0].message.content == "Ahoy there," and chat.choices[0].finish_reason == "length"
     assert (chat.usage.prompt_tokens, chat.usage.completion_tokens, chat.usage.total_tokens) == (7, 3, 10)
+    assert chat.usage.prompt_tokens_details.cached_tokens == 4  # the engine's prefix cache held 4 of the 7
     assert text.object == "text_completion" and text.choices[0].text == "Ahoy there, matey"
+    assert (text.usage.prompt_tokens, text.usage.prompt_tokens_details.cached_tokens) == (7, 4)
     assert text.choices[0].finish_reason == "stop"
 
     sent = {r.request_id: r for r in engine.requests}
@@ -95,6 +97,7 @@ def test_chat_and_completion_through_the_openai_client(engine, secret, tenant):
     assert set(records) == {chat.id, text.id}
     record = records[chat.id]
     assert (record.status, record.prompt_tokens, record.completion_tokens, record.model) == ("ok", 7, 3, "random:tiny")
+    assert record.cached_tokens == 4 and not record.engine_reported  # the portal's row, from the done event
     assert record.tenant == tenant and record.api_key_id == chat_request.key_id and record.base_model.name == "random:tiny"
     assert 0 < record.time_to_first_token <= record.total_time and not record.stream
 
@@ -126,7 +129,8 @@ def test_an_adapter_by_name_and_by_version(engine, secret, ready_adapter):
 
 def test_streaming_is_framed_exactly_as_openai_does(engine, auth):
     def script(request):
-        return [DeltaEvent("Ah", [1]), DeltaEvent("", [2]), DeltaEvent("oy", [3]), DoneEvent("length", 5, 3, 0.01)]
+        return [DeltaEvent("Ah", [1]), DeltaEvent("", [2]), DeltaEvent("oy", [3]),
+                DoneEvent("length", 5, 3, 0.01, cached_tokens=2)]
 
     engine.script = script
     response = post("/v1/chat/completions", {**CHAT, "stream": True, "stream_options": {"include_usage": True}}, auth)
@@ -141,10 +145,11 @@ def test_streaming_is_framed_exactly_as_openai_does(engine, auth):
     ]  # the delta that only held back text (a partial character, a stop-string prefix) sends nothing
     assert [c["choices"][0]["finish_reason"] for c in chunks[:-1]] == [None, None, None, "length"]
     assert [c["usage"] for c in chunks[:-1]] == [None] * 4
-    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {"prompt_tokens": 5, "completion_tokens": 3,
-                                                                   "total_tokens": 8}
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {
+        "prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8, "prompt_tokens_details": {"cached_tokens": 2}}
     record = Usage.objects.get()
     assert (record.status, record.stream, record.prompt_tokens, record.completion_tokens) == ("ok", True, 5, 3)
+    assert record.cached_tokens == 2
 
 
 def test_completion_streams_through_the_openai_client(engine, secret):
@@ -157,6 +162,19 @@ def test_completion_streams_through_the_openai_client(engine, secret):
     assert [c.choices[0].text for c in chunks] == ["Ahoy", " there", ""]
     assert [c.choices[0].finish_reason for c in chunks] == [None, None, "length"]
     assert all(c.object == "text_completion" for c in chunks)
+
+
+def test_the_last_chunk_of_a_stream_tells_the_openai_client_the_cached_tokens(engine, secret):
+    async def main():
+        client = openai_client(secret)
+        stream = await client.chat.completions.create(model="random:tiny", messages=CHAT["messages"], stream=True,
+                                                      stream_options={"include_usage": True})
+        return [chunk async for chunk in stream]
+
+    chunks = run(main)
+    assert [c.usage for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+    usage = chunks[-1].usage
+    assert (usage.prompt_tokens, usage.total_tokens, usage.prompt_tokens_details.cached_tokens) == (7, 11, 4)
 
 
 def test_streaming_without_include_usage_has_no_usage_chunk(engine, auth):

@@ -28,6 +28,13 @@ def adapter_row(html: str, sha: str) -> dict[str, str]:
     return {"tier_attr": match.group(1), "slot_attr": match.group(2), **cells}
 
 
+def prefix_row(html: str, tenant_id: str) -> dict[str, str]:
+    match = re.search(rf'<tr data-prefix-tenant="{tenant_id}">(.*?)</tr>', html, re.S)
+    assert match, f"no prefix cache row for tenant {tenant_id}"
+    return {name: re.sub(r"<[^>]+>", "", text).strip()
+            for name, text in re.findall(r'data-stat="(\w+)">(.*?)</td>', match.group(1), re.S)}
+
+
 def test_dashboard_shows_the_engine_numbers_and_every_tier(staff_client, fleet, redis_client, settings):
     base_model = fleet.service.base_model
     # Queues: a malformed entry the engine dead-letters, then two requests, one taken by a daemon that died.
@@ -61,6 +68,12 @@ def test_dashboard_shows_the_engine_numbers_and_every_tier(staff_client, fleet, 
     else:
         assert 0 < snap.lora_share < 1 and float(shown_share) == pytest.approx(snap.lora_share)
     assert html.count('<path class="series"') + html.count("<circle") >= 1  # the charts have the samples
+    # The prefix cache: on by default, its figures the engine's own (the fleet's tenant "t" is no tenant here).
+    assert 'data-prefix-caching="on"' in html and snap.prefix_caching
+    for name in ("prefix_cache_blocks", "prefix_prompt_tokens", "prefix_cached_tokens"):
+        assert field(html, name) == str(getattr(snap, name)), name
+    assert snap.prefix_prompt_tokens > 0 and snap.prefix_tenants.keys() == {"t"}
+    assert prefix_row(html, "t")["tenant"] == "tenant t"
 
     rows = {row["name"]: row for row in snap.adapters}
     tiers = {"pirate": ("gpu", "0", "GPU slot 0"), "support-bot": ("disk", "", "disk only"),
@@ -172,3 +185,39 @@ def test_a_gpu_heartbeat_splits_device_memory_and_shows_every_tier_state(staff_c
     assert failed["retry"] in ("in 39 s", "in 40 s")  # the engine's back-off before it loads again
     assert loading["mean_load_seconds"] == "250 ms" and html.count("unknown version") == 2
     assert "Engine <code>future</code> writes a heartbeat this portal cannot read" in html
+
+
+def test_the_prefix_cache_hit_rate_shows_overall_and_per_tenant_by_name(staff_client, redis_client, tenant_a, tenant_b):
+    now = time.time()
+    a, b = str(tenant_a[0].pk), str(tenant_b[0].pk)
+    beat = Heartbeat(
+        engine_id="gpu-0", base_model="llama", device="cuda:0", dtype="bfloat16", started=now - 60, updated=now,
+        prefix_caching=True, prefix_cache_blocks=37, prefix_prompt_tokens=1000, prefix_cached_tokens=250,
+        prefix_tenants={b: [100, 0], a: [800, 240], "999999": [100, 10]},
+    )
+    redis_client.hset(protocol.heartbeat_key("gpu-0"), mapping=beat.to_redis())
+    redis_client.zadd(protocol.ENGINES_KEY, {"gpu-0": now})
+    html = staff_client.get("/ops/live/").content.decode()
+    assert field(html, "prefix_hit_rate") == "25.0%" and field(html, "prefix_cache_blocks") == "37"
+    assert (field(html, "prefix_cached_tokens"), field(html, "prefix_prompt_tokens")) == ("250", "1000")
+    assert re.findall(r'<tr data-prefix-tenant="(\w+)">', html) == [a, b, "999999"]  # the most prompt tokens first
+    assert prefix_row(html, a) == {"tenant": "tenant-a", "prompt_tokens": "800", "cached_tokens": "240",
+                                   "hit_rate": "30.0%"}
+    assert prefix_row(html, b)["tenant"] == "tenant-b" and prefix_row(html, b)["hit_rate"] == "0.0%"
+    assert prefix_row(html, "999999")["tenant"] == "tenant 999999"  # gone from the database: its id
+
+    beat.prefix_caching, beat.prefix_prompt_tokens, beat.prefix_cached_tokens, beat.prefix_tenants = False, 0, 0, {}
+    redis_client.hset(protocol.heartbeat_key("gpu-0"), mapping=beat.to_redis())
+    html = staff_client.get("/ops/live/").content.decode()
+    assert 'data-prefix-caching="off"' in html and "--enable-prefix-caching 0" in html
+    assert 'data-field="prefix_hit_rate"' not in html and "data-prefix-tenant" not in html
+
+
+def test_no_prompt_yet_is_no_hit_rate_rather_than_zero(staff_client, redis_client):
+    now = time.time()
+    beat = Heartbeat(engine_id="idle", base_model="llama", device="cpu", dtype="float32", started=now, updated=now,
+                     prefix_caching=True)
+    redis_client.hset(protocol.heartbeat_key("idle"), mapping=beat.to_redis())
+    redis_client.zadd(protocol.ENGINES_KEY, {"idle": now})
+    html = staff_client.get("/ops/live/").content.decode()
+    assert field(html, "prefix_hit_rate") == "–" and field(html, "prefix_cache_blocks") == "0"

@@ -39,9 +39,10 @@ def service(chat_model, redis_client, redis_url, tmp_path):
     engine.close()
 
 
-def enqueue(redis_client, service, tenant, **sampling) -> InferenceRequest:
+def enqueue(redis_client, service, tenant, prompt="Ahoy matey, where be the treasure buried on this island?",
+            **sampling) -> InferenceRequest:
     request = InferenceRequest(request_id=uuid.uuid4().hex, tenant_id=str(tenant.pk), base_model=service.base_model,
-                               prompt="Ahoy matey, where be the treasure buried on this island?",
+                               prompt=prompt,
                                sampling={"max_tokens": 6, "temperature": 0.0, "ignore_eos": True, **sampling},
                                created=time.time())
     pipe = redis_client.pipeline(transaction=True)
@@ -92,6 +93,22 @@ def test_a_request_cancelled_after_its_prefill_pays_for_the_prompt(service, redi
     assert usage.engine_reported and usage.portal_reported and usage.total_time == 0.5
 
 
+def test_a_prompt_sent_again_is_written_with_the_tokens_its_prefix_cache_held(service, redis_client, tenant_a,
+                                                                             tenant_b):
+    prompt = "Ahoy matey, where be the treasure buried on this island of ours? " * 3
+    served = []
+    for tenant in (tenant_a[0], tenant_a[0], tenant_b[0]):
+        request = enqueue(redis_client, service, tenant, prompt=prompt)
+        run_until(service, lambda request=request: any(e.kind == "done" for e in events(redis_client, request.request_id)))
+        served.append(request)
+    again = events(redis_client, served[1].request_id)[-1]
+    assert again.cached_tokens > 0
+    drain(redis_client)
+    rows = [Usage.objects.get(request_id=r.request_id) for r in served]
+    assert [row.cached_tokens for row in rows] == [0, again.cached_tokens, 0]  # tenant B never hits A's blocks
+    assert rows[1].prompt_tokens == again.prompt_tokens > again.cached_tokens
+
+
 def test_an_engine_refusal_is_an_error_row_of_no_tokens(service, redis_client, tenant_a):
     request = enqueue(redis_client, service, tenant_a[0], top_p=0)  # bad sampling: refused before any compute
     run_until(service, lambda: bool(events(redis_client, request.request_id)))
@@ -110,16 +127,21 @@ def test_whichever_writes_first_the_row_ends_the_same(tenant_a):
     tenant = tenant_a[0]
     now = datetime.now(tz=UTC)
     usage_record(tenant=tenant, request_id="portal-first", model="bot", status="ok", created=now, total_time=2.0,
-                 prompt_tokens=25, completion_tokens=7, time_to_first_token=0.3)
-    usage_record_from_engine(event=event(tenant, "portal-first"))
-    usage_record_from_engine(event=event(tenant, "engine-first"))
+                 prompt_tokens=25, cached_tokens=8, completion_tokens=7, time_to_first_token=0.3)
+    usage_record_from_engine(event=event(tenant, "portal-first", cached_tokens=16))
+    usage_record_from_engine(event=event(tenant, "engine-first", cached_tokens=16))
     usage_record(tenant=tenant, request_id="engine-first", model="bot", status="ok", created=now, total_time=2.0,
-                 prompt_tokens=25, completion_tokens=7, time_to_first_token=0.3)
+                 prompt_tokens=25, cached_tokens=8, completion_tokens=7, time_to_first_token=0.3)
     for request_id in ("portal-first", "engine-first"):
         usage = Usage.objects.get(request_id=request_id)
         # the engine's counts (it tokenized: 30, where the portal only estimated), the portal's timings
         assert (usage.prompt_tokens, usage.completion_tokens, usage.total_time, usage.model) == (30, 7, 2.0, "bot")
+        assert usage.cached_tokens == 16
         assert usage.engine_reported and usage.portal_reported
+    # A portal whose engine's usage event never arrives keeps what the done event said.
+    usage_record(tenant=tenant, request_id="portal-only", model="bot", status="ok", created=now, total_time=1.0,
+                 prompt_tokens=30, cached_tokens=16, completion_tokens=7)
+    assert Usage.objects.get(request_id="portal-only").cached_tokens == 16
 
 
 def test_a_redelivered_event_changes_nothing(tenant_a):
