@@ -64,8 +64,8 @@ to refresh it, never edit it by hand. From a clean clone, without internet, in u
 
 1. the environment: GPU, driver, Python packages, what is missing;
 2. `tests/kernels` compiled on CUDA (`TRITON_INTERPRET=0`: fp32, fp16 and bf16);
-3. `benchmarks/kernels.py --check`: Triton against the specification (kernels/reference.py), then the kernel table at
-   Llama-3-8B shapes;
+3. `benchmarks/kernels.py --check`: Triton against the specification
+   (`kernels/reference.py`), then the kernel table at Llama-3-8B shapes;
 4. the whole engine on `random:llama-3-8b` in bfloat16: output tok/s, TTFT and ITL with 0, 8 and
    32 adapters (rank 16, all seven projections), and its memory breakdown.
 
