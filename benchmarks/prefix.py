@@ -11,7 +11,8 @@ Two workloads, both greedy with ``ignore_eos`` (every request makes exactly --ou
   first token measures the queue more than the cache;
 - ``multi-turn``: --conversations conversations of --turns turns; each turn sends the previous
   turn's prompt, the model's answer to it (its token ids, verbatim) and a new question, and
-  arrives as soon as the previous answer is done.
+  arrives as soon as the previous answer is done. First turns find nothing in the cache, so this
+  workload's p99 is a first turn's.
 
 Each runs on two engines built once, one with ``enable_prefix_caching`` and one without, taking
 turns of --turn-steps steps as ``throughput.py``'s runs do, so that a slow stretch of a shared host
@@ -28,7 +29,7 @@ token ids. Either way the workload is token ids from then on.
 The issue's goals, on the shared-prompt workload: TTFT p50 at least 4x lower and throughput at
 least 1.5x higher with the cache on. Writes ``prefix.json`` and ``prefix.png`` under --out.
 
-    python benchmarks/prefix.py                          # the bundled SmolLM2-135M on CPU (~10 minutes on 2 cores)
+    python benchmarks/prefix.py                          # the bundled SmolLM2-135M on CPU (~9 minutes on 2 cores)
     python benchmarks/prefix.py --out benchmarks/results # the run behind README and RESULTS.md
     python benchmarks/prefix.py --model random:tiny --requests-per-tenant 4 --system-tokens 64 --turns 3 --repeats 1
 """
