@@ -1,10 +1,11 @@
-"""LoRA adapters in three tiers: device slots (``max_loras``), host RAM (``max_cpu_loras``), disk.
+"""LoRA adapters in three tiers: the device pool (``lora_pool_bytes``), host RAM (``max_cpu_loras``), disk.
 
-The scheduler asks ``acquire(name)`` for a slot. A resident adapter answers at once; a missing
-one is loaded by a background thread (disk → host → slot) while the batch keeps stepping, and
-its requests wait. Slots are reused least-recently-used first; a slot whose adapter is used by a
-running sequence, or that an operator pinned, is never taken. All bookkeeping happens on the
-engine thread: the loader thread only fills a slot that nobody else may touch and reports back.
+The scheduler asks ``acquire(name)`` for an adapter's slot (its first row in the pool,
+``adapter_pool``). A resident adapter answers at once; a missing one is given rows by its rank and
+loaded by a background thread (disk → host → device) while the batch keeps stepping, and its
+requests wait. Rows are taken from the least recently used adapters first; an adapter used by a
+running sequence, loading, or pinned by an operator is never evicted. All bookkeeping happens on
+the engine thread: the loader thread only fills rows that nobody else may touch and reports back.
 """
 
 from __future__ import annotations
@@ -15,14 +16,14 @@ import queue
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from engine_daemon.lora import FUSED_PROJECTIONS
+from engine_daemon.adapter_pool import AdapterPool, HostWeights
 from engine_daemon.peft_format import (
-    LORA_MODULES,
     WEIGHTS_FILE,
     AdapterError,
     AdapterManifest,
@@ -34,8 +35,8 @@ from engine_daemon.peft_format import (
 LOAD_RETRY_FIRST_SECONDS = 5.0
 LOAD_RETRY_MAX_SECONDS = 300.0
 
-# A host copy: (module, layer) → (A [r, in], B·scaling [out, r]) in the pool's dtype (lora_dtype).
-HostWeights = dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]
+# Loads per second are counted over this many seconds.
+LOAD_RATE_SECONDS = 10.0
 
 
 @dataclass
@@ -44,9 +45,9 @@ class AdapterStats:
     gpu_hits: int = 0  # acquired while already in a slot
     host_hits: int = 0  # loaded into a slot from host RAM
     disk_loads: int = 0  # read from disk into host RAM
-    slot_loads: int = 0  # copies into a device slot
+    slot_loads: int = 0  # copies into the device pool
     evictions: int = 0
-    load_seconds: float = 0.0  # time of the slot loads (disk or host → device slot)
+    load_seconds: float = 0.0  # time of the device loads (disk or host → device)
     prefetch_seconds: float = 0.0  # time of host-only prefetches (disk → host RAM)
     last_used: float | None = None  # wall-clock time
 
@@ -56,14 +57,16 @@ class AdapterRecord:
     name: str
     path: Path
     manifest: AdapterManifest
-    slot: int | None = None
+    slot: int | None = None  # its first row in the device pool, which the kernels index it by
     loading: bool = False
     host: HostWeights | None = None
     error: str | None = None  # the last load's failure, until a retry (after retry_at) succeeds
     failures: int = 0  # loads failed in a row
     retry_at: float = 0.0  # monotonic time from which a request may try the load again
-    in_use: int = 0  # running sequences holding the slot
+    in_use: int = 0  # running sequences holding its rows
     pinned: bool = False
+    touched: int = 0  # the residency's clock when last acquired, held or released (LRU)
+    ready_at: float = 0.0  # monotonic time its last device load finished
     fresh_load: bool = False  # the next hold() is the request that caused the load, not a hit
     generation: int = field(default_factory=itertools.count().__next__)  # which registration this is
     stats: AdapterStats = field(default_factory=AdapterStats)
@@ -77,74 +80,6 @@ class AdapterRecord:
         if self.loading:
             return "loading"
         return "host" if self.host is not None else "disk"
-
-
-class SlotPool:
-    """Stacked LoRA weights: a[module][layer] [S, R, in] and b[module][layer] [S, out, R] (views) on the device."""
-
-    def __init__(self, descriptor: ModelDescriptor, max_loras: int, max_rank: int, dtype: torch.dtype,
-                 device: torch.device):
-        self.num_slots, self.max_rank = max_loras, max_rank
-        shapes = {m: descriptor.projection_shape(m) for m in LORA_MODULES}
-        self.in_features = {m: shape[0] for m, shape in shapes.items()}
-        self.out_features = {m: shape[1] for m, shape in shapes.items()}
-        layers = range(descriptor.num_layers)
-        # Projections that read the same input share one A tensor, interleaved rank-major
-        # ([S, R, parts, in]): a slot's first `rank` rows of every part are then one contiguous
-        # [rank * parts, in] matrix, so one shrink serves q, k and v (and gate and up) at once.
-        self.fused_a = {
-            parts: [
-                torch.zeros(max_loras, max_rank, len(parts), self.in_features[parts[0]], dtype=dtype, device=device)
-                for _ in layers
-            ]
-            for parts in FUSED_PROJECTIONS
-        }
-        self.a = {
-            m: [torch.zeros(max_loras, max_rank, self.in_features[m], dtype=dtype, device=device) for _ in layers]
-            for m in LORA_MODULES
-            if not any(m in parts for parts in FUSED_PROJECTIONS)
-        }
-        for parts, per_layer in self.fused_a.items():
-            for i, part in enumerate(parts):
-                self.a[part] = [fused[:, :, i] for fused in per_layer]  # [S, R, in] views
-        # B is stored rank-major ([S, R, out] in memory) and exposed as the kernels' [S, out, R] view:
-        # a slot's first `rank` rows are then one contiguous block, so a low-rank adapter reads only
-        # its own bytes instead of a strided sliver of every R-wide row.
-        self.b = {
-            m: [
-                torch.zeros(max_loras, max_rank, self.out_features[m], dtype=dtype, device=device).transpose(1, 2)
-                for _ in layers
-            ]
-            for m in LORA_MODULES
-        }
-        # Each slot is computed at its adapter's own rank; scaling is folded into B. Kept on the host:
-        # LoraMeta.build reads them there once per step without a device sync.
-        self.ranks = torch.zeros(max_loras, dtype=torch.int32)
-        self.scalings = torch.ones(max_loras, dtype=torch.float32)
-        self.targets: list[frozenset[tuple[str, int]]] = [frozenset()] * max_loras
-
-    def shrink_weights(self, parts: tuple[str, ...], layer: int) -> torch.Tensor:
-        """A of several fused projections as one [S, R * parts, in] stack (rank r → r * parts rows)."""
-        fused = self.fused_a[parts][layer]
-        return fused.view(fused.shape[0], -1, fused.shape[-1])
-
-    @property
-    def nbytes(self) -> int:
-        tensors = [t for per_module in (*self.a.values(), *self.b.values()) for t in per_module]
-        return sum(t.numel() * t.element_size() for t in tensors)
-
-    def fill(self, slot: int, weights: HostWeights, rank: int, non_blocking: bool = False) -> None:
-        """Write one adapter into a slot: zeros up to its rank wherever it has no weights."""
-        for module in LORA_MODULES:
-            for layer, (a_stack, b_stack) in enumerate(zip(self.a[module], self.b[module], strict=True)):
-                a_stack[slot, :rank].zero_()
-                b_stack[slot, :, :rank].zero_()
-                pair = weights.get((module, layer))
-                if pair is not None:
-                    a, b = pair
-                    r = a.shape[0]
-                    a_stack[slot, :r].copy_(a, non_blocking=non_blocking)
-                    b_stack[slot, :, :r].copy_(b, non_blocking=non_blocking)
 
 
 @dataclass
@@ -171,7 +106,7 @@ class AdapterResidency:
         self,
         descriptor: ModelDescriptor,
         *,
-        max_loras: int,
+        pool_bytes: int,
         max_cpu_loras: int,
         max_lora_rank: int,
         dtype: torch.dtype,
@@ -181,13 +116,16 @@ class AdapterResidency:
         self.max_lora_rank = max_lora_rank
         self.max_cpu_loras = max_cpu_loras
         self.dtype, self.device = dtype, device
-        self.pool = SlotPool(descriptor, max_loras, max_lora_rank, dtype, device)
+        self.pool = AdapterPool(descriptor, pool_bytes, max_lora_rank, dtype, device)
         self.records: dict[str, AdapterRecord] = {}
-        self.slot_owner: list[str | None] = [None] * max_loras
-        self._slot_lru: OrderedDict[int, None] = OrderedDict((s, None) for s in range(max_loras))
+        self._clock = itertools.count(1)  # AdapterRecord.touched: higher = used more recently
+        # The pool knows its rows' owners by registration (AdapterRecord.generation): a name added
+        # again while its old weights still load must not pass for the old owner.
+        self._owners: dict[int, AdapterRecord] = {}
         self._host_lru: OrderedDict[str, None] = OrderedDict()
-        # (adapter, seconds, "disk" | "host") of each finished slot load, drained by the metrics exporter.
+        # (adapter, seconds, "disk" | "host") of each finished device load, drained by the metrics exporter.
         self.load_events: deque[tuple[str, float, str]] = deque(maxlen=1024)
+        self._load_times: deque[float] = deque(maxlen=4096)  # monotonic times of device loads (loads/s)
         self._jobs: queue.Queue[_LoadJob | None] = queue.Queue()
         self._results: queue.Queue[_LoadResult] = queue.Queue()
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -216,9 +154,8 @@ class AdapterResidency:
             self.records[name] = record
             raise AdapterError(f"adapter {name!r} is serving running requests and cannot be removed now")
         if record.slot is not None and not record.loading:
-            self.slot_owner[record.slot] = None
-            self.pool.ranks[record.slot] = 0
-            self._slot_lru.move_to_end(record.slot, last=False)  # reuse this slot first
+            self._vacate(record, record.slot)
+        # (Rows still being filled stay taken until poll() hears the load ended.)
         self._host_lru.pop(name, None)
 
     def identity(self, name: str) -> str:
@@ -237,26 +174,69 @@ class AdapterResidency:
 
     # ---- the scheduler's view ------------------------------------------------------------
 
-    def acquire(self, name: str) -> int | None:
-        """The slot of a ready adapter, or None while it loads (a load is started if a slot can be had)."""
+    def ready(self, name: str) -> bool:
+        """Whether the adapter is on the device, its load done: a request for it can run now."""
+        record = self.records.get(name)
+        return record is not None and record.tier == "gpu"
+
+    def loading(self, name: str) -> bool:
+        record = self.records.get(name)
+        return record is not None and record.loading
+
+    def acquire(self, name: str, keep: Collection[str] = ()) -> int | None:
+        """The slot of a ready adapter, or None while it loads: a load is started if rows can be had,
+        evicting least recently used adapters that no running sequence holds and that are not in `keep`."""
         record = self.check_loadable(name)
         if record.slot is not None:
             if record.loading:
                 return None
-            self._slot_lru.move_to_end(record.slot)
+            record.touched = next(self._clock)
             return record.slot
-        slot = self._free_slot()
-        if slot is None:
-            return None  # every slot serves running requests; wait for one to finish
-        self._evict_slot(slot)
-        record.slot, record.loading = slot, True
-        self.slot_owner[slot] = name
-        self._jobs.put(_LoadJob(name, record.path, record.manifest, slot, record.host))
+        if record.loading:
+            return None  # being read into host RAM: the device load starts from that copy, later
+        rows = record.manifest.rank
+        placement = self.pool.choose(rows, lambda owner: self._evictable(owner, keep), self._recency)
+        if placement is None:
+            return None  # the rows it needs serve running requests (or are pinned); wait for one to finish
+        for victim in placement.victims:
+            self._evict(self._owners[victim])
+        self.pool.occupy(placement.start, rows, record.generation)
+        self._owners[record.generation] = record
+        record.slot, record.loading = placement.start, True
+        record.touched = next(self._clock)
+        self._jobs.put(_LoadJob(name, record.path, record.manifest, placement.start, record.host))
         return None
+
+    def holders(self, name: str) -> set[str]:
+        """The adapters of running requests on the rows `name` would take once they let go (none
+        when pinned or loading adapters leave it no room at all)."""
+        placement = self.pool.choose(
+            self.get(name).manifest.rank,
+            lambda owner: self._evictable(owner, ()) or bool(self._owners[owner].in_use and not self._owners[owner].pinned),
+            self._recency,
+        )
+        if placement is None:
+            return set()
+        return {self._owners[owner].name for owner in placement.victims if self._owners[owner].in_use}
+
+    def prefetch(self, name: str, keep: Collection[str] = ()) -> None:
+        """Bring an adapter toward the device ahead of its requests: onto it if rows can be had
+        without evicting an adapter in `keep`, else into host RAM."""
+        try:
+            record = self.check_loadable(name)
+        except AdapterError:
+            return  # its requests are told when they are admitted
+        if record.slot is not None or record.loading:
+            return
+        if self.acquire(name, keep) is None and record.slot is None:
+            self.prefetch_to_host(name)
 
     def prefetch_to_host(self, name: str) -> None:
         """Read an adapter into host RAM in the background, so that its first request skips the disk."""
         record = self.get(name)
+        if record.host is not None:
+            self._host_lru.move_to_end(name)
+            return
         if record.error and time.monotonic() < record.retry_at:
             return
         if record.host is None and not record.loading:
@@ -284,6 +264,7 @@ class AdapterResidency:
         """A sequence starts running on this adapter: its slot may not be reused until release()."""
         record = self.records[name]
         record.in_use += 1
+        record.touched = next(self._clock)
         record.stats.requests += 1
         if record.fresh_load:
             record.fresh_load = False
@@ -295,6 +276,7 @@ class AdapterResidency:
         record = self.records.get(name)
         if record is not None and record.in_use > 0:
             record.in_use -= 1
+            record.touched = next(self._clock)
             record.stats.last_used = time.time()
 
     def poll(self) -> list[tuple[str, str]]:
@@ -318,29 +300,29 @@ class AdapterResidency:
                         record.stats.prefetch_seconds += result.seconds
                         self._keep_on_host(result.name, result.host)
                 continue
-            if record is None or record.slot != result.slot:
-                if self.slot_owner[result.slot] == result.name:
-                    self.slot_owner[result.slot] = None
-                continue  # removed or replaced while loading
+            owner = self.pool.occupants[result.slot][0]
+            if record is None or record.generation != owner:
+                self._vacate(self._owners[owner], result.slot)  # removed or replaced while loading
+                continue
             record.loading = False
             if result.error:
                 self._load_failed(record, result.error)
                 record.slot = None
-                self.slot_owner[result.slot] = None
-                self._slot_lru.move_to_end(result.slot, last=False)
+                self._vacate(record, result.slot)
                 failures.append((result.name, result.error))
                 continue
             record.fresh_load, record.failures = True, 0
+            record.ready_at = time.monotonic()
             self.load_events.append((result.name, result.seconds, "disk" if result.from_disk else "host"))
+            self._load_times.append(time.monotonic())
             record.stats.slot_loads += 1
             record.stats.load_seconds += result.seconds
             if result.from_disk:
                 record.stats.disk_loads += 1
             else:
                 record.stats.host_hits += 1
-            self.pool.ranks[result.slot] = record.manifest.rank
-            self.pool.targets[result.slot] = frozenset((m.module, m.layer) for m in record.manifest.modules)
-            self._slot_lru.move_to_end(result.slot)
+            self.pool.activate(result.slot, record.manifest.rank,
+                               frozenset((m.module, m.layer) for m in record.manifest.modules))
             if record.host is None and result.host is not None:
                 self._keep_on_host(result.name, result.host)
             elif record.host is not None:
@@ -359,35 +341,47 @@ class AdapterResidency:
     def wait_idle(self, timeout: float = 60.0) -> None:
         """Block until queued loads are done (tests and warm-up; never called from the step loop)."""
         deadline = time.monotonic() + timeout
+        self.poll()
         while any(r.loading for r in self.records.values()):
             if time.monotonic() > deadline:
                 raise TimeoutError("adapter loads did not finish in time")
             time.sleep(0.005)
             self.poll()
 
-    # ---- slots and host RAM ---------------------------------------------------------------
+    # ---- the pool and host RAM ------------------------------------------------------------
 
-    def _free_slot(self) -> int | None:
-        for slot in self._slot_lru:  # least recently used first
-            owner = self.slot_owner[slot]
-            if owner is None:
-                return slot
-            record = self.records.get(owner)
-            if record is None or (not record.in_use and not record.pinned and not record.loading):
-                return slot
-        return None
+    def _evictable(self, owner: int, keep: Collection[str]) -> bool:
+        record = self._owners[owner]
+        if self.records.get(record.name) is not record:
+            return False  # removed while its load runs: the rows are freed when poll() hears it ended
+        return not (record.in_use or record.pinned or record.loading or record.name in keep)
 
-    def _evict_slot(self, slot: int) -> None:
-        owner = self.slot_owner[slot]
-        if owner is None:
-            return
-        record = self.records.get(owner)
-        if record is not None:
-            record.slot = None
-            record.stats.evictions += 1
-        self.slot_owner[slot] = None
-        self.pool.ranks[slot] = 0
-        self.pool.targets[slot] = frozenset()
+    def _recency(self, owner: int) -> int:
+        return self._owners[owner].touched
+
+    def _vacate(self, record: AdapterRecord, start: int) -> None:
+        self.pool.vacate(start)
+        self._owners.pop(record.generation, None)
+
+    def _evict(self, record: AdapterRecord) -> None:
+        self._vacate(record, record.slot)
+        record.slot = None
+        record.stats.evictions += 1
+
+    def loads_per_second(self, seconds: float = LOAD_RATE_SECONDS) -> float:
+        """Device loads finished over the last `seconds`."""
+        since = time.monotonic() - seconds
+        return sum(1 for at in self._load_times if at >= since) / seconds
+
+    def tier_bytes(self) -> dict[str, int]:
+        """Bytes of adapter weights per tier: rows taken on the device, host copies, files on disk."""
+        host = sum(a.numel() * a.element_size() + b.numel() * b.element_size()
+                   for r in self.records.values() if r.host is not None for a, b in r.host.values())
+        return {
+            "gpu": self.pool.used_bytes,
+            "host": host,
+            "disk": sum(r.manifest.bytes for r in self.records.values()),
+        }
 
     def _trim_host(self) -> None:
         while len(self._host_lru) > self.max_cpu_loras:
@@ -436,6 +430,7 @@ class AdapterResidency:
                     "name": record.name,
                     "tier": record.tier,
                     "slot": record.slot if record.tier == "gpu" else None,
+                    "device_bytes": record.manifest.rank * self.pool.row_bytes if record.slot is not None else 0,
                     "in_host": record.host is not None,
                     "rank": record.manifest.rank,
                     "bytes": record.manifest.bytes,

@@ -43,7 +43,11 @@ class EngineConfig:
     kernels: str = field(default="auto", metadata=setting(
         "LoRA and attention kernels: 'auto' (Triton on CUDA, native C on CPU where a compiler is at hand, "
         "else torch), 'triton', 'native' or 'torch'"))
-    max_loras: int = field(default=8, metadata=setting("adapter slots on the device = distinct adapters per step"))
+    max_loras: int = field(default=8, metadata=setting("distinct adapters in one step"))
+    lora_pool_bytes: int | None = field(default=None, metadata=setting(
+        "bytes of device memory for resident adapters, each taking its own rank's share (default: on CUDA a "
+        "tenth of the memory free after the weights, at least max-loras adapters of max-lora-rank; on CPU "
+        "max-loras adapters of max-lora-rank)"))
     max_cpu_loras: int = field(default=64, metadata=setting("adapters kept in host RAM"))
     max_lora_rank: int = field(default=64, metadata=setting("largest LoRA rank accepted"))
     max_num_seqs: int = field(default=64, metadata=setting("sequences per step"))

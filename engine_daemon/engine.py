@@ -14,6 +14,7 @@ import torch
 
 import kernels
 from engine_daemon import detokenizer
+from engine_daemon.adapter_pool import pool_bytes_for
 from engine_daemon.adapters import AdapterResidency
 from engine_daemon.config import EngineConfig
 from engine_daemon.kv_cache import KVCache
@@ -126,7 +127,7 @@ class Engine:
         )
         self.residency = AdapterResidency(
             self.descriptor,
-            max_loras=config.max_loras,
+            pool_bytes=self._lora_pool_bytes(),
             max_cpu_loras=config.max_cpu_loras,
             max_lora_rank=config.max_lora_rank,
             dtype=self.lora_dtype,
@@ -139,6 +140,7 @@ class Engine:
             self.residency,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
+            max_loras=config.max_loras,
             enable_prefix_caching=config.enable_prefix_caching,
         )
         self.sampler = Sampler(self.device)
@@ -149,6 +151,20 @@ class Engine:
         self._last_lora: LoraBatch | None = None
 
     # ---- set-up ---------------------------------------------------------------------------
+
+    def _lora_pool_bytes(self) -> int:
+        """`lora_pool_bytes`, else what max_loras adapters of max_lora_rank take; on CUDA at least a
+        tenth of the memory left after the weights (the KV cache takes what the pool leaves)."""
+        config = self.config
+        if config.lora_pool_bytes is not None:
+            return config.lora_pool_bytes
+        budget = pool_bytes_for(self.descriptor, [config.max_lora_rank] * config.max_loras, config.max_lora_rank,
+                                self.lora_dtype)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            free, _total = torch.cuda.mem_get_info(self.device)
+            budget = max(budget, free // 10)
+        return budget
 
     def _allocate_kv_cache(self) -> KVCache:
         cfg = self.model_config
@@ -164,7 +180,7 @@ class Engine:
         num_blocks = max(0, budget // per_block)
         if num_blocks < 1:
             raise RuntimeError(
-                "no memory is left for the KV cache; lower max_loras / max_lora_rank or raise gpu_memory_utilization"
+                "no memory is left for the KV cache; lower lora_pool_bytes or raise gpu_memory_utilization"
             )
         return KVCache(cfg.num_layers, num_blocks, self.config.block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device)
 
@@ -186,12 +202,17 @@ class Engine:
         self.residency.remove(name)
 
     def pin_adapter(self, name: str, pinned: bool = True) -> None:
-        """A pinned adapter, once in a slot, is never evicted."""
+        """A pinned adapter is never evicted from the device; pinning starts its load there."""
         self.residency.set_pinned(name, pinned)
+        if pinned:
+            self.prefetch_adapter(name)
 
     def prefetch_adapter(self, name: str, to_device: bool = True) -> None:
-        """Start loading an adapter in the background: into a free device slot if there is one, else host RAM."""
-        if not to_device or self.residency.acquire(name) is None and self.residency.get(name).slot is None:
+        """Start loading an adapter in the background: onto the device if it has room for it without
+        evicting an adapter that queued requests wait for, else into host RAM."""
+        if to_device:
+            self.residency.prefetch(name, keep=self.scheduler.queued_adapters())
+        else:
             self.residency.prefetch_to_host(name)
 
     def wait_for_adapters(self, timeout: float = 60.0) -> None:
@@ -560,6 +581,11 @@ class Engine:
             memory=self.memory_breakdown(),
             kv_blocks_total=blocks.num_blocks,
             kv_blocks_used=blocks.num_used,
+            adapter_pool_rows=self.residency.pool.capacity,
+            adapter_pool_rows_used=self.residency.pool.used_rows,
+            adapter_bytes=self.residency.tier_bytes(),
+            adapter_loads_per_second=self.residency.loads_per_second(),
+            max_loras=self.config.max_loras,
             running=len(self.scheduler.running),
             waiting=self.scheduler.num_waiting,
             steps=self.stats.steps,

@@ -18,7 +18,7 @@ import torch
 import kernels
 
 if TYPE_CHECKING:
-    from engine_daemon.adapters import SlotPool
+    from engine_daemon.adapter_pool import AdapterPool
 
 # Projections that read the same input, in the order the fused base weights hold them: their
 # LoRA A matrices are stored (and shrunk) together.
@@ -35,7 +35,7 @@ GroupTable = dict[tuple[tuple[str, ...], int], "kernels.LoraGroup | None"]
 class PoolGroups:
     """The kernel groups of one slot pool under one kernel backend."""
 
-    def __init__(self, pool: SlotPool, backend: kernels.Backend) -> None:
+    def __init__(self, pool: AdapterPool, backend: kernels.Backend) -> None:
         self.pool, self.backend = pool, backend
         self._groups: dict[tuple, kernels.LoraGroup] = {}
         self._tables: OrderedDict[Targets, GroupTable] = OrderedDict()

@@ -43,15 +43,18 @@ class EngineMetrics:
         self.kv_usage = gauge("lorafleet:kv_cache_usage_perc", "Share of KV cache blocks in use (0-1)")
         self.memory = gauge("lorafleet:memory_bytes", "Device memory by use", ("kind",))
         self.adapters = gauge("lorafleet:lora_adapters", "Adapters by residency tier", ("tier",))
-        self.capacity = gauge("lorafleet:lora_adapter_capacity", "Adapters a tier can hold (gpu: slots)", ("tier",))
+        self.capacity = gauge("lorafleet:lora_adapter_capacity",
+                              "Adapters a tier can hold (host); gpu: distinct adapters in one step", ("tier",))
+        self.tier_bytes = gauge("lorafleet:lora_adapter_bytes",
+                                "Bytes of adapter weights by tier: device pool rows taken, host copies, files", ("tier",))
         self.capacity.labels(**labels, tier="gpu").set(config.max_loras)
         self.capacity.labels(**labels, tier="host").set(config.max_cpu_loras)
         self.prompt_tokens = counter("lorafleet:prompt_tokens", "Prompt tokens processed")
         self.generation_tokens = counter("lorafleet:generation_tokens", "Tokens generated")
         self.finished = counter("lorafleet:request_success", "Finished requests by reason", ("finished_reason",))
-        self.loads = counter("lorafleet:lora_adapter_loads", "Adapter loads into a device slot, by source", ("source",))
-        self.evictions = counter("lorafleet:lora_adapter_evictions", "Adapters evicted from a device slot")
-        self.slot_hits = counter("lorafleet:lora_adapter_slot_hits", "Requests whose adapter was already in a device slot")
+        self.loads = counter("lorafleet:lora_adapter_loads", "Adapter loads onto the device, by source", ("source",))
+        self.evictions = counter("lorafleet:lora_adapter_evictions", "Adapters evicted from the device")
+        self.slot_hits = counter("lorafleet:lora_adapter_slot_hits", "Requests whose adapter was already on the device")
         self.preemptions = counter("lorafleet:num_preemptions", "Sequences preempted (their KV freed, recomputed later)")
         self.prefix_blocks = gauge("lorafleet:prefix_cache_blocks", "KV blocks in the prefix cache, in use or idle")
         self.prefix_queries = counter(
@@ -60,7 +63,9 @@ class EngineMetrics:
             "lorafleet:prefix_cache_hits", "Prompt tokens found in the prefix cache, by tenant", ("tenant",))
         self.prefix_hit_rate = gauge(
             "lorafleet:prefix_cache_hit_rate", "Share of prompt tokens found in the prefix cache since the engine started")
-        self.load_time = histogram("lorafleet:lora_adapter_load_seconds", "Time to bring an adapter into a slot")
+        self.load_time = histogram("lorafleet:lora_adapter_load_seconds", "Time to bring an adapter onto the device")
+        self.adapter_wait = histogram("lorafleet:lora_adapter_wait_seconds",
+                                      "Time requests that found their adapter off the device waited for it")
         self.ttft = histogram("lorafleet:time_to_first_token_seconds", "Time from request creation to its first token")
         self.itl = histogram("lorafleet:inter_token_latency_seconds", "Time between two tokens of one request")
         self.e2e = histogram("lorafleet:e2e_request_latency_seconds", "Time from request creation to its end")
@@ -70,7 +75,8 @@ class EngineMetrics:
         )
         for metric in (self.running, self.waiting, self.kv_usage, self.prompt_tokens, self.generation_tokens,
                        self.evictions, self.slot_hits, self.preemptions, self.load_time, self.ttft, self.itl,
-                       self.e2e, self.step_time, self.adapters_per_step, self.prefix_blocks, self.prefix_hit_rate):
+                       self.e2e, self.step_time, self.adapters_per_step, self.prefix_blocks, self.prefix_hit_rate,
+                       self.adapter_wait):
             metric.labels(**labels)  # exported at 0 from the start, so that rate() and absent() behave
         self._last_token: dict[str, float] = {}
         self._seen_prompt = 0
@@ -131,6 +137,8 @@ class EngineMetrics:
         self._seen_adapter = {key: value for key, value in self._seen_adapter.items() if key[0] in known}
         for tier, count in counts.items():
             self.adapters.labels(**self.labels, tier=tier).set(count)
+        for tier, size in snap.adapter_bytes.items():
+            self.tier_bytes.labels(**self.labels, tier=tier).set(size)
         if evictions:
             self.evictions.labels(**self.labels).inc(evictions)
         if slot_hits:
@@ -147,6 +155,9 @@ class EngineMetrics:
             _name, seconds, source = events.popleft()
             self.loads.labels(**self.labels, source=source).inc()
             self.load_time.labels(**self.labels).observe(seconds)
+        waits = engine.scheduler.adapter_waits
+        while waits:
+            self.adapter_wait.labels(**self.labels).observe(waits.popleft())
 
     def _refresh_prefix_cache(self, snap: EngineSnapshot) -> None:
         self.prefix_blocks.labels(**self.labels).set(snap.prefix_cache_blocks)

@@ -12,7 +12,9 @@ Keys:
 - ``lf:dead:<base model>``           dead-letter stream: requests that failed too many deliveries, kept for
                                      the engines' retention period
 - ``lf:resp:<request id>``           stream of one request's response events, expires after a while
-- ``lf:control``                     stream of control events (adapter staged / deleted, cancel)
+- ``lf:control``                     stream of control events (adapter staged / deleted / pinned / unpinned, cancel)
+- ``lf:pinned``                      set of the adapter sha256s staff pinned: an engine keeps each on its device
+                                     once loaded (read at start; the pin events tell running engines)
 - ``lf:usage``                       stream of usage events, one per request that ended on an engine; the
                                      portal's usage writers read it in one consumer group and delete what they wrote
 - ``lf:engine:<engine id>``          heartbeat hash of one live engine, with a TTL
@@ -33,6 +35,7 @@ from typing import Any, ClassVar
 PROTOCOL_VERSION = 1
 CONSUMER_GROUP = "lf:engines"
 CONTROL_STREAM = "lf:control"
+PINNED_ADAPTERS_KEY = "lf:pinned"
 ENGINES_KEY = "lf:engines"
 RESPONSE_TTL_SECONDS = 600
 HEARTBEAT_TTL_SECONDS = 5
@@ -328,7 +331,8 @@ def response_event_from_redis(raw: dict[Any, Any]) -> DeltaEvent | DoneEvent | E
 
 @dataclass
 class ControlEvent(_Message):
-    """Fan-out notices to every engine: an adapter version was staged or deleted, a request was cancelled."""
+    """Fan-out notices to every engine: an adapter version was staged, deleted, pinned or unpinned; a request
+    was cancelled."""
 
     kind: ClassVar[str] = "control"
     action: str  # one of CONTROL_ACTIONS
@@ -340,6 +344,8 @@ class ControlEvent(_Message):
 
     ADAPTER_STAGED: ClassVar[str] = "adapter-staged"
     ADAPTER_DELETED: ClassVar[str] = "adapter-deleted"
+    ADAPTER_PINNED: ClassVar[str] = "adapter-pinned"
+    ADAPTER_UNPINNED: ClassVar[str] = "adapter-unpinned"
     CANCEL: ClassVar[str] = "cancel"
 
     def __post_init__(self) -> None:
@@ -351,7 +357,10 @@ class ControlEvent(_Message):
         return _parse(raw, {cls.kind: cls})
 
 
-CONTROL_ACTIONS = (ControlEvent.ADAPTER_STAGED, ControlEvent.ADAPTER_DELETED, ControlEvent.CANCEL)
+CONTROL_ACTIONS = (
+    ControlEvent.ADAPTER_STAGED, ControlEvent.ADAPTER_DELETED, ControlEvent.ADAPTER_PINNED,
+    ControlEvent.ADAPTER_UNPINNED, ControlEvent.CANCEL,
+)
 
 
 @dataclass(kw_only=True)
@@ -378,6 +387,14 @@ class EngineSnapshot:
     memory: dict[str, int] = field(default_factory=dict)
     kv_blocks_total: int = 0
     kv_blocks_used: int = 0
+    # The device adapter pool: its rows (one rank row of every projection each) and those taken;
+    # bytes of adapter weights per tier ("gpu" pool rows taken, "host" copies, "disk" files), and
+    # device loads per second over the last 10 s.
+    adapter_pool_rows: int = 0
+    adapter_pool_rows_used: int = 0
+    adapter_bytes: dict[str, int] = field(default_factory=dict)
+    adapter_loads_per_second: float = 0.0
+    max_loras: int = 0  # distinct adapters in one step
     running: int = 0
     waiting: int = 0
     steps: int = 0

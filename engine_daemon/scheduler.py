@@ -2,8 +2,16 @@
 
 Each step mixes the decode tokens of running sequences with prefill chunks, under
 ``max_num_batched_tokens`` tokens and ``max_num_seqs`` sequences. A running sequence keeps its
-adapter in a slot, so a step never holds more than ``max_loras`` distinct adapters. When KV
+adapter on the device, and a step never holds more than ``max_loras`` distinct adapters. When KV
 blocks run out, the newest running sequence is preempted and later recomputed from its tokens.
+
+Adapters: within a tenant's queue, the oldest request whose adapter is on the device goes first,
+so that a step's adapters change little when there are more hot adapters than the device holds;
+a request whose adapter is cold is passed over at most ``max_adapter_passes`` times, then its load
+starts (evicting if it must) and nobody passes it again. Where its adapter cannot come in, because
+running requests hold the rows it needs or the step already has ``max_loras`` adapters, the
+adapters in its way *drain*: they take no new requests until it is in. The adapters of the next
+requests in line are prefetched (disk → host RAM → device) while the batch runs.
 
 With prefix caching, a sequence starts from the longest run of its full blocks that the cache
 holds (same tenant, same adapter, same tokens before them: ``prefix_cache``), attached rather
@@ -19,6 +27,8 @@ another tenant's single request wait for all of them.
 
 from __future__ import annotations
 
+import itertools
+import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
 
@@ -48,13 +58,26 @@ class Scheduler:
         *,
         max_num_seqs: int,
         max_num_batched_tokens: int,
+        max_loras: int = 8,
         enable_prefix_caching: bool = True,
+        max_adapter_passes: int = 16,
+        prefetch_lookahead: int = 16,
+        admission_scan: int = 256,
     ) -> None:
         self.blocks = blocks
         self.enable_prefix_caching = enable_prefix_caching
         self.residency = residency
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_loras = max_loras
+        self.max_adapter_passes = max_adapter_passes
+        self.prefetch_lookahead = prefetch_lookahead  # queued requests whose adapters are prefetched
+        self.admission_scan = admission_scan  # requests of one tenant's queue looked at per admission
+        # Seconds each admitted request waited for its adapter (those that did), drained by the metrics.
+        self.adapter_waits: deque[float] = deque(maxlen=4096)
+        # Adapter a request waits for → the adapters that take no new requests until it is in.
+        self.draining: dict[str, set[str]] = {}
+        self._passed: list[Sequence] = []  # the cold requests the last candidate would pass
         self.waiting: dict[str, deque[Sequence]] = defaultdict(deque)  # per tenant, FIFO
         self.running: list[Sequence] = []
         self.tenant_weight: dict[str, float] = defaultdict(lambda: 1.0)
@@ -125,6 +148,7 @@ class Scheduler:
 
     def schedule(self) -> list[ScheduledSeq]:
         budget = self.max_num_batched_tokens
+        self._end_drains()
         batch: list[ScheduledSeq] = []
         # Running sequences first: decodes (one token each), then unfinished prefills, oldest first.
         for seq in sorted(self.running, key=lambda s: (not s.is_decoding, s.arrival)):
@@ -136,6 +160,7 @@ class Scheduler:
             batch.append(ScheduledSeq(seq, count))
             budget -= count
         self._admit(batch, budget)
+        self._prefetch_queued()
         for item in batch:
             tenant = item.seq.tenant
             self.tenant_served[tenant] = self.tenant_served.get(tenant, 0.0) + item.num_tokens / self.tenant_weight[tenant]
@@ -174,6 +199,12 @@ class Scheduler:
             candidate.status = Status.RUNNING
             if candidate.adapter is not None:
                 self.residency.hold(candidate.adapter)
+            for seq in self._passed:
+                seq.adapter_passes += 1
+            if candidate.adapter_wait_since is not None:  # until its adapter was in, not until admitted
+                ready_at = self.residency.get(candidate.adapter).ready_at
+                self.adapter_waits.append(max(0.0, ready_at - candidate.adapter_wait_since))
+                candidate.adapter_wait_since = None
             self.running.append(candidate)
             if candidate.admission is None:
                 candidate.admission = self.num_admissions
@@ -218,28 +249,115 @@ class Scheduler:
             seq.num_registered_blocks = full
 
     def _next_candidate(self, blocked_adapters: set[str]) -> Sequence | None:
-        """The oldest ready request of the least-served tenant; requests whose adapter is still
-        loading are stepped over (their load is started), so they hold up nobody, not even their own tenant."""
+        """The next request to admit, from the least-served tenant that has one ready (`_pick`).
+        Requests whose adapter is still loading are stepped over, so they hold up nobody, not even
+        their own tenant; `blocked_adapters` collects the adapters that cannot run in this step."""
+        active = self.running_adapters()
+        blocked_adapters.update(*self.draining.values())
         for tenant in sorted(self._tenants_with_work(waiting_only=True), key=lambda t: self.tenant_served[t]):
-            queue = self.waiting[tenant]
-            for seq in list(queue):
-                if seq.adapter is None:
-                    seq.slot = -1
-                    return seq
-                if seq.adapter in blocked_adapters:
-                    continue
-                try:
-                    slot = self.residency.acquire(seq.adapter)
-                except AdapterError as exc:
-                    queue.remove(seq)
-                    self.failed.append(_failed(seq, str(exc), exc.code))
-                    continue
-                if slot is None:
-                    blocked_adapters.add(seq.adapter)  # loading, or no slot free yet
-                    continue
-                seq.slot = slot
+            seq = self._pick(self.waiting[tenant], blocked_adapters, active)
+            if seq is not None:
                 return seq
         return None
+
+    def _pick(self, queue: deque[Sequence], blocked: set[str], active: set[str]) -> Sequence | None:
+        """One tenant's next request: its oldest whose adapter is ready (or none is needed). A
+        cold request ahead of it counts a pass; one passed `max_adapter_passes` times has its load
+        started instead. With nothing ready, the oldest cold request's load starts."""
+        cold: list[Sequence] = []
+        self._passed = []
+        for seq in list(itertools.islice(queue, self.admission_scan)):
+            adapter = seq.adapter
+            if adapter is None:
+                seq.slot = -1
+                return self._passing(seq, cold)
+            if adapter in blocked:
+                continue
+            fits = adapter in active or len(active) < self.max_loras  # else: one adapter too many in this step
+            if fits and self.residency.ready(adapter):
+                seq.slot = self.residency.acquire(adapter)
+                return self._passing(seq, cold)
+            if seq.adapter_wait_since is None:
+                seq.adapter_wait_since = time.monotonic()
+            if self.residency.loading(adapter):
+                blocked.add(adapter)
+            elif seq.adapter_passes >= self.max_adapter_passes:
+                self._make_way(seq, queue, blocked, active)  # passed over enough: its turn
+            else:
+                cold.append(seq)
+        if cold:
+            self._make_way(cold[0], queue, blocked, active)
+        return None
+
+    def _passing(self, chosen: Sequence, cold: list[Sequence]) -> Sequence:
+        self._passed = cold  # each counts a pass if `chosen` is admitted
+        return chosen
+
+    def _make_way(self, seq: Sequence, queue: deque[Sequence], blocked: set[str], active: set[str]) -> None:
+        """Bring the request's adapter in: start its load, or drain the adapters in its way (the
+        least busy one when the step is at max_loras; those on the rows it needs when running
+        requests hold them). An adapter that cannot load fails the request."""
+        adapter = seq.adapter
+        blocked.add(adapter)
+        if adapter not in active and len(active) >= self.max_loras:
+            busy = {name: 0 for name in active}
+            for running in self.running:
+                if running.adapter in busy:
+                    busy[running.adapter] += 1
+            self.draining.setdefault(adapter, set()).add(min(busy, key=lambda name: (busy[name], name)))
+            blocked.update(self.draining[adapter])
+            return
+        if self.residency.ready(adapter):
+            return
+        try:
+            self.residency.acquire(adapter)
+        except AdapterError as exc:
+            queue.remove(seq)
+            self.failed.append(_failed(seq, str(exc), exc.code))
+            return
+        if not self.residency.loading(adapter):  # no rows free: running requests hold them
+            holders = self.residency.holders(adapter)
+            if holders:
+                self.draining.setdefault(adapter, set()).update(holders)
+                blocked.update(holders)
+
+    def _end_drains(self) -> None:
+        """Drains whose adapter is in (or loading), or that no waiting request needs any more, end."""
+        if not self.draining:
+            return
+        wanted = {seq.adapter for queue in self.waiting.values() for seq in queue}
+        for adapter in list(self.draining):
+            if adapter not in wanted or self.residency.loading(adapter) or (
+                self.residency.ready(adapter) and len(self.running_adapters() - {adapter}) < self.max_loras
+            ):
+                del self.draining[adapter]
+
+    def running_adapters(self) -> set[str]:
+        return {seq.adapter for seq in self.running if seq.adapter is not None}
+
+    def queued_adapters(self) -> list[str]:
+        """The adapters of the next `prefetch_lookahead` waiting requests, in admission order (by
+        tenant share, then each tenant's queue)."""
+        wanted: dict[str, None] = {}
+        for tenant in sorted(self._tenants_with_work(waiting_only=True), key=lambda t: self.tenant_served[t]):
+            for seq in itertools.islice(self.waiting[tenant], self.prefetch_lookahead):
+                if seq.adapter is not None:
+                    wanted[seq.adapter] = None
+                if len(wanted) >= self.prefetch_lookahead:
+                    return list(wanted)
+        return list(wanted)
+
+    def _prefetch_queued(self) -> None:
+        """Start the loads of the adapters the next requests in line need, so that they overlap the
+        running batch: onto the device where that evicts no adapter a queued or running request
+        needs, else into host RAM."""
+        wanted = self.queued_adapters()
+        if not wanted:
+            return
+        keep = set(wanted) | self.running_adapters()
+        for name in wanted:
+            if not self.residency.ready(name) and not self.residency.loading(name):
+                self.residency.prefetch(name, keep=keep)
 
     def _make_room_for(self, candidate: Sequence, batch: list[ScheduledSeq], blocks_needed: int = 0) -> bool:
         """Preempt a sequence of an over-served tenant when the candidate's tenant is under its share."""

@@ -39,6 +39,10 @@ class Sequence:
     finish_time: float | None = None
     num_preemptions: int = 0
     admission: int | None = None  # this engine's count of admissions when the sequence first ran
+    # Times a later request of its tenant was admitted first, while its adapter was not loaded and
+    # not loading (Scheduler.max_adapter_passes bounds it).
+    adapter_passes: int = 0
+    adapter_wait_since: float | None = None  # monotonic time it was first found waiting for its adapter
     # Prefix caching (see prefix_cache.py): the hash chain's root, the hashes of full blocks so far,
     # the prompt tokens found in the cache at the first admission, blocks registered in this run.
     cache_salt: bytes = b""

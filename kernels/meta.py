@@ -10,7 +10,7 @@ step into kernel calls (the native backend's ``kernels.cpu.lora_plan.LoraPlan``)
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,13 +80,14 @@ class LoraMeta:
         token_slots: torch.Tensor,
         ranks: torch.Tensor,
         scalings: torch.Tensor,
-        planner: Callable[[list[int], list[int], list[float]], Any] | None = None,
+        planner: Callable[[list[int], Mapping[int, int], Mapping[int, float]], Any] | None = None,
     ) -> LoraMeta:
         """Sort tokens by slot and segment them; one host sync (for the segment sizes).
 
         token_slots lives on the compute device; ranks and scalings may live on the host
-        (free) or on the device (one more small copy back). `planner` (the token slots, ranks
-        and scalings as host lists) makes the backend's plan, for a batch that uses an adapter.
+        (free) or on the device (one more small copy back). `planner` (the token slots as a host
+        list; the ranks and scalings of the slots present, by slot) makes the backend's plan, for a
+        batch that uses an adapter.
         """
         if token_slots.dim() != 1:
             raise ValueError(f"token_slots must be 1-D [T], got shape {tuple(token_slots.shape)}")
@@ -101,27 +102,25 @@ class LoraMeta:
 
         # Stable sort puts the -1 tokens first, then each slot's tokens in batch order.
         _, order = torch.sort(slots, stable=True)
-        # counts[0] = tokens without adapter, counts[s + 1] = tokens of slot s; the minimum
-        # rides along so that validation costs no second sync.
-        counts = torch.bincount((slots + 1).clamp_min(0), minlength=num_slots + 1)
-        lowest = slots.min().reshape(1) if num_tokens else slots.new_zeros(1)
-        *counts_host, lowest_slot = torch.cat([counts, lowest]).tolist()
-        if lowest_slot < -1:
+        # The slots present and their token counts, in one host sync. (Not a bincount over all
+        # slots: a rank-packed pool has a slot per row, thousands, of which a step uses a few.)
+        present, counts = torch.unique(slots, sorted=True, return_counts=True)
+        host = torch.cat([present, counts]).tolist()
+        present_host, counts_host = host[: len(host) // 2], host[len(host) // 2 :]
+        if present_host and present_host[0] < -1:
             raise ValueError("token_slots entries must be -1 (no adapter) or a slot index >= 0")
-        if len(counts_host) > num_slots + 1:
-            raise ValueError(
-                f"token_slots refers to slot {len(counts_host) - 2} but only {num_slots} slots exist"
-            )
+        if present_host and present_host[-1] >= num_slots:
+            raise ValueError(f"token_slots refers to slot {present_host[-1]} but only {num_slots} slots exist")
 
-        ranks_host = [int(r) for r in ranks.tolist()]
-        scalings_host = [float(s) for s in scalings.tolist()]
-        num_skipped = counts_host[0]
+        used = [slot for slot in present_host if slot >= 0]
+        picked = torch.tensor(used, dtype=torch.int64, device=ranks.device)
+        ranks_host = dict(zip(used, (int(r) for r in ranks[picked].tolist()), strict=True))
+        scalings_host = dict(zip(used, (float(x) for x in scalings[picked.to(scalings.device)].tolist()), strict=True))
         segments: list[tuple[int, int, int, int, float]] = []
         tiles: list[tuple[int, int, int]] = []
         start = 0
-        for slot in range(num_slots):
-            count = counts_host[slot + 1]
-            if count == 0:
+        for slot, count in zip(present_host, counts_host, strict=True):
+            if slot < 0:
                 continue
             end = start + count
             rank = ranks_host[slot]
@@ -132,6 +131,7 @@ class LoraMeta:
             start = end
         # Keep positions in sorted_token_ids consistent with the segments above (rank-0
         # segments keep their place; they are simply never read).
+        num_skipped = counts_host[0] if present_host and present_host[0] == -1 else 0
         sorted_token_ids = order[num_skipped:]
         plan = planner(token_slots.tolist(), ranks_host, scalings_host) if planner and segments else None
         return cls(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import torch
@@ -66,8 +67,9 @@ class LoraPlan:
         )
 
 
-def build_native_plan(slots: list[int], ranks: list[int], scalings: list[float]) -> LoraPlan:
-    """Plan a batch from host lists: each token's slot (-1: none), each slot's rank and scaling."""
+def build_native_plan(slots: list[int], ranks: Mapping[int, int], scalings: Mapping[int, float]) -> LoraPlan:
+    """Plan a batch from host values: each token's slot (-1: none); the rank and scaling of each
+    slot present (a list over all slots serves as well)."""
     rows_by_slot: dict[int, list[int]] = defaultdict(list)
     for row, slot in enumerate(slots):
         if slot >= 0 and ranks[slot] > 0:

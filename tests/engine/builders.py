@@ -174,3 +174,14 @@ class PeftReference:
                 tokens.append(int(out.logits[0, -1].argmax()))
                 step_input = torch.tensor([[tokens[-1]]])
         return tokens
+
+
+def pool_bytes(model_dir: Path, ranks: list[int], *, max_lora_rank: int = 64, dtype: torch.dtype = torch.float32) -> int:
+    """The `lora_pool_bytes` that holds adapters of these ranks on `model_dir`'s model at once."""
+    import json
+
+    from engine_daemon.adapter_pool import pool_bytes_for
+    from engine_daemon.peft_format import descriptor_from_config
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return pool_bytes_for(descriptor_from_config("test", config), ranks, max_lora_rank, dtype)

@@ -1,4 +1,4 @@
-"""Adapter residency: LRU across device slots and host RAM, pinning, in-use safety, background loads."""
+"""Adapter residency: LRU across the device pool and host RAM, pinning, in-use safety, background loads."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 
 from engine_daemon import Engine, EngineConfig, SamplingParams
 from engine_daemon import adapters as adapters_module
-from tests.engine.builders import write_adapter
+from tests.engine.builders import pool_bytes, write_adapter
 
 ONE = SamplingParams(max_tokens=1, temperature=0.0)
 PROMPT = [5, 6, 7, 8, 9]
@@ -25,8 +25,10 @@ def adapter_dirs(tmp_path_factory, tiny_llama):
     return {name: write_adapter(tiny_llama, root / name, r=4, seed=i) for i, name in enumerate("abcd")}
 
 
-def make_engine(tiny_llama, adapter_dirs, **overrides) -> Engine:
-    settings = dict(model=str(tiny_llama), device="cpu", dtype="float32", max_loras=2, max_cpu_loras=8)
+def make_engine(tiny_llama, adapter_dirs, room: int = 2, **overrides) -> Engine:
+    """An engine whose device pool holds `room` of the rank-4 adapters, as many in one step."""
+    settings = dict(model=str(tiny_llama), device="cpu", dtype="float32", max_loras=room, max_cpu_loras=8,
+                    lora_pool_bytes=pool_bytes(tiny_llama, [4] * room))
     settings.update(overrides)
     engine = Engine(EngineConfig(**settings))
     for name, path in adapter_dirs.items():
@@ -47,15 +49,15 @@ def serve(engine: Engine, *names: str) -> None:
 def test_least_recently_used_slot_is_evicted_to_host(tiny_llama, adapter_dirs):
     engine = make_engine(tiny_llama, adapter_dirs)
     assert set(tiers(engine).values()) == {"disk"}
-    serve(engine, "a", "b", "a", "c")  # c needs a slot: b was used longest ago
+    serve(engine, "a", "b", "a", "c")  # c needs rows: b was used longest ago
     assert tiers(engine) == {"a": "gpu", "b": "host", "c": "gpu", "d": "disk"}
     slots = {row["name"]: row["slot"] for row in engine.residency.snapshot()}
-    assert {slots["a"], slots["c"]} == {0, 1}
+    assert {slots["a"], slots["c"]} == {0, 4}  # each adapter's first row; rank 4 takes 4
     engine.close()
 
 
 def test_host_tier_keeps_max_cpu_loras(tiny_llama, adapter_dirs):
-    engine = make_engine(tiny_llama, adapter_dirs, max_loras=1, max_cpu_loras=2)
+    engine = make_engine(tiny_llama, adapter_dirs, room=1, max_cpu_loras=2)
     serve(engine, "a", "b", "c")
     rows = {row["name"]: row for row in engine.residency.snapshot()}
     assert [n for n, r in rows.items() if r["in_host"]] == ["b", "c"]  # a fell out of host RAM first
@@ -72,7 +74,7 @@ def test_pinned_adapter_is_never_evicted(tiny_llama, adapter_dirs):
 
 
 def test_hits_and_loads_are_counted(tiny_llama, adapter_dirs):
-    engine = make_engine(tiny_llama, adapter_dirs, max_loras=1)
+    engine = make_engine(tiny_llama, adapter_dirs, room=1)
     serve(engine, "a", "a", "b", "a")
     row = {r["name"]: r for r in engine.residency.snapshot()}["a"]
     assert row["requests"] == 3
@@ -85,7 +87,7 @@ def test_hits_and_loads_are_counted(tiny_llama, adapter_dirs):
 
 
 def test_adapter_of_a_running_sequence_is_never_evicted(tiny_llama, adapter_dirs):
-    engine = make_engine(tiny_llama, adapter_dirs, max_loras=1)
+    engine = make_engine(tiny_llama, adapter_dirs, room=1)
     engine.prefetch_adapter("a")
     engine.wait_for_adapters()
     long_run = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
@@ -98,7 +100,7 @@ def test_adapter_of_a_running_sequence_is_never_evicted(tiny_llama, adapter_dirs
                 finished.append(out.request_id)
         if "long" not in finished:
             assert tiers(engine)["a"] == "gpu"
-            assert tiers(engine)["b"] == "disk"  # no slot could be taken from a running sequence
+            assert tiers(engine)["b"] != "gpu"  # no rows could be taken from a running sequence
     assert finished[0] == "long"
     engine.wait_for_adapters()
     while engine.has_unfinished():

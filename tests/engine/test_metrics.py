@@ -10,7 +10,7 @@ from prometheus_client import generate_latest
 from engine_daemon import Engine, EngineConfig
 from engine_daemon.metrics import EngineMetrics, metric_families, serve_metrics
 from engine_daemon.service import EngineService, ServiceConfig
-from tests.engine.builders import write_adapter, write_tiny_model
+from tests.engine.builders import pool_bytes, write_adapter, write_tiny_model
 from tests.engine.test_service import enqueue, finished, run_until, stage
 
 SHORT = {"max_tokens": 3, "temperature": 0.0, "ignore_eos": True}
@@ -23,6 +23,7 @@ FAMILIES = (
     "lorafleet:lora_adapter_load_seconds", "lorafleet:lora_adapter_evictions", "lorafleet:lora_adapter_slot_hits",
     "lorafleet:lora_adapters_per_step", "lorafleet:num_preemptions", "lorafleet:prefix_cache_blocks",
     "lorafleet:prefix_cache_queries", "lorafleet:prefix_cache_hits", "lorafleet:prefix_cache_hit_rate",
+    "lorafleet:lora_adapter_bytes", "lorafleet:lora_adapter_wait_seconds",
 )
 
 
@@ -39,10 +40,11 @@ def adapters(model, tmp_path_factory):
 
 @pytest.fixture
 def one_slot_service(model, adapters, redis_client, redis_url, tmp_path):
-    """One device slot and one host-RAM place: every switch of adapter evicts and reloads from disk."""
+    """Device room for one adapter and one host-RAM place: every switch of adapter evicts and reloads from disk."""
     cache = tmp_path / "cache"
     cache.mkdir()
-    engine = Engine(EngineConfig(model=str(model), device="cpu", dtype="float32", max_loras=1, max_cpu_loras=1))
+    engine = Engine(EngineConfig(model=str(model), device="cpu", dtype="float32", max_loras=1, max_cpu_loras=1,
+                                 lora_pool_bytes=pool_bytes(model, [2])))
     service = EngineService(engine, ServiceConfig(redis_url=redis_url, adapter_cache_dir=cache, engine_id="metrics"),
                             client=redis_client)
     service.start()
@@ -88,6 +90,15 @@ def test_metrics_served_over_http_carry_every_family_and_the_engine_numbers(one_
     assert samples(families, "lorafleet:lora_adapters", tier="disk") == 1
     assert samples(families, "lorafleet:lora_adapter_capacity", tier="gpu") == 1
     assert samples(families, "lorafleet:lora_adapter_capacity", tier="host") == 1
+    # The three requests that found their adapter off the device waited for it; the fourth did not.
+    assert samples(families, "lorafleet:lora_adapter_wait_seconds", "_count") == 3
+    assert samples(families, "lorafleet:lora_adapter_wait_seconds", "_sum") > 0
+    pool = service.engine.residency.pool
+    assert samples(families, "lorafleet:lora_adapter_bytes", tier="gpu") == 2 * pool.row_bytes == snap.adapter_bytes["gpu"]
+    assert samples(families, "lorafleet:lora_adapter_bytes", tier="disk") == rows[a]["bytes"] + rows[b]["bytes"]
+    assert samples(families, "lorafleet:lora_adapter_bytes", tier="host") == snap.adapter_bytes["host"] > 0
+    assert snap.adapter_pool_rows == pool.capacity and snap.adapter_pool_rows_used == 2
+    assert 0 < snap.adapter_loads_per_second <= 3 / 10  # the three loads, if all within the last 10 s
     for kind in ("weights", "kv_cache", "adapter_pool"):
         assert samples(families, "lorafleet:memory_bytes", kind=kind) == snap.memory[kind] > 0
     assert samples(families, "lorafleet:kv_cache_usage_perc") == 0  # every request ended: its blocks are free

@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from engine_daemon import Engine, EngineConfig, SamplingParams
-from tests.engine.builders import PeftReference, cast_adapter_file, write_adapter, write_tiny_model
+from tests.engine.builders import (
+    PeftReference,
+    cast_adapter_file,
+    pool_bytes,
+    write_adapter,
+    write_tiny_model,
+)
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PROMPTS = [
@@ -111,6 +117,33 @@ def test_mixed_adapter_batch_matches_peft(tmp_path, variant, kernels):
     # The adapters really change the output, so matching is not matching the base model.
     base_logits = reference.next_token_logits(PROMPTS[0], None)
     assert relative_error(logits["0"], base_logits) > 1e-3
+    engine.close()
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_adapter_churn_in_a_pool_smaller_than_the_adapters_matches_peft(tmp_path, kernels):
+    """Six adapters of ranks 1-64 (142 rows) through a pool of 80 rows, two adapters per step:
+    adapters are evicted and loaded into other rows between steps, next to their neighbours'
+    rows, and every request still matches HF + PEFT."""
+    base = write_tiny_model(tmp_path / "base", "llama")
+    ranks = {"r1": 1, "r3": 3, "r8": 8, "r17": 17, "r49": 49, "r64": 64}
+    adapters = {name: write_adapter(base, tmp_path / name, r=rank, target_modules=ALL, seed=10 + rank)
+                for name, rank in ranks.items()}
+    reference = PeftReference.from_dir(base, adapters)
+    engine = Engine(EngineConfig(model=str(base), device="cpu", dtype="float32", max_loras=2, max_lora_rank=64,
+                                 max_num_seqs=3, lora_pool_bytes=pool_bytes(base, [80]), kernels=kernels))
+    for name, path in adapters.items():
+        engine.add_adapter(name, str(path))
+    greedy = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    for order in (["r64", "r1", "r17", "r3", "r49", "r8"], ["r1", "r64", "r8", "r17", "r3", "r49"]):
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(order))]
+        logits = capture_logits(engine)
+        outs = engine.generate(prompts, greedy, adapters=order)
+        for i, (prompt, adapter) in enumerate(zip(prompts, order, strict=True)):
+            assert relative_error(logits[str(i)], reference.next_token_logits(prompt, adapter)) < 1e-4, adapter
+            assert outs[i].token_ids == reference.greedy(prompt, adapter, 4), adapter
+    stats = engine.residency.snapshot()
+    assert sum(row["evictions"] for row in stats) >= 4 and sum(row["slot_loads"] for row in stats) > len(ranks) + 2
     engine.close()
 
 

@@ -22,6 +22,7 @@ from portal.adapters import services
 from portal.adapters.models import AdapterVersion
 from portal.adapters.uploads import AdapterUpload
 from portal.base_models.services import base_model_register_by_name
+from tests.engine.builders import pool_bytes
 from tests.portal import factories
 
 ENGINE_ID = "ops-engine"
@@ -83,7 +84,9 @@ def upload(tenant, base_model, name: str, folder: Path, run_on_commit) -> Adapte
 def start_fleet(*, model_dir: Path, adapter_dirs: list[Path], tenant_a, tenant_b, redis_client, redis_url,
                 run_on_commit) -> Fleet:
     base_model = base_model_register_by_name(model=str(model_dir))
-    engine = Engine(EngineConfig(model=str(model_dir), device="cpu", dtype="float32", max_loras=1, max_cpu_loras=1))
+    # Device room for one of the (rank-2) adapters and one host-RAM place: each switch evicts.
+    engine = Engine(EngineConfig(model=str(model_dir), device="cpu", dtype="float32", max_loras=1, max_cpu_loras=1,
+                                 lora_pool_bytes=pool_bytes(model_dir, [2])))
     config = ServiceConfig(redis_url=redis_url, adapter_cache_dir=settings.ADAPTER_CACHE_DIR, engine_id=ENGINE_ID)
     service = EngineService(engine, config, client=redis_client)
     service.start()
@@ -93,9 +96,9 @@ def start_fleet(*, model_dir: Path, adapter_dirs: list[Path], tenant_a, tenant_b
         fleet.versions[name] = upload(tenant_a, base_model, name, folder, run_on_commit)
     # The staged events make the engine register both and read them into host RAM (one place: the last stays).
     fleet.step_until(lambda: all(engine.has_adapter(v.sha256) for v in fleet.versions.values()) and not residency.busy)
-    fleet.serve(fleet.sha("pirate"))  # from host RAM into slot 0
-    fleet.serve(fleet.sha("support-bot"))  # from disk into slot 0, evicting pirate (and pushing it out of host RAM)
-    fleet.serve(fleet.sha("pirate"))  # back into slot 0 from disk; support-bot is left on disk only
+    fleet.serve(fleet.sha("pirate"))  # from host RAM onto the device (rows 0-1)
+    fleet.serve(fleet.sha("support-bot"))  # from disk into rows 0-1, evicting pirate (and pushing it out of host RAM)
+    fleet.serve(fleet.sha("pirate"))  # back from disk; support-bot is left on disk only
     fleet.versions["shouty"] = upload(tenant_b, base_model, "shouty", adapter_dirs[2], run_on_commit)
     fleet.step_until(lambda: engine.has_adapter(fleet.sha("shouty")) and residency.records[fleet.sha("shouty")].host is not None)
     fleet.rejected = upload_rejected(tenant_b, base_model, "broken", adapter_dirs[0], run_on_commit)
