@@ -100,6 +100,8 @@ class EngineService:
 
     def start(self) -> None:
         self._control_cursor = self._stream_tail(protocol.CONTROL_STREAM)
+        for sha in self.redis.smembers(protocol.PINNED_ADAPTERS_KEY):  # pins made before this engine started
+            self._set_pinned(text_of(sha), True)
         self.redis.hset(protocol.BASE_MODELS_KEY, self.base_model, json.dumps(self.engine.descriptor.to_dict()))
         self._refresh_tenants(force=True)
         self._beat(force=True)
@@ -436,11 +438,25 @@ class EngineService:
                 self.engine.prefetch_adapter(event.sha256, to_device=False)
             except AdapterError as exc:
                 log.warning("staged adapter %s is unusable here: %s", event.sha256, exc)
+        elif event.action in (ControlEvent.ADAPTER_PINNED, ControlEvent.ADAPTER_UNPINNED) and event.sha256 \
+                and event.base_model in (None, self.base_model):
+            self._set_pinned(event.sha256, event.action == ControlEvent.ADAPTER_PINNED)
         elif event.action == ControlEvent.ADAPTER_DELETED and event.sha256 and self.engine.has_adapter(event.sha256):
             try:
                 self.engine.remove_adapter(event.sha256)
             except AdapterError as exc:  # still serving: it goes when its requests end and it ages out
                 log.info("adapter %s not evicted yet: %s", event.sha256, exc)
+
+    def _set_pinned(self, sha: str, pinned: bool) -> None:
+        """Staff pinned (or unpinned) an adapter version: a pinned one is loaded onto the device now
+        and never evicted from it."""
+        try:
+            if pinned and not self.engine.has_adapter(sha):
+                self.engine.add_adapter(sha, str(cached_adapter_dir(self.config.adapter_cache_dir, sha)))
+            if self.engine.has_adapter(sha):
+                self.engine.pin_adapter(sha, pinned)
+        except AdapterError as exc:  # another base model's adapter, or not staged where this engine reads
+            log.info("pinned adapter %s is not served here: %s", sha, exc)
 
     def _remember_cancel(self, request_id: str) -> None:
         """Cancelled ids are kept as long as a response stream lives, so a late arrival is refused."""

@@ -77,6 +77,12 @@ class AdapterVersion(models.Model):
     validation_runs_lost = models.PositiveSmallIntegerField(default=0)
     # Set when a rejected version's uploaded files were deleted after the retention period.
     files_purged_at = models.DateTimeField(null=True, blank=True)
+    # Staff keep this version on the engines' devices once loaded (protocol.PINNED_ADAPTERS_KEY holds its sha256).
+    pinned = models.BooleanField(default=False)
+    pinned_at = models.DateTimeField(null=True, blank=True)
+    pinned_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
 
     class Meta:
         constraints = [

@@ -1,4 +1,4 @@
-"""Adapter writes: create, upload a version, validate, stage, promote, delete.
+"""Adapter writes: create, upload a version, validate, stage, promote, pin, delete.
 
 A version's status only moves forward (pending → validating → ready | rejected), each move
 under a row lock, so a redelivered task finds the work done and does nothing, or redoes only
@@ -12,6 +12,7 @@ from datetime import timedelta
 from functools import partial
 
 import kombu.exceptions
+import redis
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.exceptions import ValidationError
@@ -379,15 +380,17 @@ def _promote_if_newer(version: AdapterVersion) -> None:
 
 
 def _publish_staged(version: AdapterVersion) -> None:
+    staging.control_event_publish(_version_event(version, ControlEvent.ADAPTER_STAGED))
+
+
+def _version_event(version: AdapterVersion, action: str) -> ControlEvent:
     adapter = version.adapter
-    staging.control_event_publish(
-        ControlEvent(
-            action=ControlEvent.ADAPTER_STAGED,
-            sha256=version.sha256,
-            adapter=version.model_id,
-            tenant_id=str(adapter.tenant_id),
-            base_model=adapter.base_model.name,
-        )
+    return ControlEvent(
+        action=action,
+        sha256=version.sha256,
+        adapter=version.model_id,
+        tenant_id=str(adapter.tenant_id),
+        base_model=adapter.base_model.name,
     )
 
 
@@ -405,6 +408,63 @@ def adapter_default_set(*, adapter: Adapter, number: int) -> Adapter:
     adapter.default_version = version
     adapter.save(update_fields=["default_version", "updated_at"])
     return adapter
+
+
+def adapter_version_pin_set(*, version: AdapterVersion, pinned: bool, by: AbstractBaseUser | None) -> AdapterVersion:
+    """Pin a ready version on the engines' devices, or unpin it: the row now, the engines once committed.
+
+    The engines pin content, by sha256, and identical uploads share it: the sha256 stays in
+    PINNED_ADAPTERS_KEY while any version with it is pinned. Pinning again tells the engines again
+    (a repair after a lost event); unpinning one of two pinned twins leaves the engines as they are.
+    """
+    with transaction.atomic():
+        locked = (
+            AdapterVersion.objects.select_for_update(of=("self",))
+            .select_related("adapter__tenant", "adapter__base_model")
+            .filter(pk=version.pk)
+            .first()
+        )
+        if locked is None:
+            raise AdapterRejected(
+                f"adapter version {version.pk} no longer exists (its adapter was deleted); reload the page", code=NOT_FOUND
+            )
+        if pinned and (locked.status != Status.READY or not locked.sha256):
+            raise AdapterRejected(
+                f"{locked} is {locked.status}; only a ready version can be pinned: "
+                "wait until it is ready, or pin a ready version",
+                code=NOT_READY,
+            )
+        if locked.pinned != pinned:  # pinning a pinned version keeps who pinned it first, and when
+            locked.pinned = pinned
+            locked.pinned_at = timezone.now() if pinned else None
+            locked.pinned_by = by if pinned else None
+            locked.save(update_fields=["pinned", "pinned_at", "pinned_by"])
+        if locked.sha256:  # a version never ready was never pinned: the engines have nothing to hear
+            transaction.on_commit(partial(_pin_publish, locked, pinned))
+    return locked
+
+
+def _pin_publish(version: AdapterVersion, pinned: bool) -> None:
+    """Bring PINNED_ADAPTERS_KEY and the engines to what the database says of the version's content."""
+    sha256 = version.sha256
+    try:
+        with staging.cache_lock(sha256):  # concurrent pins of twins, and purges, apply one at a time
+            held = AdapterVersion.objects.filter(sha256=sha256, pinned=True).exists()
+            if held and not pinned:
+                return  # an identical upload is still pinned: its content stays on the devices
+            if held:
+                staging.pinned_adapters_add(sha256)
+            else:
+                staging.pinned_adapters_remove(sha256)
+            action = ControlEvent.ADAPTER_PINNED if held else ControlEvent.ADAPTER_UNPINNED
+            staging.control_event_publish(_version_event(version, action))
+    except redis.RedisError as exc:
+        verb = "pin" if pinned else "unpin"
+        raise AdapterRejected(
+            f"{version}: the {verb} is saved, but the engines were not told "
+            f"(Redis did not answer: {exc}); {verb} it again once Redis answers",
+            code=UNAVAILABLE,
+        ) from exc
 
 
 def adapter_delete(*, adapter: Adapter) -> None:
@@ -432,7 +492,7 @@ def _enqueue_purge(purge: dict) -> None:
 def adapter_files_purge(
     *, sha256s: list[str], storage_names: list[str], version_ids: list[int], tenant_id: str, adapter: str
 ) -> list[str]:
-    """Remove a deleted adapter's uploads, work directories and unreferenced cache entries.
+    """Remove a deleted adapter's uploads, work directories, unreferenced cache entries and pins no version holds.
 
     Returns the sha256s taken out of the cache; the engines hear of each with an adapter-deleted event.
     """
@@ -443,7 +503,12 @@ def adapter_files_purge(
     removed = []
     for sha256 in sha256s:
         with staging.cache_lock(sha256):
+            unpinned = _pin_drop_if_unheld(sha256)
             if AdapterVersion.objects.filter(sha256=sha256).exclude(status=Status.REJECTED).exists():
+                if unpinned:  # the content stays for an identical upload that nobody pinned
+                    staging.control_event_publish(ControlEvent(
+                        action=ControlEvent.ADAPTER_UNPINNED, sha256=sha256, adapter=adapter, tenant_id=tenant_id
+                    ))
                 continue  # another version (of any tenant) has the same content
             staging.cache_dir_remove(sha256)
         removed.append(sha256)
@@ -451,6 +516,16 @@ def adapter_files_purge(
             ControlEvent(action=ControlEvent.ADAPTER_DELETED, sha256=sha256, adapter=adapter, tenant_id=tenant_id)
         )
     return removed
+
+
+def _pin_drop_if_unheld(sha256: str) -> bool:
+    """Take a deleted version's content out of PINNED_ADAPTERS_KEY unless a remaining version keeps it pinned.
+
+    Returns whether it was taken out. The caller holds the content's cache lock.
+    """
+    if AdapterVersion.objects.filter(sha256=sha256, pinned=True).exists():
+        return False
+    return staging.pinned_adapters_remove(sha256)
 
 
 def adapter_versions_requeue(*, older_than: timedelta) -> list[int]:

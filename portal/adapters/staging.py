@@ -30,7 +30,7 @@ from engine_daemon.peft_format import (
     adapter_content_sha256,
     cached_adapter_dir,
 )
-from engine_daemon.protocol import CONTROL_STREAM, ControlEvent
+from engine_daemon.protocol import CONTROL_STREAM, PINNED_ADAPTERS_KEY, ControlEvent
 from portal.adapters.archives import ArchiveLimits
 from portal.adapters.models import AdapterVersion
 from portal.adapters.sandbox import ValidationJob, ValidationLimits, ValidationResult, validate_in_child
@@ -162,7 +162,7 @@ def cache_dir_is_complete(sha256: str) -> bool:
 
 @contextlib.contextmanager
 def cache_lock(sha256: str) -> Iterator[None]:
-    """Serializes staging and purging of one cache entry across workers."""
+    """Serializes staging and purging of one cache entry across workers, and changes to its pin."""
     with redis_client().lock(f"lf:lock:adapter-cache:{sha256}", timeout=600, blocking_timeout=120):
         yield
 
@@ -217,3 +217,13 @@ def _fsync_dir(path: Path) -> None:
 
 def control_event_publish(event: ControlEvent) -> None:
     redis_client().xadd(CONTROL_STREAM, event.to_redis(), maxlen=CONTROL_STREAM_MAXLEN, approximate=True)
+
+
+def pinned_adapters_add(sha256: str) -> None:
+    """An engine that starts reads this set; the running ones hear of the change by a control event."""
+    redis_client().sadd(PINNED_ADAPTERS_KEY, sha256)
+
+
+def pinned_adapters_remove(sha256: str) -> bool:
+    """Whether ``sha256`` was in the set."""
+    return bool(redis_client().srem(PINNED_ADAPTERS_KEY, sha256))

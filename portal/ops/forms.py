@@ -1,4 +1,4 @@
-"""The usage page's period and grouping, from its query string."""
+"""The usage page's period and grouping, from its query string; the dashboard's Pin and Unpin buttons."""
 
 from __future__ import annotations
 
@@ -51,3 +51,9 @@ class UsagePeriodForm(forms.Form):
             floor = floor.replace(hour=0)
         until = floor + step
         return until - length, until
+
+
+class AdapterPinForm(forms.Form):
+    """What a Pin (``pinned=1``) or Unpin (``pinned=0``) button on the residency table sends."""
+
+    pinned = forms.TypedChoiceField(choices=[("1", "pin"), ("0", "unpin")], coerce=lambda value: value == "1")

@@ -12,11 +12,13 @@ import functools
 import json
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.db.models import F
 
 from engine_daemon import protocol
@@ -136,10 +138,16 @@ class GoneEngine:
 
 @dataclass
 class AdapterOwner:
+    """A tenant's adapter version whose content an engine's adapter row is, and whether staff pinned it."""
+
     tenant: str
     adapter: str
     version: int
     status: str
+    version_id: int
+    pinned: bool
+    pinned_by: str | None  # who pinned it (None: not pinned, or that user is gone)
+    pinned_at: datetime | None
 
 
 @dataclass
@@ -161,12 +169,22 @@ class ResidencyRow:
     last_used: float | None
     error: str | None
     retry_at: float | None  # when the engine next tries a failed load (wall clock)
-    pinned: bool
+    pinned: bool  # the engine's own flag: it keeps the adapter on its device
     owners: list[AdapterOwner] = field(default_factory=list)
 
     @property
     def owner(self) -> AdapterOwner | None:
         return self.owners[0] if self.owners else None
+
+    @property
+    def portal_pins(self) -> list[AdapterOwner]:
+        """The versions of this content staff pinned in the portal (each has an Unpin button)."""
+        return [owner for owner in self.owners if owner.pinned]
+
+    @property
+    def pin_target(self) -> AdapterOwner | None:
+        """The version a Pin button pins: the first ready one of this content (the engines pin the content)."""
+        return next((owner for owner in self.owners if owner.status == AdapterVersion.Status.READY), None)
 
     @property
     def tier_label(self) -> str:
@@ -422,7 +440,8 @@ def _series_points(entries: list[tuple[Any, dict[Any, Any]]]) -> list[SeriesPoin
 
 
 def adapter_residency_list(*, engines: list[EngineView]) -> list[ResidencyRow]:
-    """Every adapter each engine holds, with the tenant, adapter and version its content hash belongs to."""
+    """Every adapter each engine holds, with the tenant, adapter and version its content hash belongs to, and
+    which of those versions staff pinned."""
     rows = [
         ResidencyRow(
             engine_id=view.engine_id,
@@ -448,12 +467,17 @@ def adapter_residency_list(*, engines: list[EngineView]) -> list[ResidencyRow]:
     owners: dict[str, list[AdapterOwner]] = {}
     versions = (
         AdapterVersion.objects.filter(sha256__in={row.name for row in rows})
-        .annotate(tenant_slug=F("adapter__tenant__slug"), adapter_name=F("adapter__name"))
+        .annotate(tenant_slug=F("adapter__tenant__slug"), adapter_name=F("adapter__name"),
+                  pinned_by_name=F(f"pinned_by__{get_user_model().USERNAME_FIELD}"))
         .order_by("adapter__tenant__slug", "adapter__name", "number")
-        .values_list("sha256", "tenant_slug", "adapter_name", "number", "status")
+        .values_list("sha256", "tenant_slug", "adapter_name", "number", "status", "pk", "pinned", "pinned_by_name",
+                     "pinned_at")
     )
-    for sha256, tenant, adapter, number, status in versions:  # identical uploads share one cache entry
-        owners.setdefault(sha256, []).append(AdapterOwner(tenant, adapter, number, status))
+    for sha256, tenant, adapter, number, status, pk, pinned, pinned_by, pinned_at in versions:
+        owners.setdefault(sha256, []).append(  # identical uploads share one cache entry
+            AdapterOwner(tenant, adapter, number, status, version_id=pk, pinned=pinned, pinned_by=pinned_by,
+                         pinned_at=pinned_at)
+        )
     for row in rows:
         row.owners = owners.get(row.name, [])
     return rows
@@ -480,6 +504,19 @@ def residency_filter_and_sort(rows: list[ResidencyRow], *, tenant_slug: str | No
         key, descending = "tier", False
     rows = sorted(rows, key=lambda row: -(row.last_used or 0))
     return sorted(rows, key=lambda row: row.sort_value(key), reverse=descending)
+
+
+def pinned_twin_labels(*, version: AdapterVersion) -> list[str]:
+    """The other pinned versions of the same content, as tenant/name@N: while one is, the engines keep it pinned."""
+    if not version.sha256:
+        return []
+    twins = (
+        AdapterVersion.objects.filter(sha256=version.sha256, pinned=True)
+        .exclude(pk=version.pk)
+        .select_related("adapter__tenant")
+        .order_by("adapter__tenant__slug", "adapter__name", "number")
+    )
+    return [f"{twin.adapter.tenant.slug}/{twin.model_id}" for twin in twins]
 
 
 def rejected_upload_list(*, limit: int) -> list[AdapterVersion]:

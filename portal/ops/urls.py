@@ -7,4 +7,5 @@ app_name = "ops"
 urlpatterns = [
     path("", views.ops_dashboard_view, name="dashboard"),
     path("live/", views.ops_live_view, name="live"),
+    path("versions/<int:version_id>/pin/", views.ops_adapter_pin_view, name="adapter-pin"),
 ]

@@ -1,4 +1,5 @@
-"""The staff dashboard (/ops/) with its live fragment, the tenants' usage page, and the portal's /metrics."""
+"""The staff dashboard (/ops/) with its live fragment and Pin buttons, the tenants' usage page, and the portal's
+/metrics."""
 
 from __future__ import annotations
 
@@ -6,20 +7,24 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.conf import settings
+from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
-from django.http import Http404, HttpRequest, HttpResponse, QueryDict
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect, QueryDict
 from django.shortcuts import render
+from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.cache import never_cache
-from django.views.decorators.http import require_GET
+from django.views.decorators.http import require_GET, require_POST
 
+from portal.adapters.models import AdapterVersion
+from portal.adapters.services import adapter_version_pin_set
 from portal.common.access import access_for_request
-from portal.common.errors import FORBIDDEN
+from portal.common.errors import FORBIDDEN, INVALID, NOT_FOUND
 from portal.ops.charts import Chart, line_chart, recent_ticks
 from portal.ops.errors import OpsError
-from portal.ops.forms import UsagePeriodForm
-from portal.ops.selectors import SERIES_SECONDS, EngineView, ops_overview
+from portal.ops.forms import AdapterPinForm, UsagePeriodForm
+from portal.ops.selectors import SERIES_SECONDS, EngineView, ops_overview, pinned_twin_labels
 from portal.usage.selectors import UsageReport, usage_report
 
 LIVE_INTERVAL_MS = 1500
@@ -66,7 +71,37 @@ def _live_context(request: HttpRequest) -> dict[str, Any]:
         "tenant": tenant,
         "multiple_engines": len({row.engine_id for row in overview.adapters}) > 1 or len(overview.engines) > 1,
         "live_interval_ms": LIVE_INTERVAL_MS,
+        # The Pin buttons post with the page's query string, so the redirect comes back to the same view of it.
+        "query": request.GET.urlencode(),
     }
+
+
+@require_POST
+@login_required
+def ops_adapter_pin_view(request: HttpRequest, version_id: int) -> HttpResponse:
+    """Pin an adapter version on the engines' devices, or unpin it; then back to the dashboard as it was."""
+    require_staff(request)
+    form = AdapterPinForm(request.POST)
+    if not form.is_valid():
+        raise OpsError("send pinned=1 to pin the version, or pinned=0 to unpin it", code=INVALID)
+    version = AdapterVersion.objects.select_related("adapter__tenant").filter(pk=version_id).first()
+    if version is None:
+        raise OpsError(f"no adapter version {version_id}: it was deleted; reload the dashboard", code=NOT_FOUND)
+    pinned = form.cleaned_data["pinned"]
+    adapter_version_pin_set(version=version, pinned=pinned, by=request.user)
+    where = f"{version.adapter.tenant.slug}/{version.model_id}"
+    if pinned:
+        messages.success(request, f"Pinned {where}: every engine keeps it on its device once loaded.")
+    elif twins := pinned_twin_labels(version=version):
+        messages.success(request, f"Unpinned {where}; its content stays pinned on the engines for the identical "
+                                  f"upload {', '.join(twins)}: unpin that too to let the engines evict it.")
+    else:
+        messages.success(request, f"Unpinned {where}: the engines may evict it again.")
+    return HttpResponseRedirect(_dashboard_url(request.GET))
+
+
+def _dashboard_url(query: QueryDict) -> str:
+    return reverse("ops:dashboard") + (f"?{query.urlencode()}" if query else "") + "#residency"
 
 
 def engine_charts(view: EngineView) -> list[Chart]:

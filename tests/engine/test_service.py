@@ -142,6 +142,28 @@ def test_staged_and_deleted_control_events_move_adapters(chat_model, redis_clien
     run_until(service, lambda: not service.engine.has_adapter(sha))
 
 
+def test_pins_from_the_portal_load_adapters_onto_the_device_and_keep_them(
+        chat_model, redis_client, redis_url, cache_dir, tmp_path):
+    early = stage(write_adapter(chat_model, tmp_path / "early", r=4, seed=1), cache_dir)
+    later = stage(write_adapter(chat_model, tmp_path / "later", r=4, seed=2), cache_dir)
+    redis_client.sadd(protocol.PINNED_ADAPTERS_KEY, early, "f" * 64)  # the second is staged nowhere here
+    try:
+        service = make_service(chat_model, redis_client, redis_url, cache_dir)
+        residency = service.engine.residency
+        assert residency.get(early).pinned and not service.engine.has_adapter("f" * 64)
+        run_until(service, lambda: residency.ready(early))  # pinned before start: on the device at once
+        redis_client.xadd(protocol.CONTROL_STREAM, ControlEvent(action="adapter-pinned", sha256=later).to_redis())
+        run_until(service, lambda: service.engine.has_adapter(later) and residency.ready(later))
+        assert residency.get(later).pinned
+        redis_client.xadd(protocol.CONTROL_STREAM, ControlEvent(action="adapter-unpinned", sha256=early).to_redis())
+        run_until(service, lambda: not residency.get(early).pinned)
+        assert residency.get(later).pinned
+        rows = {row["name"]: row for row in service.engine.snapshot().adapters}
+        assert rows[later]["pinned"] and not rows[early]["pinned"]
+    finally:
+        redis_client.delete(protocol.PINNED_ADAPTERS_KEY)
+
+
 def test_cancel_frees_the_kv_blocks_at_once(chat_model, redis_client, redis_url, cache_dir):
     service = make_service(chat_model, redis_client, redis_url, cache_dir)
     request = enqueue(redis_client, service.base_model, prompt="Ahoy", sampling={**GREEDY, "max_tokens": 500})

@@ -1,9 +1,11 @@
-"""Headless Chromium: /ops/ updates in place from a live engine; the tenant usage page draws its charts."""
+"""Headless Chromium: /ops/ updates in place from a live engine, and its Pin buttons work after each update; the
+tenant usage page draws its charts."""
 
 from __future__ import annotations
 
 import random
 import re
+import time
 from datetime import timedelta
 
 import pytest
@@ -12,8 +14,12 @@ from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_K
 from django.contrib.sessions.backends.db import SessionStore
 from django.utils import timezone
 
+from engine_daemon.protocol import PINNED_ADAPTERS_KEY
+from portal.adapters.models import AdapterVersion
 from portal.usage.services import usage_record
 from tests.portal import factories
+from tests.portal.ops.fleet import upload
+from tests.portal.ops.test_pins import beat_holding
 from tests.portal.test_browser import ARTIFACTS, driver  # noqa: F401  (the fixture)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
@@ -134,4 +140,43 @@ def test_tenant_usage_page_draws_its_charts(driver, live_server, tenant_a, base_
     wait.until(lambda _: "group=key" in driver.current_url)
     assert "production" in driver.find_element(By.ID, "usage-table").text
     full_page_screenshot(driver, ARTIFACTS / "usage-by-key.png")
+    assert severe_errors(driver) == []
+
+
+def test_a_pin_button_swapped_in_by_the_live_refresh_pins(driver, live_server, tenant_a, base_model, peft_dir, staff,  # noqa: F811
+                                                          redis_client, run_on_commit):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    bot = upload(tenant_a[0], base_model, "support-bot", peft_dir, run_on_commit)
+    beat_holding(redis_client, base_model.name, bot.sha256)
+    wait = WebDriverWait(driver, 30, poll_frequency=0.1)
+
+    def read(script: str):
+        return driver.execute_script(script)
+
+    def updates() -> int:
+        return int(read("return document.getElementById('ops-live').dataset.updates"))
+
+    def button() -> str:  # the row's button, looked up afresh each time: the fragment is replaced every 1.5 s
+        return f"document.querySelector(\"tr[data-adapter='{bot.sha256}'] td.pin button\")"
+
+    sign_in(driver, live_server, staff)
+    driver.get(f"{live_server.url}/ops/?sort=-requests")
+    wait.until(lambda _: updates() >= 2)  # the buttons on the page now came with a swapped-in fragment
+    assert read(f"return {button()}.textContent.trim()") == "Pin"
+    read(f"{button()}.click()")
+    wait.until(lambda _: "Pinned tenant-a/support-bot@1" in read("return document.body.innerText"))
+    assert driver.current_url.endswith("/ops/?sort=-requests#residency")
+    assert AdapterVersion.objects.get(pk=bot.pk).pinned
+    assert redis_client.smembers(PINNED_ADAPTERS_KEY) == {bot.sha256.encode()}
+    full_page_screenshot(driver, ARTIFACTS / "ops-pinned.png")
+
+    # A button with the keyboard's focus stays where it is: the refresh waits until it loses the focus.
+    wait.until(lambda _: updates() >= 1 and read(f"return {button()}.textContent.trim()") == "Unpin")
+    read(f"{button()}.focus()")
+    held = updates()
+    time.sleep(3.5)  # more than two refresh intervals
+    assert updates() == held and read("return document.activeElement.textContent.trim()") == "Unpin"
+    read("document.activeElement.blur()")
+    wait.until(lambda _: updates() > held)
     assert severe_errors(driver) == []

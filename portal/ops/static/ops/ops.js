@@ -1,5 +1,7 @@
 /* The ops dashboard: fetch the live fragment every interval and swap it in place. Sorting and the
-   tenant filter change the page's query string (no reload) and fetch at once. No framework, no CDN. */
+   tenant filter change the page's query string (no reload) and fetch at once. The Pin buttons are plain
+   forms that post and come back to the page, so a swapped-in fragment's buttons work as the first ones.
+   No framework, no CDN. */
 (function () {
   "use strict";
 
@@ -24,10 +26,15 @@
       timer = window.setTimeout(refresh, delay);
     }
 
+    /* A menu is open, or a Pin button is pressed or has the keyboard: a swap now would take it away. */
+    function holding() {
+      var focused = document.activeElement;
+      return !!focused && live.contains(focused) && (focused.tagName === "SELECT" || focused.tagName === "BUTTON");
+    }
+
     function refresh() {
       if (inFlight) { again = true; return; }
-      var focused = document.activeElement;
-      if (focused && focused.tagName === "SELECT" && live.contains(focused)) {  /* a menu is open: wait */
+      if (holding()) {
         schedule(interval);
         return;
       }
@@ -44,7 +51,7 @@
         if (!response.ok) throw new Error("HTTP " + response.status);
         return response.text();
       }).then(function (html) {
-        if (html === null) return;
+        if (html === null || holding()) return;  /* focus came while fetching: the next refresh swaps */
         live.innerHTML = html;
         live.setAttribute("data-updates", String(parseInt(live.getAttribute("data-updates"), 10) + 1));
         say("live", false);
