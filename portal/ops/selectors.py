@@ -102,6 +102,11 @@ class EngineView:
         return 100.0 * self.beat.kv_blocks_used / self.beat.kv_blocks_total if self.beat.kv_blocks_total else 0.0
 
     @property
+    def pool_percent(self) -> float:
+        rows = self.beat.adapter_pool_rows
+        return 100.0 * self.beat.adapter_pool_rows_used / rows if rows else 0.0
+
+    @property
     def prefix_hit_percent(self) -> float | None:
         rate = self.beat.prefix_hit_rate
         return None if rate is None else 100.0 * rate

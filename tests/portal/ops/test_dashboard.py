@@ -10,6 +10,7 @@ from django.test import Client
 
 from engine_daemon import protocol
 from engine_daemon.protocol import Heartbeat
+from portal.ops.templatetags.ops_format import iec_bytes
 from tests.portal.ops.fleet import ENGINE_ID, upload_rejected
 
 pytestmark = pytest.mark.django_db
@@ -58,6 +59,14 @@ def test_dashboard_shows_the_engine_numbers_and_every_tier(staff_client, fleet, 
         assert int(shown) == snap.memory[kind], kind
     assert snap.memory["weights"] > 0 and snap.memory["kv_cache"] > 0 and snap.memory["adapter_pool"] > 0
     assert f'data-kv-used="{snap.kv_blocks_used}" data-kv-total="{snap.kv_blocks_total}"' in html
+    # The adapter pool: one rank-2 adapter's rows of room for one, the bytes per tier, loads, max_loras.
+    assert field(html, "adapter_pool_rows_used") == str(snap.adapter_pool_rows_used) == "2"
+    assert field(html, "adapter_pool_rows") == str(snap.adapter_pool_rows) and field(html, "max_loras") == "1"
+    assert f'data-pool-rows-used="2" data-pool-rows="{snap.adapter_pool_rows}"' in html
+    for tier in ("gpu", "host", "disk"):
+        shown = re.search(rf'data-tier-bytes="{tier}">([^<]+)<', html).group(1)
+        assert shown == iec_bytes(snap.adapter_bytes[tier]) and snap.adapter_bytes[tier] > 0, tier
+    assert float(field(html, "adapter_loads_per_second")) == pytest.approx(snap.adapter_loads_per_second, abs=0.05)
     for name in ("running", "waiting", "steps", "generated_tokens", "preemptions", "max_adapters_in_step"):
         assert field(html, name) == str(getattr(snap, name)), name
     assert snap.generated_tokens == 12 and snap.max_adapters_in_step == 1
