@@ -162,7 +162,7 @@ class ResidencyRow:
     engine_id: str
     name: str  # the content sha256 of the staged version
     tier: str
-    slot: int | None
+    slot: int | None  # its first row in the engine's device pool
     in_host: bool
     requests: int
     gpu_hits: int
@@ -175,6 +175,8 @@ class ResidencyRow:
     error: str | None
     retry_at: float | None  # when the engine next tries a failed load (wall clock)
     pinned: bool  # the engine's own flag: it keeps the adapter on its device
+    rank: int = 0  # rows it takes in the device pool
+    device_bytes: int = 0  # of the pool, while it is there
     owners: list[AdapterOwner] = field(default_factory=list)
 
     @property
@@ -194,7 +196,7 @@ class ResidencyRow:
     @property
     def tier_label(self) -> str:
         if self.tier == "gpu":
-            return f"GPU slot {self.slot}"
+            return f"GPU rows {self.slot}–{self.slot + self.rank - 1}" if self.rank > 1 else f"GPU row {self.slot}"
         return {"host": "host RAM", "disk": "disk only", "loading": "loading", "failed": "failed"}.get(self.tier, self.tier)
 
     def sort_value(self, key: str) -> Any:
@@ -465,6 +467,8 @@ def adapter_residency_list(*, engines: list[EngineView]) -> list[ResidencyRow]:
             error=a.get("error"),
             retry_at=a.get("retry_at"),
             pinned=bool(a.get("pinned")),
+            rank=int(a.get("rank", 0)),
+            device_bytes=int(a.get("device_bytes", 0)),
         )
         for view in engines
         for a in view.beat.adapters
@@ -500,7 +504,8 @@ def prefix_tenants_attach(*, engines: list[EngineView]) -> None:
 
 
 def residency_filter_and_sort(rows: list[ResidencyRow], *, tenant_slug: str | None, sort: str) -> list[ResidencyRow]:
-    """``sort`` is a key of SORT_KEYS, ``-`` first for descending; tier sorts GPU slots first, then by last use."""
+    """``sort`` is a key of SORT_KEYS, ``-`` first for descending; tier sorts the device pool's adapters first
+    (by row), then by last use."""
     if tenant_slug:
         rows = [row for row in rows if any(o.tenant == tenant_slug for o in row.owners)]
     descending = sort.startswith("-")

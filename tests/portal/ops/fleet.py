@@ -1,7 +1,7 @@
 """A real engine daemon in the test process, serving adapters that went through the portal's own upload path.
 
 One device slot and one host-RAM place, so that three adapters end up one in each tier:
-``pirate`` (tenant A) in GPU slot 0, ``support-bot`` (tenant A) on disk only, ``shouty`` (tenant B) in host RAM.
+``pirate`` (tenant A) in GPU rows 0–1, ``support-bot`` (tenant A) on disk only, ``shouty`` (tenant B) in host RAM.
 """
 
 from __future__ import annotations

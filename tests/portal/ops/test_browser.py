@@ -86,7 +86,7 @@ def test_ops_dashboard_updates_in_place(driver, live_server, fleet, staff):  # n
     assert after > before
     wait.until(lambda _: updates() >= 1 and shown("generated_tokens") == str(after))
     shouty = next(row for row in rows() if row[0] == fleet.sha("shouty"))
-    assert shouty[1] == "gpu" and "GPU slot 0" in shouty[2]
+    assert shouty[1] == "gpu" and "GPU rows 0–1" in shouty[2]
 
     driver.find_element(By.CSS_SELECTOR, "#residency-table a[href$='sort=-requests']").click()  # sorts in place
     wait.until(lambda _: driver.current_url.endswith("?sort=-requests") and "▼" in read(

@@ -85,7 +85,7 @@ def test_dashboard_shows_the_engine_numbers_and_every_tier(staff_client, fleet, 
     assert prefix_row(html, "t")["tenant"] == "tenant t"
 
     rows = {row["name"]: row for row in snap.adapters}
-    tiers = {"pirate": ("gpu", "0", "GPU slot 0"), "support-bot": ("disk", "", "disk only"),
+    tiers = {"pirate": ("gpu", "0", "GPU rows 0–1"), "support-bot": ("disk", "", "disk only"),
              "shouty": ("host", "", "host RAM")}
     for name, (tier, slot, label) in tiers.items():
         sha = fleet.sha(name)
@@ -96,6 +96,9 @@ def test_dashboard_shows_the_engine_numbers_and_every_tier(staff_client, fleet, 
         assert shown["version"] == "@1"
         assert shown["tenant"] == ("tenant-b" if name == "shouty" else "tenant-a")
         assert (shown["mean_load_seconds"] == "–") == (own["mean_load_seconds"] is None)
+    pirate = rows[fleet.sha("pirate")]
+    assert adapter_row(html, fleet.sha("pirate"))["device_bytes"] == iec_bytes(pirate["device_bytes"])
+    assert pirate["device_bytes"] == 2 * fleet.service.engine.residency.pool.row_bytes  # rank 2: two rows
     assert (rows[fleet.sha("pirate")]["requests"], rows[fleet.sha("pirate")]["evictions"]) == (2, 1)
     assert rows[fleet.sha("support-bot")]["evictions"] == 1 and rows[fleet.sha("shouty")]["requests"] == 0
 
@@ -120,7 +123,7 @@ def test_residency_sorts_and_filters_by_tenant(staff_client, fleet):
     by_requests = staff_client.get("/ops/live/", {"sort": "-requests"}).content.decode()
     order = re.findall(r'<tr data-adapter="(\w+)"', by_requests)
     assert order[0] == fleet.sha("pirate") and order[-1] == fleet.sha("shouty")
-    by_tier = staff_client.get("/ops/live/").content.decode()  # GPU slots first, then host RAM, then disk
+    by_tier = staff_client.get("/ops/live/").content.decode()  # the device pool first, then host RAM, then disk
     assert re.findall(r'data-tier="(\w+)"', by_tier) == ["gpu", "host", "disk"]
     assert 'aria-sort="ascending"' in by_tier and "<html" not in by_tier  # a fragment, not a page
 
