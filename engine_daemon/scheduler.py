@@ -5,10 +5,12 @@ Each step mixes the decode tokens of running sequences with prefill chunks, unde
 adapter on the device, and a step never holds more than ``max_loras`` distinct adapters. When KV
 blocks run out, the newest running sequence is preempted and later recomputed from its tokens.
 
-Adapters: within a tenant's queue, the oldest request whose adapter is on the device goes first,
-so that a step's adapters change little when there are more hot adapters than the device holds;
-a request whose adapter is cold is passed over at most ``max_adapter_passes`` times, then its load
-starts (evicting if it must) and nobody passes it again. Where its adapter cannot come in, because
+Adapters: a cold adapter's load starts as soon as a request for it is looked at, where that
+evicts no adapter a running or queued request needs. Otherwise, within a tenant's queue, the
+oldest request whose adapter is on the device goes first, so that a step's adapters change little
+when there are more hot adapters than the device holds; a request whose adapter is cold is passed
+over at most ``max_adapter_passes`` times, then its load starts (evicting if it must) and nobody
+passes it again. Where its adapter cannot come in, because
 running requests hold the rows it needs or the step already has ``max_loras`` adapters, the
 adapters in its way *drain*: they take no new requests until it is in. The adapters of the next
 requests in line are prefetched (disk → host RAM → device) while the batch runs.
@@ -182,6 +184,9 @@ class Scheduler:
 
     def _admit(self, batch: list[ScheduledSeq], budget: int) -> None:
         blocked_adapters: set[str] = set()
+        # What a cold adapter's load may not evict, and the adapters that found no room without it.
+        self._keep = set(self.queued_adapters()) | self.running_adapters()
+        self._no_room: set[str] = set()
         while budget > 0:
             candidate = self._next_candidate(blocked_adapters)
             if candidate is None:
@@ -279,7 +284,7 @@ class Scheduler:
                 return self._passing(seq, cold)
             if seq.adapter_wait_since is None:
                 seq.adapter_wait_since = time.monotonic()
-            if self.residency.loading(adapter):
+            if self.residency.loading(adapter) or self._load_if_room(adapter):
                 blocked.add(adapter)
             elif seq.adapter_passes >= self.max_adapter_passes:
                 self._make_way(seq, queue, blocked, active)  # passed over enough: its turn
@@ -288,6 +293,20 @@ class Scheduler:
         if cold:
             self._make_way(cold[0], queue, blocked, active)
         return None
+
+    def _load_if_room(self, adapter: str) -> bool:
+        """Start the adapter's load if rows can be had without evicting one that running or queued
+        requests need; whether it is loading now."""
+        if adapter in self._no_room:
+            return False
+        try:
+            self.residency.acquire(adapter, keep=self._keep)
+        except AdapterError:
+            return False  # its request fails when it is picked
+        if self.residency.loading(adapter):
+            return True
+        self._no_room.add(adapter)
+        return False
 
     def _passing(self, chosen: Sequence, cold: list[Sequence]) -> Sequence:
         self._passed = cold  # each counts a pass if `chosen` is admitted
@@ -336,15 +355,17 @@ class Scheduler:
         return {seq.adapter for seq in self.running if seq.adapter is not None}
 
     def queued_adapters(self) -> list[str]:
-        """The adapters of the next `prefetch_lookahead` waiting requests, in admission order (by
-        tenant share, then each tenant's queue)."""
+        """The adapters of the next `prefetch_lookahead` waiting requests: each tenant's first in
+        line (least served tenant first), then each one's second, and so on."""
         wanted: dict[str, None] = {}
-        for tenant in sorted(self._tenants_with_work(waiting_only=True), key=lambda t: self.tenant_served[t]):
-            for seq in itertools.islice(self.waiting[tenant], self.prefetch_lookahead):
-                if seq.adapter is not None:
+        tenants = sorted(self._tenants_with_work(waiting_only=True), key=lambda t: self.tenant_served[t])
+        heads = [itertools.islice(self.waiting[tenant], self.prefetch_lookahead) for tenant in tenants]
+        for row in itertools.zip_longest(*heads):  # each tenant's first request, then each one's second ...
+            for seq in row:
+                if seq is not None and seq.adapter is not None:
                     wanted[seq.adapter] = None
-                if len(wanted) >= self.prefetch_lookahead:
-                    return list(wanted)
+                    if len(wanted) >= self.prefetch_lookahead:
+                        return list(wanted)
         return list(wanted)
 
     def _prefetch_queued(self) -> None:
