@@ -5,8 +5,8 @@ Each step mixes the decode tokens of running sequences with prefill chunks, unde
 adapter on the device, and a step never holds more than ``max_loras`` distinct adapters. When KV
 blocks run out, the newest running sequence is preempted and later recomputed from its tokens.
 
-Adapters: a cold adapter's load starts as soon as a request for it is looked at, where that
-evicts no adapter a running or queued request needs. Otherwise, within a tenant's queue, the
+Adapters: the load of a cold adapter that one of the next requests in line needs starts at once,
+where that evicts no adapter a running or next-in-line request needs. Otherwise, within a tenant's queue, the
 oldest request whose adapter is on the device goes first, so that a step's adapters change little
 when there are more hot adapters than the device holds; a request whose adapter is cold is passed
 over at most ``max_adapter_passes`` times, then its load starts (evicting if it must) and nobody
@@ -184,8 +184,10 @@ class Scheduler:
 
     def _admit(self, batch: list[ScheduledSeq], budget: int) -> None:
         blocked_adapters: set[str] = set()
-        # What a cold adapter's load may not evict, and the adapters that found no room without it.
-        self._keep = set(self.queued_adapters()) | self.running_adapters()
+        # The adapters of the next requests in line (whose loads may start at once), what such a
+        # load may not evict, and those that found no room without it.
+        self._next_in_line = set(self.queued_adapters())
+        self._keep = self._next_in_line | self.running_adapters()
         self._no_room: set[str] = set()
         while budget > 0:
             candidate = self._next_candidate(blocked_adapters)
@@ -295,9 +297,10 @@ class Scheduler:
         return None
 
     def _load_if_room(self, adapter: str) -> bool:
-        """Start the adapter's load if rows can be had without evicting one that running or queued
-        requests need; whether it is loading now."""
-        if adapter in self._no_room:
+        """Start the load of a next-in-line request's adapter if rows can be had without evicting
+        one that running or next-in-line requests need; whether it is loading now. (Requests
+        further back wait for their turn: loading theirs would evict adapters used again sooner.)"""
+        if adapter in self._no_room or adapter not in self._next_in_line:
             return False
         try:
             self.residency.acquire(adapter, keep=self._keep)
