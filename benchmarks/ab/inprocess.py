@@ -48,6 +48,12 @@ def export(commit: str, folder: Path, suffix: str) -> None:
             path.write_text(renamed)
 
 
+def short_hash(commit: str) -> str:
+    """The commit a name (HEAD, a branch) stands for now, as the report records it."""
+    return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", commit], check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("old")
@@ -104,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
                 for out in outs:
                     r["tokens"] += len(out.new_token_ids)
                     r["outputs"].setdefault(out.request_id, []).extend(out.new_token_ids)
-    report: dict = {"old": args.old, "new": args.new, "requests": args.requests}
+    report: dict = {"old": short_hash(args.old), "new": short_hash(args.new), "requests": args.requests}
     for r in runs:
         report[f"{r['side']}-{r['count']}"] = {"tok_s": r["tokens"] / r["busy"], "busy_s": r["busy"], "tokens": r["tokens"]}
     for count in counts:
