@@ -214,6 +214,9 @@ CELERY_TASK_ALWAYS_EAGER = _env_bool("LORAFLEET_CELERY_EAGER", False)
 # Periodic tasks, sent by Celery beat (embedded in the worker under `make run`, its own service in compose).
 CELERY_BEAT_SCHEDULE = {
     "purge-rejected-adapter-files": {"task": "portal.adapters.tasks.purge_rejected_adapter_files", "schedule": 3600.0},
+    # Rebuilds lf:pinned from the pinned versions when Redis lost it (a restart without persistence) or a write.
+    "sync-adapter-pins": {"task": "portal.adapters.tasks.sync_adapter_pins", "schedule": 300.0,
+                          "options": {"expires": 300.0}},
     # The engines' usage events (every end of a request, the portal alive or not) into Usage rows.
     "drain-usage-stream": {"task": "portal.usage.tasks.drain_usage_stream", "schedule": 5.0,
                            "options": {"expires": 5.0}},

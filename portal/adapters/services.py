@@ -1,4 +1,4 @@
-"""Adapter writes: create, upload a version, validate, stage, promote, pin, delete.
+"""Adapter writes: create, upload a version, validate, stage, promote, pin (and resync the pins), delete.
 
 A version's status only moves forward (pending → validating → ready | rejected), each move
 under a row lock, so a redelivered task finds the work done and does nothing, or redoes only
@@ -23,7 +23,7 @@ from django.utils import timezone
 from django.utils.text import get_valid_filename
 
 from engine_daemon.peft_format import AdapterError
-from engine_daemon.protocol import ControlEvent
+from engine_daemon.protocol import PINNED_ADAPTERS_KEY, ControlEvent
 from portal.adapters import staging
 from portal.adapters.errors import AdapterRejected
 from portal.adapters.models import Adapter, AdapterVersion, adapter_name_validator
@@ -446,18 +446,12 @@ def adapter_version_pin_set(*, version: AdapterVersion, pinned: bool, by: Abstra
 
 def _pin_publish(version: AdapterVersion, pinned: bool) -> None:
     """Bring PINNED_ADAPTERS_KEY and the engines to what the database says of the version's content."""
-    sha256 = version.sha256
     try:
-        with staging.cache_lock(sha256):  # concurrent pins of twins, and purges, apply one at a time
-            held = AdapterVersion.objects.filter(sha256=sha256, pinned=True).exists()
+        with staging.cache_lock(version.sha256):  # concurrent pins of twins, syncs and purges apply one at a time
+            held, _changed = _pin_apply(version.sha256)
             if held and not pinned:
                 return  # an identical upload is still pinned: its content stays on the devices
-            if held:
-                staging.pinned_adapters_add(sha256)
-            else:
-                staging.pinned_adapters_remove(sha256)
-            action = ControlEvent.ADAPTER_PINNED if held else ControlEvent.ADAPTER_UNPINNED
-            staging.control_event_publish(_version_event(version, action))
+            staging.control_event_publish(_version_event(version, _pin_action(held)))
     except redis.RedisError as exc:
         verb = "pin" if pinned else "unpin"
         raise AdapterRejected(
@@ -465,6 +459,59 @@ def _pin_publish(version: AdapterVersion, pinned: bool) -> None:
             f"(Redis did not answer: {exc}); {verb} it again once Redis answers",
             code=UNAVAILABLE,
         ) from exc
+
+
+def adapter_pins_sync() -> tuple[list[str], list[str]]:
+    """Make PINNED_ADAPTERS_KEY exactly the content of the pinned versions, telling the engines of each change.
+
+    The repair for a set that Redis lost (a restart without persistence) or a pin whose write to it was lost:
+    each sha256 missing is added with an adapter-pinned event, each extra one removed with an adapter-unpinned
+    event; a set already in step publishes nothing. Returns the sha256s (added, removed).
+    """
+    pinned = set(AdapterVersion.objects.filter(pinned=True).exclude(sha256="").values_list("sha256", flat=True))
+    added, removed = [], []
+    for sha256 in sorted(pinned.symmetric_difference(staging.pinned_adapters())):
+        with staging.cache_lock(sha256):  # decided again under the lock: a pin or a purge may have run meanwhile
+            held, changed = _pin_apply(sha256)
+            if changed:
+                staging.control_event_publish(_content_pin_event(sha256, held=held))
+                (added if held else removed).append(sha256)
+    if added or removed:
+        logger.warning("%s was out of step with the pinned versions: added %s, removed %s",
+                       PINNED_ADAPTERS_KEY, added, removed)
+    return added, removed
+
+
+def _pin_held(sha256: str) -> bool:
+    """Whether a version with this content is pinned: the engines pin content, and identical uploads share it."""
+    return AdapterVersion.objects.filter(sha256=sha256, pinned=True).exists()
+
+
+def _pin_apply(sha256: str) -> tuple[bool, bool]:
+    """PINNED_ADAPTERS_KEY holds ``sha256`` exactly while a version with it is pinned.
+
+    Returns whether it is held, and whether the set changed. The caller holds the content's cache lock.
+    """
+    held = _pin_held(sha256)
+    changed = staging.pinned_adapters_add(sha256) if held else staging.pinned_adapters_remove(sha256)
+    return held, changed
+
+
+def _pin_action(held: bool) -> str:
+    return ControlEvent.ADAPTER_PINNED if held else ControlEvent.ADAPTER_UNPINNED
+
+
+def _content_pin_event(sha256: str, *, held: bool) -> ControlEvent:
+    """The pin event of some content, named after a version that has it: a pinned one while it is held."""
+    version = (
+        AdapterVersion.objects.filter(sha256=sha256)
+        .select_related("adapter__base_model")
+        .order_by("-pinned", "pk")
+        .first()
+    )
+    if version is None:  # its adapter was deleted, or the portal never had it: the engines of every base model hear
+        return ControlEvent(action=_pin_action(held), sha256=sha256)
+    return _version_event(version, _pin_action(held))
 
 
 def adapter_delete(*, adapter: Adapter) -> None:
@@ -523,7 +570,7 @@ def _pin_drop_if_unheld(sha256: str) -> bool:
 
     Returns whether it was taken out. The caller holds the content's cache lock.
     """
-    if AdapterVersion.objects.filter(sha256=sha256, pinned=True).exists():
+    if _pin_held(sha256):
         return False
     return staging.pinned_adapters_remove(sha256)
 

@@ -219,9 +219,14 @@ def control_event_publish(event: ControlEvent) -> None:
     redis_client().xadd(CONTROL_STREAM, event.to_redis(), maxlen=CONTROL_STREAM_MAXLEN, approximate=True)
 
 
-def pinned_adapters_add(sha256: str) -> None:
-    """An engine that starts reads this set; the running ones hear of the change by a control event."""
-    redis_client().sadd(PINNED_ADAPTERS_KEY, sha256)
+def pinned_adapters() -> set[str]:
+    return {member.decode() for member in redis_client().smembers(PINNED_ADAPTERS_KEY)}
+
+
+def pinned_adapters_add(sha256: str) -> bool:
+    """Whether ``sha256`` was new to the set. An engine that starts reads this set; the running ones hear of
+    the change by a control event."""
+    return bool(redis_client().sadd(PINNED_ADAPTERS_KEY, sha256))
 
 
 def pinned_adapters_remove(sha256: str) -> bool:

@@ -95,3 +95,11 @@ def purge_rejected_adapter_files() -> None:
     from portal.adapters.services import adapter_rejected_files_purge
 
     adapter_rejected_files_purge(older_than=timedelta(seconds=settings.LORAFLEET_REJECTED_RETENTION_SECONDS))
+
+
+@shared_task(acks_late=True, **_RETRY)
+def sync_adapter_pins() -> None:
+    """Run by Celery beat (CELERY_BEAT_SCHEDULE): the engines' set of pins heals from the database after a lost write."""
+    from portal.adapters.services import adapter_pins_sync
+
+    adapter_pins_sync()

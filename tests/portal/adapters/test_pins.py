@@ -222,3 +222,113 @@ def test_a_staff_user_without_the_change_permission_gets_no_pin_action(db):
     page = client.get("/admin/adapters/adapterversion/")
     assert page.status_code == 200
     assert "pin_on_devices" not in page.content.decode()
+
+
+def test_a_pinned_set_redis_lost_is_rebuilt_and_the_engines_told(tenant_a, tenant_b, base_model, peft_zip,
+                                                                  peft_dir_v2, run_on_commit, redis_client):
+    twin = ready(tenant_b[0], base_model, factories.archive_upload(peft_zip), run_on_commit, name="unpinned-twin")
+    one = ready(tenant_a[0], base_model, factories.archive_upload(peft_zip), run_on_commit, name="one")
+    two = ready(tenant_a[0], base_model, factories.parts_upload(peft_dir_v2), run_on_commit, name="two")
+    pin(one, run_on_commit)
+    pin(two, run_on_commit)
+    redis_client.delete(PINNED_ADAPTERS_KEY, CONTROL_STREAM)  # Redis restarted without persistence
+
+    added, removed = services.adapter_pins_sync()
+
+    assert added == sorted({one.sha256, two.sha256}) and removed == []
+    assert pinned_set(redis_client) == {one.sha256, two.sha256}
+    events = {e.sha256: e for e in control_events(redis_client)}
+    assert set(events) == {one.sha256, two.sha256} and len(control_events(redis_client)) == 2
+    for version in (one, two):  # named after the pinned version, not its older unpinned twin
+        event = events[version.sha256]
+        assert (event.action, event.adapter, event.tenant_id, event.base_model) == (
+            ControlEvent.ADAPTER_PINNED, version.model_id, str(tenant_a[0].pk), base_model.name
+        )
+    assert twin.sha256 == one.sha256 and twin.pk < one.pk
+
+
+def test_content_nobody_pins_leaves_the_set_with_an_event(tenant_a, base_model, peft_zip, peft_dir_v2,
+                                                          run_on_commit, redis_client):
+    kept = ready(tenant_a[0], base_model, factories.archive_upload(peft_zip), run_on_commit, name="kept")
+    unpinned = ready(tenant_a[0], base_model, factories.parts_upload(peft_dir_v2), run_on_commit, name="unpinned")
+    pin(kept, run_on_commit)
+    stray = "f" * 64  # no version has it
+    redis_client.sadd(PINNED_ADAPTERS_KEY, stray, unpinned.sha256)  # an unpin whose SREM was lost, and a stray
+    redis_client.delete(CONTROL_STREAM)
+
+    added, removed = services.adapter_pins_sync()
+
+    assert added == [] and removed == sorted([stray, unpinned.sha256])
+    assert pinned_set(redis_client) == {kept.sha256}
+    events = {e.sha256: e for e in control_events(redis_client)}
+    assert len(control_events(redis_client)) == 2
+    assert (events[unpinned.sha256].action, events[unpinned.sha256].adapter, events[unpinned.sha256].base_model) == (
+        ControlEvent.ADAPTER_UNPINNED, "unpinned@1", base_model.name
+    )
+    assert (events[stray].action, events[stray].adapter, events[stray].base_model) == (
+        ControlEvent.ADAPTER_UNPINNED, None, None  # every engine hears it, whatever its base model
+    )
+
+
+def test_a_set_in_step_publishes_nothing(tenant_a, base_model, peft_zip, run_on_commit, redis_client):
+    assert services.adapter_pins_sync() == ([], [])  # nothing pinned, nothing listed
+    version = ready(tenant_a[0], base_model, factories.archive_upload(peft_zip), run_on_commit)
+    pin(version, run_on_commit)
+    redis_client.delete(CONTROL_STREAM)
+
+    assert services.adapter_pins_sync() == ([], [])
+    assert pinned_set(redis_client) == {version.sha256} and control_events(redis_client) == []
+
+
+def test_a_pin_applied_between_the_read_and_the_lock_is_not_told_again(tenant_a, base_model, peft_zip, run_on_commit,
+                                                                       redis_client, monkeypatch):
+    version = ready(tenant_a[0], base_model, factories.archive_upload(peft_zip), run_on_commit)
+    pin(version, run_on_commit)
+    redis_client.delete(CONTROL_STREAM)
+    monkeypatch.setattr(staging, "pinned_adapters", lambda: set())  # read just before the pin reached Redis
+
+    assert services.adapter_pins_sync() == ([], [])
+    assert pinned_set(redis_client) == {version.sha256} and control_events(redis_client) == []
+
+
+def test_the_command_prints_what_it_changed(tenant_a, base_model, peft_zip, run_on_commit, redis_client):
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    def sync() -> list[str]:
+        out = StringIO()
+        call_command("adapter_pins_sync", stdout=out)
+        return out.getvalue().splitlines()
+
+    version = ready(tenant_a[0], base_model, factories.archive_upload(peft_zip), run_on_commit)
+    pin(version, run_on_commit)
+    redis_client.delete(PINNED_ADAPTERS_KEY)
+    redis_client.sadd(PINNED_ADAPTERS_KEY, "f" * 64)
+
+    assert sync() == [f"pinned   {version.sha256}", f"unpinned {'f' * 64}", "lf:pinned: added 1, removed 1 sha256(s)"]
+    assert pinned_set(redis_client) == {version.sha256}
+    assert sync() == ["lf:pinned: added 0, removed 0 sha256(s)"]
+
+
+def test_the_command_says_when_redis_does_not_answer(settings):
+    from django.core.management import CommandError, call_command
+
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens there
+    with pytest.raises(CommandError, match="Redis did not answer .*; run it again once Redis answers"):
+        call_command("adapter_pins_sync")
+
+
+def test_beat_heals_the_set_every_five_minutes(tenant_a, base_model, peft_zip, run_on_commit, redis_client):
+    from portal.adapters import tasks
+    from portal.celery import app
+
+    (entry,) = [e for e in app.conf.beat_schedule.values() if e["task"] == tasks.sync_adapter_pins.name]
+    assert entry["schedule"] == 300
+    assert tasks.sync_adapter_pins.name in app.tasks and tasks.sync_adapter_pins.acks_late is True
+
+    version = ready(tenant_a[0], base_model, factories.archive_upload(peft_zip), run_on_commit)
+    pin(version, run_on_commit)
+    redis_client.delete(PINNED_ADAPTERS_KEY)
+    tasks.sync_adapter_pins.delay()
+    assert pinned_set(redis_client) == {version.sha256}
