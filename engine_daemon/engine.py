@@ -251,6 +251,10 @@ class Engine:
             raise RequestError("the prompt is empty")
         if any(not 0 <= t < self.model_config.vocab_size for t in prompt_ids):
             raise RequestError(f"prompt token ids must lie in [0, {self.model_config.vocab_size})")
+        outside = sorted(t for t in params.logit_bias if t >= self.model_config.vocab_size)
+        if outside:
+            raise RequestError(f"logit_bias names token ids {outside[:5]} outside this model's vocabulary "
+                               f"[0, {self.model_config.vocab_size})")
         if len(prompt_ids) >= self.max_model_len:
             raise RequestError(
                 f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.max_model_len} tokens, "
@@ -343,7 +347,8 @@ class Engine:
         self.scheduler.computed(batch)
         if sampled:
             params = [item.seq.params for item in sampled]
-            tokens, logprobs = self.sampler.sample(logits, params, [item.seq.generator for item in sampled])
+            tokens, logprobs = self.sampler.sample(logits, params, [item.seq.generator for item in sampled],
+                                                   [item.seq.output_ids for item in sampled])
             for item, token, logprob in zip(sampled, tokens.tolist(), logprobs.tolist(), strict=True):
                 outputs.append(self._append_token(item.seq, token, logprob))
         lora_seconds = self._last_lora.seconds if self._last_lora is not None else None

@@ -147,10 +147,17 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: bool = False
+    # OpenAI's: logit[t] -= count[t] * frequency_penalty + (count[t] > 0) * presence_penalty, over the
+    # tokens generated so far; logit_bias adds to a token's logit (JSON keys are strings of token ids).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if isinstance(self.logit_bias, dict):
+            self.logit_bias = {_token_id_key(key): value for key, value in self.logit_bias.items()}
         for name, hint in _type_hints(SamplingParams).items():
             value = getattr(self, name)
             if not _fits(value, hint):
@@ -167,10 +174,23 @@ class SamplingParams:
             raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias may hold at most {MAX_LOGIT_BIAS} tokens, got {len(self.logit_bias)}")
+        for token, bias in self.logit_bias.items():
+            if token < 0 or not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias maps token ids >= 0 to biases in [-100, 100], got {token}: {bias}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether penalties or a logit bias change this request's logits before sampling."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
@@ -190,6 +210,16 @@ class SamplingParams:
             raise ProtocolError(f"bad sampling parameters: {exc}") from None
 
 
+MAX_LOGIT_BIAS = 300  # tokens one request may bias, as OpenAI allows
+
+
+def _token_id_key(key: Any) -> Any:
+    """A logit_bias key as JSON brings it ("123") or Python does (123); anything else is left for the type check."""
+    if isinstance(key, str) and key.strip().lstrip("-").isdigit():
+        return int(key)
+    return key
+
+
 @functools.cache
 def _type_hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
@@ -202,6 +232,9 @@ def _fits(value: Any, hint: Any) -> bool:
     if typing.get_origin(hint) is list:
         (item,) = typing.get_args(hint)
         return isinstance(value, list) and all(_fits(v, item) for v in value)
+    if typing.get_origin(hint) is dict:
+        key_hint, value_hint = typing.get_args(hint)
+        return isinstance(value, dict) and all(_fits(k, key_hint) and _fits(v, value_hint) for k, v in value.items())
     if hint is type(None):
         return value is None
     if hint is int:

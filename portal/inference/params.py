@@ -2,7 +2,7 @@
 
 Every refusal is an ``InferenceError`` that names the parameter (``param``) and the fix. Parameters
 this server does not implement are refused by name rather than ignored, except where the value
-asks for nothing (``null``, ``n: 1``, a penalty of 0, ``logprobs: false``), which common clients send.
+asks for nothing (``null``, ``n: 1``, ``logprobs: false``), which common clients send.
 """
 
 from __future__ import annotations
@@ -20,13 +20,15 @@ from portal.inference.errors import InferenceError
 CHAT = "chat"
 COMPLETION = "completion"
 
-_COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options", "user", "n"}
+_COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options", "user", "n",
+           "presence_penalty", "frequency_penalty", "logit_bias"}
 ACCEPTED = {CHAT: _COMMON | {"messages", "max_completion_tokens"}, COMPLETION: _COMMON | {"prompt"}}
 # Values of parameters we do not implement that ask for nothing different from what we do.
-NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "logprobs": False, "echo": False}
+NEUTRAL = {"logprobs": False, "echo": False}
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOP_SEQUENCES = 4
 MAX_SEED = 2**63 - 1
+MAX_LOGIT_BIAS = 300  # tokens one request may bias, as OpenAI allows
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,9 @@ class CompletionParams:
     stream: bool = False
     include_usage: bool = False
     user: str | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id → bias added to its logit
     messages: list[dict[str, str]] | None = None  # chat: {"role", "content"} with text content
     prompt: str | None = None  # completion
 
@@ -51,7 +56,8 @@ class CompletionParams:
     def sampling(self) -> dict[str, Any]:
         """``InferenceRequest.sampling``: the engine's ``SamplingParams``, in its wire form."""
         return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-                              seed=self.seed, stop=list(self.stop)).to_wire()
+                              seed=self.seed, stop=list(self.stop), presence_penalty=self.presence_penalty,
+                              frequency_penalty=self.frequency_penalty, logit_bias=dict(self.logit_bias)).to_wire()
 
     def prompt_token_estimate(self) -> int:
         """A rough prompt size for admission (the engine owns the tokenizer): ~4 characters a token."""
@@ -133,6 +139,9 @@ def completion_params_parse(body: dict[str, Any], *, kind: str) -> CompletionPar
         stream=stream,
         include_usage=include_usage,
         user=user,
+        presence_penalty=_number(given, "presence_penalty", 0.0, low=-2.0, high=2.0),
+        frequency_penalty=_number(given, "frequency_penalty", 0.0, low=-2.0, high=2.0),
+        logit_bias=_logit_bias(given.get("logit_bias", {})),
     )
     if kind == CHAT:
         fields["messages"] = _messages(given.get("messages"))
@@ -179,6 +188,23 @@ def _number(given: dict[str, Any], name: str, default: float, *, low: float, hig
         bounds = f"{'greater than' if low_open else 'at least'} {low:g} and at most {high:g}"
         raise _invalid(name, f"must be {bounds}, got {value!r}")
     return float(value)
+
+
+def _logit_bias(value: Any) -> dict[int, float]:
+    """OpenAI's map of token ids (as JSON object keys, strings) to biases from -100 to 100. Whether an id lies
+    in the model's vocabulary the engine checks, which knows it."""
+    if not isinstance(value, dict):
+        raise _invalid("logit_bias", f"must be an object mapping token ids to biases, got {value!r}")
+    if len(value) > MAX_LOGIT_BIAS:
+        raise _invalid("logit_bias", f"may bias at most {MAX_LOGIT_BIAS} tokens, got {len(value)}")
+    bias = {}
+    for key, number in value.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 9):
+            raise _invalid("logit_bias", f"keys must be token ids (non-negative integers as strings), got {key!r}")
+        if isinstance(number, bool) or not isinstance(number, int | float) or not -100 <= number <= 100:
+            raise _invalid("logit_bias", f"biases must be numbers from -100 to 100, got {number!r} for token {key}")
+        bias[int(key)] = float(number)
+    return bias
 
 
 def _max_tokens(given: dict[str, Any]) -> int:

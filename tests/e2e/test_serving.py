@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import openai
 import pytest
 
 from engine_daemon import protocol
@@ -75,6 +76,28 @@ def test_the_openai_client_gets_exactly_the_offline_engines_output(stack):
         assert record.prompt_tokens == len(text.prompt_token_ids) and record.time_to_first_token > 0
         assert record.adapter == ("" if adapter is None else "parrot@1")
     assert answers[TINY_MODEL] != answers["parrot"]  # the adapter was applied
+    assert pending(stack) == 0
+
+
+def test_penalties_and_logit_bias_through_the_openai_client_match_the_offline_engine(stack):
+    client = stack.openai()
+    engine = stack.offline_engine()
+    steer = {"presence_penalty": 1.5, "frequency_penalty": 0.8}
+    plain = engine.chat([MESSAGES], greedy(24), adapters=["parrot"])[0]
+    banned = plain.token_ids[0]
+    want = engine.chat([MESSAGES], SamplingParams(max_tokens=24, temperature=0.0, logit_bias={banned: -100}, **steer),
+                       adapters=["parrot"])[0]
+    assert want.text != plain.text and banned not in want.token_ids
+    whole = client.chat.completions.create(model="parrot", messages=MESSAGES, max_tokens=24, temperature=0,
+                                           logit_bias={str(banned): -100}, **steer)
+    assert whole.choices[0].message.content == want.text
+    chunks = list(client.chat.completions.create(model="parrot", messages=MESSAGES, max_tokens=24, temperature=0,
+                                                 logit_bias={str(banned): -100}, stream=True, **steer))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text
+    # A token outside the vocabulary: the engine refuses the request, and the client hears why.
+    with pytest.raises(openai.BadRequestError, match="outside this model's vocabulary"):
+        client.chat.completions.create(model=TINY_MODEL, messages=MESSAGES, max_tokens=4,
+                                       logit_bias={"99999999": 5})
     assert pending(stack) == 0
 
 

@@ -167,3 +167,68 @@ def test_invalid_parameters_are_refused():
         SamplingParams(max_tokens=0)
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
+
+
+def reference_adjust(logits: torch.Tensor, params: list[SamplingParams], outputs: list[list[int]]) -> torch.Tensor:
+    """OpenAI's formulas, one row and one token at a time."""
+    out = logits.clone()
+    for row, (p, tokens) in enumerate(zip(params, outputs, strict=True)):
+        for token in set(tokens):
+            out[row, token] -= tokens.count(token) * p.frequency_penalty + p.presence_penalty
+        for token, bias in p.logit_bias.items():
+            out[row, token] += bias
+    return out
+
+
+def test_penalties_and_logit_bias_follow_openais_formulas_for_a_mixed_batch():
+    from engine_daemon.sampling import adjust_logits
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50, generator=g)
+    params = [
+        SamplingParams(frequency_penalty=0.7),
+        SamplingParams(),  # asks for nothing: its row is untouched
+        SamplingParams(presence_penalty=-1.5, frequency_penalty=2.0, logit_bias={3: 100.0, "7": -100}),
+        SamplingParams(logit_bias={3: 0.5}),
+    ]
+    outputs = [[1, 1, 2, 9, 1], [1, 2], [7, 7, 3], []]
+    got = adjust_logits(logits, params, outputs)
+    assert torch.allclose(got, reference_adjust(logits, params, outputs), atol=1e-6)
+    assert got[1].equal(logits[1]) and not got[0].equal(logits[0])
+
+
+def test_logit_bias_steers_greedy_decoding_and_penalties_stop_repeats(engine):
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    plain = engine.generate([PROMPT], greedy)[0].token_ids
+    # +100 makes one token win every step; -100 on the first greedy token keeps it out.
+    forced = engine.generate([PROMPT], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True,
+                                                      logit_bias={"42": 100}, logprobs=True))[0]
+    assert forced.token_ids == [42] * 6
+    banned = engine.generate([PROMPT], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True,
+                                                      logit_bias={plain[0]: -100}))[0]
+    assert plain[0] not in banned.token_ids
+    # Strong penalties: greedy decoding repeats itself less (the tiny random model loops without them).
+    long = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+    looping = engine.generate([PROMPT], long)[0].token_ids
+    penalised = engine.generate([PROMPT], SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True,
+                                                         frequency_penalty=2.0, presence_penalty=2.0))[0].token_ids
+    repeats = lambda tokens: len(tokens) - len(set(tokens))  # noqa: E731
+    assert repeats(penalised) < repeats(looping)
+    # The log-probabilities reported stay the model's own, whatever steered the choice: token 42
+    # was no sure thing for the model.
+    assert all(logprob < -0.5 for logprob in forced.logprobs)
+
+
+def test_penalties_and_bias_are_checked():
+    with pytest.raises(ValueError, match="presence_penalty must be in"):
+        SamplingParams(presence_penalty=2.5)
+    with pytest.raises(ValueError, match="logit_bias maps token ids"):
+        SamplingParams(logit_bias={5: 101})
+    with pytest.raises(TypeError, match="logit_bias must be"):
+        SamplingParams(logit_bias={"five": 1.0})
+    with pytest.raises(ValueError, match="at most 300"):
+        SamplingParams(logit_bias={i: 1.0 for i in range(301)})
+    wire = SamplingParams(logit_bias={5: 2.0}, frequency_penalty=0.5).to_wire()
+    import json
+
+    assert SamplingParams.from_wire(json.loads(json.dumps(wire))).logit_bias == {5: 2.0}

@@ -114,8 +114,7 @@ def test_api_v1_uploads_answer_no_5xx(case, seeded):
 
 MODELS = ["random:tiny", "random:tiny@1", "nope", "", "@", "a@1", "a@¹", "a@99999999999999999999999", "x" * 300]
 ROLES = ["system", "developer", "user", "assistant", "tool", "function", "", "USER"]
-UNSUPPORTED = ["tools", "logprobs", "presence_penalty", "frequency_penalty", "echo", "logit_bias", "functions",
-               "response_format", "top_logprobs", "best_of", "suffix"]
+UNSUPPORTED = ["tools", "logprobs", "echo", "functions", "response_format", "top_logprobs", "best_of", "suffix"]
 
 text = st.text(max_size=40)
 # Any character (NUL, controls, bidi, astral); text that is not text adds lone surrogates, which JSON can escape.
@@ -133,7 +132,8 @@ message = st.fixed_dictionaries({"role": st.sampled_from(ROLES[:4]), "content": 
 sampling = {
     "max_tokens": st.integers(1, 10**6), "temperature": st.floats(0, 2), "top_p": st.floats(0.01, 1),
     "seed": st.integers(0, 2**63 - 1), "stop": text.filter(bool) | st.lists(text.filter(bool), max_size=4),
-    "user": text, "n": st.just(1), "presence_penalty": st.just(0),
+    "user": text, "n": st.just(1), "presence_penalty": st.floats(-2, 2), "frequency_penalty": st.floats(-2, 2),
+    "logit_bias": st.dictionaries(st.integers(0, 511).map(str), st.floats(-100, 100), max_size=3),
 }
 valid_chat = st.fixed_dictionaries(
     {"model": st.just("random:tiny"), "messages": st.lists(message, min_size=1, max_size=3), "stream": st.booleans()},
@@ -148,6 +148,8 @@ hostile_values = {
     "temperature": numbers | junk, "top_p": numbers | junk, "seed": numbers | junk,
     "stop": st.lists(text | not_text | junk, max_size=6) | junk,
     "stream": junk, "n": st.sampled_from([2, 0, -1, 1.0, True]) | junk, "user": junk,
+    "presence_penalty": numbers | junk, "frequency_penalty": numbers | junk,
+    "logit_bias": st.dictionaries(text | st.integers().map(str), numbers | junk, max_size=4) | junk,
     "stream_options": st.dictionaries(st.sampled_from(["include_usage", "other"]) | text, junk, max_size=2) | junk,
     "messages": st.lists(
         st.fixed_dictionaries(

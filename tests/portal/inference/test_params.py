@@ -1,7 +1,10 @@
 """Parsing the body of /v1/chat/completions and /v1/completions: every refusal names its parameter."""
 
+import json
+
 import pytest
 
+from engine_daemon.protocol import SamplingParams
 from portal.inference.errors import InferenceError
 from portal.inference.params import CHAT, COMPLETION, body_parse, completion_params_parse
 
@@ -27,7 +30,8 @@ def test_defaults_and_sampling(settings):
     params = parse(max_tokens=5, temperature=0, top_p=0.5, seed=7, stop="\n", user="u1", n=1,
                    stream=True, stream_options={"include_usage": True})
     assert params.sampling() == {"max_tokens": 5, "temperature": 0.0, "top_p": 0.5, "top_k": 0, "seed": 7,
-                                 "stop": ["\n"], "stop_token_ids": [], "ignore_eos": False, "logprobs": False}
+                                 "stop": ["\n"], "stop_token_ids": [], "ignore_eos": False, "logprobs": False,
+                                 "presence_penalty": 0.0, "frequency_penalty": 0.0, "logit_bias": {}}
     assert params.include_usage and params.user == "u1"
     assert parse(max_completion_tokens=9).max_tokens == 9
     assert parse(max_completion_tokens=9, max_tokens=9).max_tokens == 9
@@ -51,10 +55,25 @@ def test_null_and_neutral_values_of_unsupported_parameters_are_accepted():
     assert params.model == "m"
 
 
+def test_penalties_and_logit_bias_reach_the_engines_sampling_parameters():
+    params = parse(presence_penalty=-0.5, frequency_penalty=2, logit_bias={"42": 100, "7": -3.5})
+    sampling = SamplingParams.from_wire(json.loads(json.dumps(params.sampling())))  # as the wire carries it
+    assert (sampling.presence_penalty, sampling.frequency_penalty) == (-0.5, 2.0)
+    assert sampling.logit_bias == {42: 100.0, 7: -3.5}
+    assert parse().sampling()["logit_bias"] == {} and not SamplingParams.from_wire(parse().sampling()).adjusts_logits
+
+
 @pytest.mark.parametrize(("fields", "param", "code"), [
     ({"n": 2}, "n", "unsupported_parameter"),
     ({"tools": [{"type": "function"}]}, "tools", "unsupported_parameter"),
-    ({"presence_penalty": 0.5}, "presence_penalty", "unsupported_parameter"),
+    ({"presence_penalty": 2.5}, "presence_penalty", "invalid_value"),
+    ({"frequency_penalty": "high"}, "frequency_penalty", "invalid_value"),
+    ({"logit_bias": [1, 2]}, "logit_bias", "invalid_value"),
+    ({"logit_bias": {"-1": 5}}, "logit_bias", "invalid_value"),
+    ({"logit_bias": {"five": 5}}, "logit_bias", "invalid_value"),
+    ({"logit_bias": {"5": 101}}, "logit_bias", "invalid_value"),
+    ({"logit_bias": {"5": True}}, "logit_bias", "invalid_value"),
+    ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias", "invalid_value"),
     ({"logprobs": True}, "logprobs", "unsupported_parameter"),
     ({"model": ""}, "model", "missing_required_parameter"),
     ({"messages": None}, "messages", "missing_required_parameter"),
