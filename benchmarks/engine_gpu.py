@@ -224,7 +224,7 @@ def write_random_adapters(engine: Engine, names: list[str], rank: int, folder: P
 def measure(engine: Engine, workload: list, names: list[str], count: int, warmup_runs: int) -> dict[str, Any]:
     """Warm-up runs, then the measured run of the workload over `names` (none: the base model)."""
     started = time.perf_counter()
-    for name in names:  # into device slots before the clock starts
+    for name in names:  # onto the device before the clock starts
         engine.prefetch_adapter(name)
     engine.wait_for_adapters(timeout=300)
     load_seconds = time.perf_counter() - started

@@ -1,7 +1,7 @@
-"""LoRA in the engine: which projections share a shrink, the slot pool's kernel groups, and one step's adapters.
+"""LoRA in the engine: which projections share a shrink, the adapter pool's kernel groups, and one step's adapters.
 
 The model asks `LoraBatch.apply` for the LoRA term of each projection group of each layer. The
-groups are the kernel backend's objects (``kernels.LoraGroup``) over the slot pool's stacked
+groups are the kernel backend's objects (``kernels.LoraGroup``) over the adapter pool's stacked
 weights: built once per (layer, projection group, adapted parts), since the stacks never move,
 and looked up through a table per set of adapted (module, layer) pairs, since a decode step makes
 over a hundred lookups and each must cost one dict read.
@@ -33,7 +33,7 @@ GroupTable = dict[tuple[tuple[str, ...], int], "kernels.LoraGroup | None"]
 
 
 class PoolGroups:
-    """The kernel groups of one slot pool under one kernel backend."""
+    """The kernel groups of one adapter pool under one kernel backend."""
 
     def __init__(self, pool: AdapterPool, backend: kernels.Backend) -> None:
         self.pool, self.backend = pool, backend

@@ -70,7 +70,7 @@ class Backend:
         raise NotImplementedError
 
     def lora_group(self, lora_a: torch.Tensor, parts: GroupParts, out_width: int) -> LoraGroup:
-        """The object that applies one projection group of a slot pool's layer (its weights stay put)."""
+        """The object that applies one projection group of an adapter pool's layer (its weights stay put)."""
         return SplitGroup(self, lora_a, parts)
 
     def paged_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

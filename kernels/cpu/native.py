@@ -141,7 +141,7 @@ def lora_apply(x: torch.Tensor, lora_a: torch.Tensor, parts: list, meta: LoraMet
 
 
 class NativeGroup:
-    """One projection group of a slot pool's layer, laid out once for the native apply: weights
+    """One projection group of an adapter pool's layer, laid out once for the native apply: weights
     checked, part table at column offsets into an output of fixed width. Each use is then a few
     comparisons and one native call, as a decode step makes over a hundred of them."""
 
