@@ -58,7 +58,8 @@ class AdapterRecord:
     path: Path
     manifest: AdapterManifest
     slot: int | None = None  # its first row in the device pool, which the kernels index it by
-    loading: bool = False
+    loading: bool = False  # a device load runs (its rows are being filled)
+    host_loading: bool = False  # a read from disk into host RAM runs
     host: HostWeights | None = None
     error: str | None = None  # the last load's failure, until a retry (after retry_at) succeeds
     failures: int = 0  # loads failed in a row
@@ -85,6 +86,7 @@ class AdapterRecord:
 @dataclass
 class _LoadJob:
     name: str
+    generation: int  # of the registration it loads: a result for an older one is dropped
     path: Path
     manifest: AdapterManifest
     slot: int | None  # None: only bring it into host RAM
@@ -94,6 +96,7 @@ class _LoadJob:
 @dataclass
 class _LoadResult:
     name: str
+    generation: int
     slot: int | None
     host: HostWeights | None
     seconds: float
@@ -137,6 +140,9 @@ class AdapterResidency:
     def add(self, name: str, path: str | Path) -> AdapterRecord:
         """Register (or replace) an adapter: a staged folder by its manifest, else a PEFT folder validated here."""
         manifest = adapter_manifest_load(path, self.descriptor, max_lora_rank=self.max_lora_rank)
+        if manifest.rank > self.pool.capacity:
+            raise AdapterError(f"adapter {name!r} has rank {manifest.rank}, more rows than the device's adapter pool "
+                               f"holds ({self.pool.capacity}); raise lora_pool_bytes")
         old = self.records.get(name)
         if old is not None:
             if old.in_use:
@@ -180,8 +186,13 @@ class AdapterResidency:
         return record is not None and record.tier == "gpu"
 
     def loading(self, name: str) -> bool:
+        """Whether a load of the adapter runs, onto the device or into host RAM (which the device load follows)."""
         record = self.records.get(name)
-        return record is not None and record.loading
+        return record is not None and (record.loading or record.host_loading)
+
+    def in_use(self, name: str) -> bool:
+        record = self.records.get(name)
+        return record is not None and record.in_use > 0
 
     def acquire(self, name: str, keep: Collection[str] = ()) -> int | None:
         """The slot of a ready adapter, or None while it loads: a load is started if rows can be had,
@@ -192,7 +203,7 @@ class AdapterResidency:
                 return None
             record.touched = next(self._clock)
             return record.slot
-        if record.loading:
+        if record.host_loading:
             return None  # being read into host RAM: the device load starts from that copy, later
         rows = record.manifest.rank
         placement = self.pool.choose(rows, lambda owner: self._evictable(owner, keep), self._recency)
@@ -204,19 +215,19 @@ class AdapterResidency:
         self._owners[record.generation] = record
         record.slot, record.loading = placement.start, True
         record.touched = next(self._clock)
-        self._jobs.put(_LoadJob(name, record.path, record.manifest, placement.start, record.host))
+        self._jobs.put(_LoadJob(name, record.generation, record.path, record.manifest, placement.start, record.host))
         return None
 
-    def holders(self, name: str) -> set[str]:
-        """The adapters of running requests on the rows `name` would take once they let go (none
-        when pinned or loading adapters leave it no room at all)."""
-        placement = self.pool.choose(
-            self.get(name).manifest.rank,
-            lambda owner: self._evictable(owner, ()) or bool(self._owners[owner].in_use and not self._owners[owner].pinned),
-            self._recency,
-        )
+    def holders(self, name: str) -> set[str] | None:
+        """The adapters of running requests on the rows `name` would take once they let go; None
+        when pinned adapters leave it no room however many others go."""
+        def may_go(owner: int) -> bool:
+            record = self._owners[owner]
+            return self.records.get(record.name) is record and not record.pinned
+
+        placement = self.pool.choose(self.get(name).manifest.rank, may_go, self._recency)
         if placement is None:
-            return set()
+            return None
         return {self._owners[owner].name for owner in placement.victims if self._owners[owner].in_use}
 
     def prefetch(self, name: str, keep: Collection[str] = ()) -> None:
@@ -226,7 +237,7 @@ class AdapterResidency:
             record = self.check_loadable(name)
         except AdapterError:
             return  # its requests are told when they are admitted
-        if record.slot is not None or record.loading:
+        if record.slot is not None or record.loading or record.host_loading:
             return
         if self.acquire(name, keep) is None and record.slot is None:
             self.prefetch_to_host(name)
@@ -239,9 +250,9 @@ class AdapterResidency:
             return
         if record.error and time.monotonic() < record.retry_at:
             return
-        if record.host is None and not record.loading:
-            record.loading = True
-            self._jobs.put(_LoadJob(name, record.path, record.manifest, None, None))
+        if record.slot is None and not record.loading and not record.host_loading:  # (on the device: no need)
+            record.host_loading = True
+            self._jobs.put(_LoadJob(name, record.generation, record.path, record.manifest, None, None))
 
     def check_loadable(self, name: str) -> AdapterRecord:
         """A failed adapter stays refused (AdapterError) until its back-off has passed; then it may load again."""
@@ -288,9 +299,11 @@ class AdapterResidency:
             except queue.Empty:
                 return failures
             record = self.records.get(result.name)
+            if record is not None and record.generation != result.generation:
+                record = None  # a load of a registration since removed (the name was added again)
             if result.slot is None:  # a host-only prefetch
                 if record is not None:
-                    record.loading = False
+                    record.host_loading = False
                     if result.error:
                         self._load_failed(record, result.error)
                         failures.append((result.name, result.error))
@@ -300,9 +313,8 @@ class AdapterResidency:
                         record.stats.prefetch_seconds += result.seconds
                         self._keep_on_host(result.name, result.host)
                 continue
-            owner = self.pool.occupants[result.slot][0]
-            if record is None or record.generation != owner:
-                self._vacate(self._owners[owner], result.slot)  # removed or replaced while loading
+            if record is None:  # removed or replaced while loading: its rows were kept until now
+                self._vacate(self._owners[result.generation], result.slot)
                 continue
             record.loading = False
             if result.error:
@@ -336,13 +348,13 @@ class AdapterResidency:
     @property
     def busy(self) -> bool:
         """Whether a background load is queued or running (its result is applied by poll())."""
-        return any(r.loading for r in self.records.values()) or not self._results.empty()
+        return any(r.loading or r.host_loading for r in self.records.values()) or not self._results.empty()
 
     def wait_idle(self, timeout: float = 60.0) -> None:
         """Block until queued loads are done (tests and warm-up; never called from the step loop)."""
         deadline = time.monotonic() + timeout
         self.poll()
-        while any(r.loading for r in self.records.values()):
+        while any(r.loading or r.host_loading for r in self.records.values()):
             if time.monotonic() > deadline:
                 raise TimeoutError("adapter loads did not finish in time")
             time.sleep(0.005)
@@ -404,15 +416,19 @@ class AdapterResidency:
                 if job.slot is None:
                     pass
                 elif self._copy_stream is not None:
+                    # After every kernel queued so far: a step launched before these rows were
+                    # vacated may still read them.
+                    self._copy_stream.wait_stream(torch.cuda.default_stream(self.device))
                     with torch.cuda.stream(self._copy_stream):
                         self.pool.fill(job.slot, host, job.manifest.rank, non_blocking=True)
                     self._copy_stream.synchronize()
                 else:
                     self.pool.fill(job.slot, host, job.manifest.rank)
-                result = _LoadResult(job.name, job.slot, host, time.perf_counter() - started, job.host is None)
+                result = _LoadResult(job.name, job.generation, job.slot, host, time.perf_counter() - started,
+                                     job.host is None)
             except Exception as exc:  # reported to the requests waiting for this adapter
                 message = str(exc) if isinstance(exc, AdapterError) else f"adapter {job.name!r} failed to load: {exc}"
-                result = _LoadResult(job.name, job.slot, None, 0.0, False, error=message)
+                result = _LoadResult(job.name, job.generation, job.slot, None, 0.0, False, error=message)
             self._results.put(result)
 
     def close(self) -> None:

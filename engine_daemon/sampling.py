@@ -77,7 +77,7 @@ def adjust_logits(logits: torch.Tensor, params: list[SamplingParams], outputs: l
     adjusted = logits.clone()
     frequency = torch.tensor([p.frequency_penalty for p in params], device=device)
     presence = torch.tensor([p.presence_penalty for p in params], device=device)
-    if outputs is not None and bool(frequency.any() or presence.any()):
+    if outputs is not None and any(p.frequency_penalty or p.presence_penalty for p in params):  # (no device sync)
         longest = max((len(o) for o in outputs), default=0)
         if longest:
             # Rows padded with a spare column `vocab`, which the counts then drop.

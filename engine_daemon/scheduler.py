@@ -9,10 +9,10 @@ Adapters: the load of a cold adapter that one of the next requests in line needs
 where that evicts no adapter a running or next-in-line request needs. Otherwise, within a tenant's queue, the
 oldest request whose adapter is on the device goes first, so that a step's adapters change little
 when there are more hot adapters than the device holds; a request whose adapter is cold is passed
-over at most ``max_adapter_passes`` times, then its load starts (evicting if it must) and nobody
-passes it again. Where its adapter cannot come in, because
-running requests hold the rows it needs or the step already has ``max_loras`` adapters, the
-adapters in its way *drain*: they take no new requests until it is in. The adapters of the next
+over at most ``max_adapter_passes`` times, then its load starts (evicting if it must). Where its
+adapter cannot come in, because running requests hold the rows it needs or the step already has
+``max_loras`` adapters, the adapters in its way *drain*: they take no new requests until it is in
+(and places under ``max_loras`` go to the adapters waiting for one, first come first served). The adapters of the next
 requests in line are prefetched (disk → host RAM → device) while the batch runs.
 
 With prefix caching, a sequence starts from the longest run of its full blocks that the cache
@@ -77,8 +77,12 @@ class Scheduler:
         self.admission_scan = admission_scan  # requests of one tenant's queue looked at per admission
         # Seconds each admitted request waited for its adapter (those that did), drained by the metrics.
         self.adapter_waits: deque[float] = deque(maxlen=4096)
-        # Adapter a request waits for → the adapters that take no new requests until it is in.
-        self.draining: dict[str, set[str]] = {}
+        # Adapters requests wait for → the adapters that take no new requests until they are in:
+        # `cap_drains` when the step already has max_loras adapters (its order is the order in
+        # which waiting adapters get the places that free up; None: no adapter left to drain),
+        # `row_drains` when running requests hold the rows the adapter needs.
+        self.cap_drains: dict[str, str | None] = {}
+        self.row_drains: dict[str, set[str]] = {}
         self._passed: list[Sequence] = []  # the cold requests the last candidate would pass
         self.waiting: dict[str, deque[Sequence]] = defaultdict(deque)  # per tenant, FIFO
         self.running: list[Sequence] = []
@@ -255,12 +259,21 @@ class Scheduler:
                 self.blocks.register(seq.block_table[i], digest)
             seq.num_registered_blocks = full
 
+    @property
+    def draining(self) -> dict[str, set[str]]:
+        """Every drain: the adapter waited for → the adapters draining for it."""
+        drains = {adapter: {victim} if victim else set() for adapter, victim in self.cap_drains.items()}
+        for adapter, holders in self.row_drains.items():
+            drains.setdefault(adapter, set()).update(holders)
+        return drains
+
     def _next_candidate(self, blocked_adapters: set[str]) -> Sequence | None:
         """The next request to admit, from the least-served tenant that has one ready (`_pick`).
         Requests whose adapter is still loading are stepped over, so they hold up nobody, not even
         their own tenant; `blocked_adapters` collects the adapters that cannot run in this step."""
         active = self.running_adapters()
-        blocked_adapters.update(*self.draining.values())
+        blocked_adapters.update(victim for victim in self.cap_drains.values() if victim)
+        blocked_adapters.update(*self.row_drains.values())
         for tenant in sorted(self._tenants_with_work(waiting_only=True), key=lambda t: self.tenant_served[t]):
             seq = self._pick(self.waiting[tenant], blocked_adapters, active)
             if seq is not None:
@@ -280,13 +293,13 @@ class Scheduler:
                 return self._passing(seq, cold)
             if adapter in blocked:
                 continue
-            fits = adapter in active or len(active) < self.max_loras  # else: one adapter too many in this step
+            fits = adapter in active or self._place_for(adapter, active)  # else: one adapter too many in this step
             if fits and self.residency.ready(adapter):
                 seq.slot = self.residency.acquire(adapter)
                 return self._passing(seq, cold)
             if seq.adapter_wait_since is None:
                 seq.adapter_wait_since = time.monotonic()
-            if self.residency.loading(adapter) or self._load_if_room(adapter):
+            if self.residency.loading(adapter) or self._load_if_room(seq, queue):
                 blocked.add(adapter)
             elif seq.adapter_passes >= self.max_adapter_passes:
                 self._make_way(seq, queue, blocked, active)  # passed over enough: its turn
@@ -296,63 +309,94 @@ class Scheduler:
             self._make_way(cold[0], queue, blocked, active)
         return None
 
-    def _load_if_room(self, adapter: str) -> bool:
+    def _place_for(self, adapter: str, active: set[str]) -> bool:
+        """Whether an adapter not in the step may join it: a place under max_loras that no adapter
+        waiting longer for one (`cap_drains`, in order) has claimed."""
+        claims = list(self.cap_drains)
+        ahead = claims.index(adapter) if adapter in claims else len(claims)
+        return len(active) + ahead < self.max_loras
+
+    def _load_if_room(self, seq: Sequence, queue: deque[Sequence]) -> bool:
         """Start the load of a next-in-line request's adapter if rows can be had without evicting
-        one that running or next-in-line requests need; whether it is loading now. (Requests
-        further back wait for their turn: loading theirs would evict adapters used again sooner.)"""
+        one that running or next-in-line requests need; whether the request is dealt with (loading
+        now, or failed: an adapter that cannot load). Requests further back wait for their turn:
+        loading theirs would evict adapters used again sooner."""
+        adapter = seq.adapter
         if adapter in self._no_room or adapter not in self._next_in_line:
             return False
         try:
             self.residency.acquire(adapter, keep=self._keep)
-        except AdapterError:
-            return False  # its request fails when it is picked
+        except AdapterError as exc:
+            self._fail(seq, queue, exc)
+            return True
         if self.residency.loading(adapter):
             return True
         self._no_room.add(adapter)
         return False
+
+    def _fail(self, seq: Sequence, queue: deque[Sequence], error: AdapterError) -> None:
+        queue.remove(seq)
+        self.failed.append(_failed(seq, str(error), error.code))
 
     def _passing(self, chosen: Sequence, cold: list[Sequence]) -> Sequence:
         self._passed = cold  # each counts a pass if `chosen` is admitted
         return chosen
 
     def _make_way(self, seq: Sequence, queue: deque[Sequence], blocked: set[str], active: set[str]) -> None:
-        """Bring the request's adapter in: start its load, or drain the adapters in its way (the
-        least busy one when the step is at max_loras; those on the rows it needs when running
-        requests hold them). An adapter that cannot load fails the request."""
+        """Bring the request's adapter in: start its load, and where it cannot come in, drain the
+        adapters in its way (the least busy one when the step is at max_loras, claiming the next
+        free place; those on the rows it needs when running requests hold them). An adapter that
+        cannot load, or that pinned adapters leave no room for, fails the request."""
         adapter = seq.adapter
         blocked.add(adapter)
-        if adapter not in active and len(active) >= self.max_loras:
-            busy = {name: 0 for name in active}
-            for running in self.running:
-                if running.adapter in busy:
-                    busy[running.adapter] += 1
-            self.draining.setdefault(adapter, set()).add(min(busy, key=lambda name: (busy[name], name)))
-            blocked.update(self.draining[adapter])
-            return
-        if self.residency.ready(adapter):
-            return
         try:
-            self.residency.acquire(adapter)
+            self.residency.acquire(adapter)  # its load starts if rows can be had
         except AdapterError as exc:
-            queue.remove(seq)
-            self.failed.append(_failed(seq, str(exc), exc.code))
+            self._fail(seq, queue, exc)
             return
-        if not self.residency.loading(adapter):  # no rows free: running requests hold them
-            holders = self.residency.holders(adapter)
-            if holders:
-                self.draining.setdefault(adapter, set()).update(holders)
-                blocked.update(holders)
+        if adapter not in active and not self._place_for(adapter, active):
+            if adapter not in self.cap_drains:
+                draining = set(self.cap_drains.values())
+                busy = {name: 0 for name in active if name not in draining}
+                for running in self.running:
+                    if running.adapter in busy:
+                        busy[running.adapter] += 1
+                self.cap_drains[adapter] = min(busy, key=lambda name: (busy[name], name)) if busy else None
+            blocked.update(victim for victim in self.cap_drains.values() if victim)
+        if self.residency.ready(adapter) or self.residency.loading(adapter) or adapter in self.row_drains:
+            return
+        holders = self.residency.holders(adapter)
+        if holders is None:
+            rank = self.residency.get(adapter).manifest.rank
+            self._fail(seq, queue, AdapterError(
+                f"adapter {adapter!r} needs {rank} rows of the device's adapter pool and pinned adapters leave no "
+                "such run free; unpin one or raise lora_pool_bytes"))
+        elif holders:
+            self.row_drains[adapter] = holders
+            blocked.update(holders)
 
     def _end_drains(self) -> None:
-        """Drains whose adapter is in (or loading), or that no waiting request needs any more, end."""
-        if not self.draining:
+        """Drains end once their adapter is in (admitted, for a place under max_loras; loading,
+        for rows) or no waiting request needs it. Rows whose holders have all let go are taken
+        for the waiting adapter at once, before another load can take them."""
+        if not self.cap_drains and not self.row_drains:
             return
         wanted = {seq.adapter for queue in self.waiting.values() for seq in queue}
-        for adapter in list(self.draining):
-            if adapter not in wanted or self.residency.loading(adapter) or (
-                self.residency.ready(adapter) and len(self.running_adapters() - {adapter}) < self.max_loras
-            ):
-                del self.draining[adapter]
+        active = self.running_adapters()
+        for adapter in list(self.cap_drains):
+            if adapter not in wanted or adapter in active:
+                del self.cap_drains[adapter]
+        for adapter, holders in list(self.row_drains.items()):
+            if adapter in wanted and not self.residency.loading(adapter) and not self.residency.ready(adapter):
+                if any(self.residency.in_use(holder) for holder in holders):
+                    continue
+                try:
+                    self.residency.acquire(adapter)
+                except AdapterError:
+                    pass  # its requests fail when next picked
+                if not self.residency.loading(adapter):
+                    continue  # still no run of rows: _make_way looks again
+            del self.row_drains[adapter]
 
     def running_adapters(self) -> set[str]:
         return {seq.adapter for seq in self.running if seq.adapter is not None}

@@ -195,3 +195,72 @@ def test_the_default_pool_holds_max_loras_adapters_of_max_lora_rank(tiny_llama):
     assert engine.residency.pool.capacity == 3 * 16
     assert engine.memory_breakdown()["adapter_pool"] == pool_bytes(tiny_llama, [16] * 3, max_lora_rank=16)
     engine.close()
+
+
+def test_a_stream_on_one_adapter_cannot_keep_another_out_of_a_full_step(tiny_llama, adapter_dirs):
+    """max_loras=1 and a stream on a: after its passes, b claims the next place and a drains."""
+    engine = make_engine(tiny_llama, adapter_dirs, room=4, max_loras=1, max_num_seqs=4)
+    engine.scheduler.max_adapter_passes = 2
+    warm(engine, "a", "b")
+    hot_stream(engine, 4, names="a")
+    engine.step()
+    engine.add_request(PROMPT, SHORT, request_id="other", adapter="b", tenant="t")
+    for i in range(12):
+        engine.add_request(PROMPT, SHORT, request_id=f"more-{i}", adapter="a", tenant="t")
+    order = run(engine)
+    assert order.index("other") < order.index("more-11") and engine.sequences["other"].adapter_passes <= 2
+    assert engine.stats.max_adapters_in_step == 1 and not engine.scheduler.draining
+    engine.close()
+
+
+def test_pinned_adapters_that_leave_no_room_fail_the_request_with_the_reason(tiny_llama, adapter_dirs):
+    engine = make_engine(tiny_llama, adapter_dirs, room=2)
+    for name in "ab":
+        engine.pin_adapter(name)
+    engine.wait_for_adapters()
+    out = engine.generate([PROMPT], SHORT, adapters=["c"])[0]
+    assert out.finish_reason == "error" and "pinned adapters leave no such run free" in out.error
+    engine.close()
+
+
+def test_an_adapter_of_more_rows_than_the_pool_is_refused_when_added(tmp_path, tiny_llama, adapter_dirs):
+    from engine_daemon.peft_format import AdapterError
+
+    engine = make_engine(tiny_llama, {}, room=1)  # 4 rows
+    with pytest.raises(AdapterError, match="rank 8, more rows than the device's adapter pool holds"):
+        engine.add_adapter("big", str(write_adapter(tiny_llama, tmp_path / "big", r=8)))
+    engine.close()
+
+
+def test_a_host_read_of_an_old_registration_never_lands_on_the_new_one(tiny_llama, adapter_dirs, monkeypatch):
+    """a is being read into host RAM when it is added again with other weights and asked for: the
+    old read must neither mark the new one ready nor become its host copy."""
+    import threading
+
+    from engine_daemon import adapters as adapters_module
+
+    release = threading.Event()
+    real_read = adapters_module.read_adapter_weights
+
+    def slow_first_read(path, manifest, dtype):
+        if path == adapter_dirs["a"]:
+            assert release.wait(timeout=30)
+        return real_read(path, manifest, dtype)
+
+    monkeypatch.setattr(adapters_module, "read_adapter_weights", slow_first_read)
+    engine = make_engine(tiny_llama, adapter_dirs, room=2)
+    engine.prefetch_adapter("a", to_device=False)
+    engine.add_adapter("a", str(adapter_dirs["b"]))  # the same name, b's weights
+    assert engine.residency.acquire("a") is None and engine.residency.loading("a")
+    release.set()
+    engine.wait_for_adapters()
+    record = engine.residency.get("a")
+    want = real_read(adapter_dirs["b"], record.manifest, engine.dtype)
+    pool, start = engine.residency.pool, record.slot
+    for (module, layer), (a, b) in want.items():
+        assert pool.a[module][layer][start, : a.shape[0]].equal(a) and record.host[(module, layer)][0].equal(a)
+    # An adapter on the device is not read into host RAM again (it would stop looking ready).
+    record.host = None
+    engine.residency.prefetch_to_host("a")
+    assert engine.residency.ready("a") and not engine.residency.loading("a")
+    engine.close()
