@@ -87,7 +87,8 @@ def test_chat_and_completion_through_the_openai_client(engine, secret, tenant):
     chat_request, text_request = sent[chat.id], sent[text.id]
     assert chat_request.messages == CHAT["messages"] and chat_request.prompt is None
     assert chat_request.sampling == {"max_tokens": 3, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": 3,
-                                     "stop": ["\n"], "stop_token_ids": [], "ignore_eos": False, "logprobs": False}
+                                     "stop": ["\n"], "stop_token_ids": [], "ignore_eos": False, "logprobs": False,
+                                     "presence_penalty": 0.0, "frequency_penalty": 0.0, "logit_bias": {}}
     assert chat_request.tenant_id == str(tenant.pk) and chat_request.key_id
     assert chat_request.adapter is None and chat_request.adapter_sha256 is None
     assert 299 < chat_request.deadline - chat_request.created <= 300
