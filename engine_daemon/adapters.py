@@ -125,7 +125,7 @@ class AdapterResidency:
         # The pool knows its rows' owners by registration (AdapterRecord.generation): a name added
         # again while its old weights still load must not pass for the old owner.
         self._owners: dict[int, AdapterRecord] = {}
-        self._host_lru: OrderedDict[str, None] = OrderedDict()
+        self._host_lru: OrderedDict[str, int] = OrderedDict()  # adapters with a host copy → its bytes
         # (adapter, seconds, "disk" | "host") of each finished device load, drained by the metrics exporter.
         self.load_events: deque[tuple[str, float, str]] = deque(maxlen=1024)
         self._load_times: deque[float] = deque(maxlen=4096)  # monotonic times of device loads (loads/s)
@@ -342,7 +342,8 @@ class AdapterResidency:
 
     def _keep_on_host(self, name: str, host: HostWeights | None) -> None:
         self.records[name].host = host
-        self._host_lru[name] = None
+        # Counted once here: tier_bytes() runs with every snapshot, which the metrics take each step.
+        self._host_lru[name] = sum(a.nbytes + b.nbytes for a, b in host.values()) if host else 0
         self._trim_host()
 
     @property
@@ -387,11 +388,9 @@ class AdapterResidency:
 
     def tier_bytes(self) -> dict[str, int]:
         """Bytes of adapter weights per tier: rows taken on the device, host copies, files on disk."""
-        host = sum(a.numel() * a.element_size() + b.numel() * b.element_size()
-                   for r in self.records.values() if r.host is not None for a, b in r.host.values())
         return {
             "gpu": self.pool.used_bytes,
-            "host": host,
+            "host": sum(self._host_lru.values()),
             "disk": sum(r.manifest.bytes for r in self.records.values()),
         }
 
