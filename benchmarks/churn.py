@@ -63,7 +63,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare checkout
 
 from benchmarks.prefix import median_summary  # noqa: E402
-from benchmarks.throughput import ALL_PROJECTIONS, RANKS  # noqa: E402
+from benchmarks.throughput import ALL_PROJECTIONS, RANKS, run_interleaved  # noqa: E402
 from benchmarks.throughput import _percentile as percentile  # noqa: E402
 from engine_daemon import Engine, EngineConfig, SamplingParams  # noqa: E402
 from engine_daemon.adapter_pool import pool_bytes_for  # noqa: E402
@@ -174,7 +174,7 @@ def adapter_counts(engine: Engine) -> dict[str, int]:
 
 class StreamRun:
     """One engine working through a stream of requests on the run's own clock (see the module
-    docstring); a step at a time, so that two runs can take turns (`run_in_turns`)."""
+    docstring); a step at a time, so that two runs can take turns (`throughput.run_interleaved`, each turn closed by `end_turn`)."""
 
     def __init__(self, engine: Engine, stream: list[Request], adapters: list[str], *, output_tokens: int,
                  tenants: int, namespace: str, label: str) -> None:
@@ -231,18 +231,6 @@ class StreamRun:
         after = adapter_counts(self.engine)
         loads = {key: after[key] - before for key, before in self.counts_before.items()}
         return RunResult(self.ttft, self.output_tokens, self.clock, self.load_wait, **loads)
-
-
-def run_in_turns(runs: list[StreamRun], turn_steps: int) -> list[RunResult]:
-    """`throughput.run_interleaved`'s turns of `turn_steps` steps, each closed by `StreamRun.end_turn`."""
-    while not all(run.done for run in runs):
-        for run in runs:
-            for _ in range(turn_steps):
-                if run.done:
-                    break
-                run.step()
-            run.end_turn()
-    return [run.result() for run in runs]
 
 
 # ---- the comparison ---------------------------------------------------------------------------
@@ -302,22 +290,22 @@ def main(argv: list[str] | None = None) -> dict:
         # Warm-up: the first steps pay for allocator growth and lazy initialisation.
         warm = request_stream(adapters=args.adapters, requests=8, rate=0.0, prompt_tokens=args.prompt_tokens,
                               seed=args.seed + 7)
-        run_in_turns([StreamRun(engine, warm, names, namespace="warm-up", label=f"warm-up, {config}", **shape)
-                      for config, engine in engines.items()], args.turn_steps)
+        run_interleaved([StreamRun(engine, warm, names, namespace="warm-up", label=f"warm-up, {config}", **shape)
+                      for config, engine in engines.items()], args.turn_steps, StreamRun.end_turn)
         # Capacity: requests per second on a closed burst, the all-resident engine's sets the arrival rate.
         burst = request_stream(adapters=args.adapters, requests=args.capacity_requests, rate=0.0,
                                prompt_tokens=args.prompt_tokens, seed=args.seed + 1)
-        bursts = run_in_turns([StreamRun(engine, burst, names, namespace="capacity", label=f"capacity, {config}",
-                                         **shape) for config, engine in engines.items()], args.turn_steps)
+        bursts = run_interleaved([StreamRun(engine, burst, names, namespace="capacity", label=f"capacity, {config}",
+                                         **shape) for config, engine in engines.items()], args.turn_steps, StreamRun.end_turn)
         capacity = {config: result.summary() for config, result in zip(CONFIGS, bursts, strict=True)}
         rate = args.load * capacity["all resident"]["requests_per_second"]
         stream = request_stream(adapters=args.adapters, requests=args.requests, rate=rate,
                                 prompt_tokens=args.prompt_tokens, seed=args.seed)
         for rep in range(args.repeats):
             order = list(CONFIGS) if rep % 2 == 0 else list(reversed(CONFIGS))  # neither always goes first
-            results = run_in_turns([StreamRun(engines[config], stream, names, namespace=f"run-{rep}",
+            results = run_interleaved([StreamRun(engines[config], stream, names, namespace=f"run-{rep}",
                                               label=f"{config} ({rep + 1}/{args.repeats})", **shape)
-                                    for config in order], args.turn_steps)
+                                    for config in order], args.turn_steps, StreamRun.end_turn)
             for config, result in zip(order, results, strict=True):
                 runs[config].append(result)
         allocated = {config: engine.memory_breakdown()["adapter_pool"] for config, engine in engines.items()}

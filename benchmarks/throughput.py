@@ -32,8 +32,10 @@ import platform
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -158,19 +160,22 @@ def run_engine(engine: Engine, workload: list[Request], label: str, adapters: in
     return run_interleaved([EngineRun(engine, workload, label, adapters)])[0]
 
 
-def run_interleaved(runs: list[EngineRun], turn_steps: int = 8) -> list[Result]:
+def run_interleaved(runs: list, turn_steps: int = 8, after_turn: Callable[[Any], None] | None = None) -> list:
     """Step the runs in turns of `turn_steps` steps each until all are done.
 
     Same workload, same schedule: turn k of every run does the same token work within seconds of
     the others', so a slow stretch of a shared host slows them alike and their ratio holds. Turns
     of several steps, not one: a run keeps its own weights warm in the cache within a turn, as
-    it would alone (one-step turns would flush them between every two steps)."""
+    it would alone (one-step turns would flush them between every two steps). `after_turn(run)`,
+    if given, closes each run's turn."""
     while not all(run.done for run in runs):
         for run in runs:
             for _ in range(turn_steps):
                 if run.done:
                     break
                 run.step()
+            if after_turn is not None:
+                after_turn(run)
     return [run.result() for run in runs]
 
 
