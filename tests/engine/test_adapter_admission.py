@@ -10,6 +10,7 @@ import pytest
 
 from engine_daemon import Engine, EngineConfig, SamplingParams
 from tests.engine.builders import pool_bytes, write_adapter
+from tests.engine.test_adapters import make_engine  # device room for `room` rank-4 adapters
 
 SHORT = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
 PROMPT = [5, 6, 7, 8, 9]
@@ -19,17 +20,6 @@ PROMPT = [5, 6, 7, 8, 9]
 def adapter_dirs(tmp_path_factory, tiny_llama):
     root = tmp_path_factory.mktemp("admission-adapters")
     return {name: write_adapter(tiny_llama, root / name, r=4, seed=i) for i, name in enumerate("abcdef")}
-
-
-def make_engine(tiny_llama, adapter_dirs, room: int, **overrides) -> Engine:
-    """Device room for `room` of the rank-4 adapters."""
-    settings = dict(model=str(tiny_llama), device="cpu", dtype="float32", max_loras=room, max_cpu_loras=8,
-                    lora_pool_bytes=pool_bytes(tiny_llama, [4] * room))
-    settings.update(overrides)
-    engine = Engine(EngineConfig(**settings))
-    for name, path in adapter_dirs.items():
-        engine.add_adapter(name, str(path))
-    return engine
 
 
 def warm(engine: Engine, *names: str) -> None:
