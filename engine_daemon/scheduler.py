@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from dataclasses import dataclass
 
 from engine_daemon.adapters import AdapterResidency
@@ -356,12 +356,9 @@ class Scheduler:
             return
         if adapter not in active and not self._place_for(adapter, active):
             if adapter not in self.cap_drains:
-                draining = set(self.cap_drains.values())
-                busy = {name: 0 for name in active if name not in draining}
-                for running in self.running:
-                    if running.adapter in busy:
-                        busy[running.adapter] += 1
-                self.cap_drains[adapter] = min(busy, key=lambda name: (busy[name], name)) if busy else None
+                candidates = active - set(self.cap_drains.values())
+                busy = Counter(running.adapter for running in self.running)
+                self.cap_drains[adapter] = min(candidates, key=lambda name: (busy[name], name)) if candidates else None
             blocked.update(victim for victim in self.cap_drains.values() if victim)
         if self.residency.ready(adapter) or self.residency.loading(adapter) or adapter in self.row_drains:
             return
