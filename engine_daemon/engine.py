@@ -13,10 +13,12 @@ from typing import Any
 import torch
 
 import kernels
-from engine_daemon import detokenizer
+from engine_daemon import detokenizer, tool_calls
 from engine_daemon.adapter_pool import pool_bytes_for
 from engine_daemon.adapters import AdapterResidency
 from engine_daemon.config import EngineConfig
+from engine_daemon.grammars import GrammarError
+from engine_daemon.guided import GuidedTokenizer, advance, allowed_tokens
 from engine_daemon.kv_cache import KVCache
 from engine_daemon.loader import load_weights
 from engine_daemon.lora import LoraBatch, PoolGroups
@@ -43,7 +45,10 @@ class RequestError(ValueError):
 
 @dataclass
 class StepOutput:
-    """What one step produced for one request (the daemon streams these)."""
+    """What one step produced for one choice of one request (the daemon streams these).
+
+    ``finished``: the request has ended (all its choices); ``choice_finished``: this choice has,
+    with ``finish_reason``. ``completion_tokens`` counts every choice's tokens so far."""
 
     request_id: str
     new_token_ids: list[int]
@@ -56,6 +61,23 @@ class StepOutput:
     completion_tokens: int = 0
     error_code: str | None = None  # with error: the code the client's error event carries
     cached_tokens: int = 0  # of the prompt tokens, those found in the prefix cache
+    index: int = 0  # the choice
+    choice_finished: bool = False
+    # With params.logprobs: per new token, OpenAI's {"token", "bytes", "logprob", "top_logprobs"}.
+    logprob_content: list[dict[str, Any]] | None = None
+    finish_reasons: list[str] = field(default_factory=list)  # with finished: every choice's, by index
+
+
+@dataclass
+class Choice:
+    """One of a request's n outputs."""
+
+    index: int
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None  # per token: the most likely token ids → logprob
 
 
 @dataclass
@@ -69,6 +91,8 @@ class RequestOutput:
     error: str | None = None
     time_to_first_token: float | None = None
     num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
+    top_logprobs: list[dict[int, float]] | None = None  # choice 0's (params.top_logprobs)
+    choices: list[Choice] = field(default_factory=list)  # all n, choice 0 first (the fields above)
 
 
 @dataclass
@@ -145,7 +169,9 @@ class Engine:
         )
         self.sampler = Sampler(self.device)
         self.eos_token_ids = set(self.tokenizer.eos_token_ids if self.tokenizer else self.model_config.eos_token_ids)
-        self.sequences: dict[str, Sequence] = {}
+        self._guided_tokenizer: GuidedTokenizer | None = None  # built for the first guided request
+        self.sequences: dict[str, Sequence] = {}  # by request id: choice 0 of each request
+        self.choices: dict[str, list[Sequence]] = {}  # every choice of the requests with n > 1
         self.stats = EngineStats()
         self.started = time.time()
         self._last_lora: LoraBatch | None = None
@@ -235,18 +261,23 @@ class Engine:
         messages: list[dict[str, Any]] | None = None,
         resume_token_ids: list[int] | None = None,
         resume_text: str | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        resume_choices: list[tuple[list[int], str, str | None]] | None = None,
     ) -> str:
         """Queue one request; raises RequestError or AdapterError for this request alone.
 
         ``resume_token_ids`` continues a request that another engine had started: those tokens were
         already delivered, so they count as output and are recomputed, not sent again.
         ``resume_text`` is the text the client already has (default: all of those tokens' text).
+        ``resume_choices`` does the same for each choice of a request with n > 1: (tokens delivered,
+        their text, the finish reason if the choice had ended).
+        ``tools`` (OpenAI's definitions) are rendered into a chat prompt (``tool_calls``).
         """
         params = params or SamplingParams()
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.sequences:
             raise RequestError(f"request id {request_id!r} is already in use")
-        prompt_ids = self.encode(prompt, messages)
+        prompt_ids = self.encode(prompt, messages, tools)
         if not prompt_ids:
             raise RequestError("the prompt is empty")
         if any(not 0 <= t < self.model_config.vocab_size for t in prompt_ids):
@@ -268,28 +299,67 @@ class Engine:
             )
         if adapter is not None:
             self.residency.check_loadable(adapter)
-        seq = Sequence(
-            request_id,
-            prompt_ids,
-            params,
-            adapter=adapter,
-            tenant=tenant,
-            generator=make_generator(params.seed, self.device),
-            cache_salt=cache_salt(tenant, self.residency.identity(adapter) if adapter is not None else ""),
-        )
+        matcher = self._matcher(params)
+        salt = cache_salt(tenant, self.residency.identity(adapter) if adapter is not None else "")
+        choices = [
+            Sequence(request_id, prompt_ids, params, adapter=adapter, tenant=tenant,
+                     generator=make_generator(_choice_seed(params.seed, choice), self.device), cache_salt=salt,
+                     choice=choice, matcher=matcher.deep_copy() if matcher is not None and choice else matcher)
+            for choice in range(params.n)
+        ]
+        seq = choices[0]
         if resume_token_ids:
-            detokenizer.resume(seq, [int(t) for t in resume_token_ids], resume_text, self.tokenizer)
+            resume_choices = [(resume_token_ids, resume_text, None)]
+        if resume_choices:
+            if len(resume_choices) != params.n:
+                raise RequestError(f"{len(resume_choices)} choices to resume, for n={params.n}")
+            for choice, (token_ids, text, reason) in zip(choices, resume_choices, strict=True):
+                self._resume(choice, token_ids, text, reason)
+        else:
+            seq.forks = choices[1:]  # they start from its computed prompt (_fork_choices)
         self.sequences[request_id] = seq
-        self.scheduler.add(seq)
+        if params.n > 1:
+            self.choices[request_id] = choices
+        for choice in [seq] if seq.forks else choices:
+            if choice.status is not Status.FINISHED:
+                self.scheduler.add(choice)
         return request_id
 
-    def encode(self, prompt: str | list[int] | None, messages: list[dict[str, Any]] | None) -> list[int]:
-        """The prompt token ids of a request: text, token ids, or chat messages through the template."""
+    def _resume(self, seq: Sequence, token_ids: list[int], text: str | None, finish_reason: str | None) -> None:
+        """Continue one choice after the tokens another engine delivered (each resumed choice
+        computes its own tokens; the prefix cache shares the prompt's blocks)."""
+        if token_ids:
+            detokenizer.resume(seq, [int(t) for t in token_ids], text, self.tokenizer)
+            if seq.matcher is not None and (error := _consume_all(seq.matcher, seq.output_ids)) is not None:
+                raise RequestError(f"the tokens already sent do not fit the grammar: {error}")
+        if finish_reason is not None:
+            seq.finish_reason, seq.status = finish_reason, Status.FINISHED
+
+    def _matcher(self, params: SamplingParams) -> Any:
+        """The grammar state of a guided request (None for others); RequestError names what is wrong."""
+        if params.guided_json is None:
+            return None
+        if self.tokenizer is None:
+            raise RequestError(f"{self.model_name} ships no tokenizer, so its output cannot follow a schema")
+        if self._guided_tokenizer is None:
+            self._guided_tokenizer = GuidedTokenizer(self.tokenizer, self.model_config.vocab_size)
+        try:
+            return self._guided_tokenizer.matcher(params.guided_json)
+        except GrammarError as exc:
+            raise RequestError(f"the JSON schema cannot be enforced: {exc}", code="invalid_schema") from None
+
+    def encode(self, prompt: str | list[int] | None, messages: list[dict[str, Any]] | None,
+               tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """The prompt token ids of a request: text, token ids, or chat messages through the template
+        (with tools: the template's own rendering where it has one, else tool_calls' generic block)."""
         if messages is not None:
             if self.tokenizer is None:
                 raise RequestError(f"{self.model_name} ships no tokenizer; send token ids")
             try:
-                return self.tokenizer.encode_chat(messages)
+                native = tool_calls.template_supports_tools(self.tokenizer.chat_template)
+                if tools or any(m.get("role") == "tool" or m.get("tool_calls") for m in messages):
+                    messages = tool_calls.messages_for_template(messages, tools or [], native)
+                return self.tokenizer.encode_chat(messages, tools if tools and native else None)
             except Exception as exc:  # a template error is the caller's bad messages
                 raise RequestError(f"the messages do not fit the model's chat template: {exc}") from None
         if isinstance(prompt, str):
@@ -309,10 +379,23 @@ class Engine:
         seq = self.sequences.pop(request_id, None)
         if seq is None:
             return False
-        if seq.status is not Status.FINISHED:
-            self.scheduler.remove(seq)
-        seq.finish_reason = seq.finish_reason or "abort"
+        self._end_choices(seq, "abort")
+        self.choices.pop(request_id, None)
         return True
+
+    def _end_choices(self, seq: Sequence, reason: str) -> None:
+        """End every unfinished choice of seq's request, those not yet forked included."""
+        for choice in self._choices_of(seq):
+            if choice.status is not Status.FINISHED:
+                if choice in seq.forks:
+                    choice.status = Status.FINISHED
+                else:
+                    self.scheduler.remove(choice)
+            choice.finish_reason = choice.finish_reason or reason
+        seq.forks = []
+
+    def _choices_of(self, seq: Sequence) -> list[Sequence]:
+        return self.choices.get(seq.request_id, [seq])
 
     def prompt_tokens_computed(self, request_id: str) -> int:
         """Prompt tokens computed for a request so far: what one that ends early is billed for."""
@@ -345,15 +428,45 @@ class Engine:
         sampled = [item for item in batch if item.samples]
         logits = self._forward(batch, sampled)
         self.scheduler.computed(batch)
-        if sampled:
-            params = [item.seq.params for item in sampled]
-            tokens, logprobs = self.sampler.sample(logits, params, [item.seq.generator for item in sampled],
-                                                   [item.seq.output_ids for item in sampled])
-            for item, token, logprob in zip(sampled, tokens.tolist(), logprobs.tolist(), strict=True):
-                outputs.append(self._append_token(item.seq, token, logprob))
+        drawn = self._sample([item.seq for item in sampled], logits) if sampled else []
         lora_seconds = self._last_lora.seconds if self._last_lora is not None else None
-        self._record_step(batch, len(sampled), time.perf_counter() - started, lora_seconds)
-        return outputs
+        self._record_step(batch, len(drawn), time.perf_counter() - started, lora_seconds)
+        return outputs + drawn
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
+        """One token for each sequence whose last token this step computed; a request's other
+        choices fork from choice 0 here, and draw their first tokens from its logits."""
+        rows = list(range(len(seqs)))
+        for row, seq in enumerate(list(seqs)):
+            if seq.forks and not seq.output_ids:
+                forked = self._fork_choices(seq)
+                seqs += forked
+                rows += [row] * len(forked)
+        if len(rows) > len(logits):
+            logits = logits[torch.tensor(rows, device=logits.device)]
+        allowed = allowed_tokens([seq.matcher for seq in seqs], logits.shape[-1], self.device)
+        drawn = self.sampler.sample(logits, [seq.params for seq in seqs], [seq.generator for seq in seqs],
+                                    [seq.output_ids for seq in seqs], allowed)
+        tops: list[Any] = [None] * len(seqs)
+        if drawn.top_tokens is not None:
+            tops = list(zip(drawn.top_tokens.tolist(), drawn.top_logprobs.tolist(), strict=True))
+        return [self._append_token(seq, token, logprob, top)
+                for seq, token, logprob, top in zip(seqs, drawn.tokens.tolist(), drawn.logprobs.tolist(), tops,
+                                                    strict=True)]
+
+    def _fork_choices(self, seq: Sequence) -> list[Sequence]:
+        """Start a request's other choices from its computed prompt (Scheduler.fork); returns those
+        running now (the others wait in line and compute it when admitted)."""
+        forked, copies = [], []
+        for child in seq.forks:
+            pair = self.scheduler.fork(seq, child)
+            if pair is not None:
+                forked.append(child)
+                if pair != (-1, -1):
+                    copies.append(pair)
+        seq.forks = []
+        self.kv.copy_blocks(copies)
+        return forked
 
     def _forward(self, batch: list[ScheduledSeq], sampled: list[ScheduledSeq]) -> torch.Tensor:
         block_size = self.config.block_size
@@ -413,17 +526,27 @@ class Engine:
         timed = self.device.type == "cpu" or self.stats.steps % 256 == 0
         return LoraBatch(meta, self.lora_groups, frozenset().union(*(pool.targets[s] for s in slots)), timed=timed)
 
-    def _append_token(self, seq: Sequence, token: int, logprob: float) -> StepOutput:
+    def _append_token(self, seq: Sequence, token: int, logprob: float,
+                      top: tuple[list[int], list[float]] | None = None) -> StepOutput:
         now = time.monotonic()
         if seq.first_token_time is None:
             seq.first_token_time = now
         seq.output_ids.append(token)
         seq.output_logprobs.append(logprob)
         params = seq.params
+        alternatives = dict(zip(top[0][: params.top_logprobs], top[1][: params.top_logprobs], strict=True)) if top else {}
+        if params.top_logprobs:
+            seq.output_top_logprobs.append(alternatives)
+        grammar_error = advance(seq.matcher, token) if seq.matcher is not None else None
         reason = None
-        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
+        if grammar_error is not None:
+            reason = "error"
+            seq.error, seq.error_code = f"constrained decoding failed: {grammar_error}", "engine_error"
+        elif token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
             reason = "stop"
         elif detokenizer.append_token_text(seq, self.tokenizer):
+            reason = "stop"
+        elif seq.matcher is not None and seq.matcher.is_stopped():  # the grammar admits nothing more
             reason = "stop"
         elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = "length"
@@ -431,17 +554,40 @@ class Engine:
             seq.finish_reason = reason
             seq.finish_time = now
             self.scheduler.finish(seq)
-        return StepOutput(
+        choices = self._choices_of(seq)
+        if reason == "error":
+            self._end_choices(choices[0], "error")
+        request_done = reason is not None and not choices[0].forks and all(c.finish_reason for c in choices)
+        out = StepOutput(
             seq.request_id,
             [token],
             [logprob],
             detokenizer.take_new_text(seq, finished=reason is not None),
-            finished=reason is not None,
+            finished=request_done,
             finish_reason=reason,
             prompt_tokens=len(seq.prompt_ids),
-            cached_tokens=seq.num_cached_tokens,
-            completion_tokens=len(seq.output_ids),
+            cached_tokens=choices[0].num_cached_tokens,
+            completion_tokens=sum(len(c.output_ids) for c in choices),
+            index=seq.choice,
+            choice_finished=reason is not None,
+            finish_reasons=[c.finish_reason or "" for c in choices] if request_done else [],
         )
+        if reason == "error":
+            out.error, out.error_code = seq.error, seq.error_code
+        if params.logprobs:
+            out.logprob_content = [self._logprob_entry(token, logprob, alternatives)]
+        return out
+
+    def _logprob_entry(self, token: int, logprob: float, alternatives: dict[int, float]) -> dict[str, Any]:
+        """OpenAI's logprobs entry of one generated token and its most likely alternatives."""
+        return {**self._token_entry(token, logprob),
+                "top_logprobs": [self._token_entry(t, lp) for t, lp in alternatives.items()]}
+
+    def _token_entry(self, token: int, logprob: float) -> dict[str, Any]:
+        if self.tokenizer is None:
+            return {"token": f"token_id:{token}", "bytes": [], "logprob": logprob}
+        raw = self.tokenizer.token_bytes(token)
+        return {"token": raw.decode("utf-8", errors="replace"), "bytes": list(raw), "logprob": logprob}
 
     def _fail_adapter_errors(self) -> list[StepOutput]:
         """Adapters whose load failed (e.g. NaN weights) fail the requests waiting for them."""
@@ -454,9 +600,13 @@ class Engine:
         return [self._error_output(seq) for seq in self.scheduler.take_failed()]
 
     def _error_output(self, seq: Sequence) -> StepOutput:
+        """A request's error end, whichever of its choices failed: the others end with it."""
+        first = self._choices_of(seq)[0]
+        self._end_choices(first, "error")
         return StepOutput(
-            seq.request_id, [], [], "", True, "error", seq.error, len(seq.prompt_ids), len(seq.output_ids),
-            error_code=seq.error_code,
+            seq.request_id, [], [], "", True, "error", seq.error, len(seq.prompt_ids),
+            sum(len(c.output_ids) for c in self._choices_of(seq)), error_code=seq.error_code, index=seq.choice,
+            choice_finished=True,
         )
 
     def _record_step(
@@ -534,23 +684,24 @@ class Engine:
         return [results[i] for i in ids]
 
     def _request_output(self, seq: Sequence) -> RequestOutput:
+        """A finished request's output; forgets its choices."""
         ttft = seq.first_token_time - seq.arrival if seq.first_token_time is not None else None
-        return RequestOutput(
-            seq.request_id,
-            seq.prompt_ids,
-            list(seq.output_ids),
-            seq.text,
-            seq.finish_reason,
-            list(seq.output_logprobs) if seq.params.logprobs else None,
-            seq.error,
-            ttft,
-            seq.num_cached_tokens,
-        )
+        wants, sequences = seq.params, self.choices.pop(seq.request_id, [seq])
+        choices = [
+            Choice(c.choice, list(c.output_ids), c.text, c.finish_reason,
+                   list(c.output_logprobs) if wants.logprobs else None,
+                   list(c.output_top_logprobs) if wants.top_logprobs else None)
+            for c in sequences
+        ]
+        first = choices[0]
+        error = next((c.error for c in sequences if c.error), None)
+        return RequestOutput(seq.request_id, seq.prompt_ids, first.token_ids, first.text, first.finish_reason,
+                             first.logprobs, error, ttft, seq.num_cached_tokens, first.top_logprobs, choices)
 
     def pop_finished(self, request_id: str) -> RequestOutput | None:
         """The whole output of a finished request, forgetting it (the incremental API's last call)."""
         seq = self.sequences.get(request_id)
-        if seq is None or seq.status is not Status.FINISHED:
+        if seq is None or any(c.status is not Status.FINISHED for c in self._choices_of(seq)):
             return None
         return self._request_output(self.sequences.pop(request_id))
 
@@ -613,6 +764,18 @@ class Engine:
 
     def close(self) -> None:
         self.residency.close()
+
+
+def _choice_seed(seed: int | None, choice: int) -> int | None:
+    """Choice i of a seeded request draws from its own stream: the n choices differ, and repeat."""
+    return None if seed is None else (seed + choice) % 2**64
+
+
+def _consume_all(matcher: Any, tokens: list[int]) -> str | None:
+    for token in tokens:
+        if (error := advance(matcher, token)) is not None:
+            return error
+    return None
 
 
 def _per_prompt(value: Any, count: int, what: str) -> list[Any]:

@@ -142,3 +142,9 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return self.storage.numel() * self.storage.element_size()
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy the K/V of each (source, destination) block, every layer, in one indexed copy."""
+        if pairs:
+            sources, destinations = (torch.tensor(column, device=self.storage.device) for column in zip(*pairs, strict=True))
+            self.storage[:, :, destinations] = self.storage[:, :, sources]

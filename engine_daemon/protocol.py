@@ -146,7 +146,12 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
-    logprobs: bool = False
+    logprobs: bool = False  # report each generated token's log-probability under the model
+    top_logprobs: int = 0  # and this many most likely tokens at each position (needs logprobs)
+    n: int = 1  # choices: the prompt is computed once and its KV blocks shared by the n sequences
+    # A JSON schema the output must follow (constrained decoding, engine_daemon/guided.py): {"type":
+    # "object"} for any JSON object. Checked by engine_daemon.grammars, which names what it cannot do.
+    guided_json: dict[str, Any] | None = None
     # OpenAI's: logit[t] -= count[t] * frequency_penalty + (count[t] > 0) * presence_penalty, over the
     # tokens generated so far; logit_bias adds to a token's logit (JSON keys are strings of token ids).
     presence_penalty: float = 0.0
@@ -182,6 +187,12 @@ class SamplingParams:
         for token, bias in self.logit_bias.items():
             if token < 0 or not -100.0 <= bias <= 100.0:
                 raise ValueError(f"logit_bias maps token ids >= 0 to biases in [-100, 100], got {token}: {bias}")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs")
+        if not 1 <= self.n <= MAX_CHOICES:
+            raise ValueError(f"n must be in [1, {MAX_CHOICES}], got {self.n}")
 
     @property
     def greedy(self) -> bool:
@@ -211,6 +222,8 @@ class SamplingParams:
 
 
 MAX_LOGIT_BIAS = 300  # tokens one request may bias, as OpenAI allows
+MAX_TOP_LOGPROBS = 20  # alternatives per position, as OpenAI allows
+MAX_CHOICES = 16  # n: choices of one request (each a running sequence)
 
 
 def _token_id_key(key: Any) -> Any:
@@ -235,6 +248,8 @@ def _fits(value: Any, hint: Any) -> bool:
     if typing.get_origin(hint) is dict:
         key_hint, value_hint = typing.get_args(hint)
         return isinstance(value, dict) and all(_fits(k, key_hint) and _fits(v, value_hint) for k, v in value.items())
+    if hint is Any:
+        return True
     if hint is type(None):
         return value is None
     if hint is int:
@@ -261,6 +276,8 @@ class InferenceRequest(_Message):
     prompt: str | None = None
     adapter: str | None = None  # display name, e.g. "support-bot@3"
     adapter_sha256: str | None = None  # the staged version in the adapter cache; None = base model
+    # OpenAI's tool definitions, for chat: the engine renders them into the prompt (engine_daemon/tool_calls.py).
+    tools: list[dict[str, Any]] | None = None
     sampling: dict[str, Any] = field(default_factory=dict)  # SamplingParams.to_wire(); read by sampling_params()
     deadline: float | None = None  # unix time after which the client no longer waits
     created: float = 0.0
@@ -277,12 +294,21 @@ class InferenceRequest(_Message):
 
 @dataclass
 class DeltaEvent(_Message):
-    """New text for one request from one engine step."""
+    """New text for one choice of one request from one engine step.
+
+    ``logprob_content`` (when the request asked for logprobs) holds one entry per token of
+    ``token_ids``, in OpenAI's chat shape: {"token": str, "bytes": [int], "logprob": float,
+    "top_logprobs": [{"token", "bytes", "logprob"}, ...]}. A choice's last delta carries its
+    ``finish_reason`` (its text may be empty); the request's ``done`` event follows its last choice's.
+    """
 
     kind: ClassVar[str] = "delta"
     text: str
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] | None = None
+    index: int = 0  # the choice (0 .. n - 1)
+    logprob_content: list[dict[str, Any]] | None = None
+    finish_reason: str | None = None  # set on the choice's last delta: "stop" | "length"
 
 
 @dataclass
@@ -294,6 +320,9 @@ class DoneEvent(_Message):
     time_to_first_token: float | None = None
     engine_id: str | None = None
     cached_tokens: int = 0  # of the prompt tokens, those whose K/V came from the prefix cache
+    # Every choice's finish reason, by index ([] from engines before n: then [finish_reason]);
+    # completion_tokens counts the tokens of all choices, prompt_tokens the prompt once.
+    finish_reasons: list[str] = field(default_factory=list)
 
 
 @dataclass

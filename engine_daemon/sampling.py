@@ -1,4 +1,5 @@
-"""The batched sampler: penalties and logit bias, greedy, temperature, top-k, top-p, per-request seeds.
+"""The batched sampler: penalties and logit bias, grammar masks, greedy, temperature, top-k, top-p,
+per-request seeds, and the log-probabilities requests ask for (one top-k for the whole step).
 
 ``SamplingParams`` lives in the torch-free protocol module, shared with the portal; it is named here
 too because the sampler is where the engine reads it.
@@ -6,11 +7,24 @@ too because the sampler is where the engine reads it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from engine_daemon.protocol import SamplingParams
 
-__all__ = ["Sampler", "SamplingParams", "make_generator"]
+__all__ = ["Sampled", "Sampler", "SamplingParams", "make_generator"]
+
+
+@dataclass
+class Sampled:
+    """One step's draws: a token per row, its log-probability under the model, and, when some row
+    asked for them, the `width` most likely tokens of every row with their log-probabilities."""
+
+    tokens: torch.Tensor  # int64 [B]
+    logprobs: torch.Tensor  # float32 [B]
+    top_tokens: torch.Tensor | None = None  # int64 [B, width]
+    top_logprobs: torch.Tensor | None = None  # float32 [B, width]
 
 
 class Sampler:
@@ -27,11 +41,13 @@ class Sampler:
         params: list[SamplingParams],
         generators: list[torch.Generator | None],
         outputs: list[list[int]] | None = None,  # each row's tokens generated so far (for the penalties)
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (token ids int64 [B], log-probabilities of those tokens under the model, float32 [B]).
-
-        Penalties and logit bias choose the token; the log-probability stays the model's own."""
+        allowed: torch.Tensor | None = None,  # bool [B, V]: the tokens a row's grammar admits (guided.py)
+    ) -> Sampled:
+        """Penalties, logit bias and grammar masks choose the token; the log-probabilities reported
+        are the model's own (log_softmax of its logits), as OpenAI's and vLLM's are."""
         adjusted = adjust_logits(logits, params, outputs) if any(p.adjusts_logits for p in params) else logits
+        if allowed is not None:
+            adjusted = adjusted.masked_fill(~allowed, float("-inf"))
         greedy_tokens = adjusted.argmax(dim=-1)
         if all(p.greedy for p in params):
             tokens = greedy_tokens
@@ -46,7 +62,13 @@ class Sampler:
             is_greedy = torch.tensor([p.greedy for p in params], device=logits.device)
             tokens = torch.where(is_greedy, greedy_tokens, sampled)
         # log p(token) = logit - logsumexp: one reduction, not a full [B, V] log_softmax written out.
-        return tokens, logits.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+        normalizer = torch.logsumexp(logits, dim=-1)
+        sampled = Sampled(tokens, logits.gather(1, tokens[:, None]).squeeze(1) - normalizer)
+        width = max(p.top_logprobs for p in params)
+        if width:  # one top-k for every row of the step, at the widest any row asked for
+            values, sampled.top_tokens = logits.topk(width, dim=-1)
+            sampled.top_logprobs = values - normalizer[:, None]
+        return sampled
 
     @staticmethod
     def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

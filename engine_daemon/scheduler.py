@@ -246,6 +246,30 @@ class Scheduler:
         self.blocks.free(seq.block_table)
         seq.block_table, seq.num_computed, seq.num_registered_blocks = [], 0, 0
 
+    def fork(self, parent: Sequence, child: Sequence) -> tuple[int, int] | None:
+        """Start `child` (another choice of the same request) running from `parent`'s computed
+        prompt: the full blocks gain an owner, the partial last block is copied, which the caller
+        does on the device from the (source, copy) pair returned; (-1, -1) when there is none.
+        Without a block or a place for it, the child waits in line (None) and, like a preempted
+        sequence, computes its prompt when admitted (the prefix cache then holds the full blocks)."""
+        size = self.blocks.block_size
+        full, partial = divmod(parent.num_computed, size)
+        if len(self.running) >= self.max_num_seqs or not self.blocks.can_allocate(1 if partial else 0):
+            self.waiting[child.tenant].appendleft(child)
+            return None
+        shared = parent.block_table[:full]
+        self.blocks.attach(shared)
+        child.block_table = shared + self.blocks.allocate(1 if partial else 0)
+        child.num_computed = parent.num_computed
+        child.block_hashes = list(parent.block_hashes[:full])
+        child.num_registered_blocks = min(parent.num_registered_blocks, full)
+        child.num_cached_tokens, child.admission = parent.num_cached_tokens, parent.admission
+        child.status, child.slot = Status.RUNNING, parent.slot
+        if child.adapter is not None:
+            self.residency.hold(child.adapter)
+        self.running.append(child)
+        return (parent.block_table[full], child.block_table[full]) if partial else (-1, -1)
+
     def computed(self, batch: list[ScheduledSeq]) -> None:
         """The step's K/V are written: advance each sequence and cache the blocks it filled."""
         size = self.blocks.block_size

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -28,6 +29,12 @@ class Sequence:
     generator: torch.Generator | None = None
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
+    output_top_logprobs: list[dict[int, float]] = field(default_factory=list)  # with params.top_logprobs
+    # n > 1: this sequence is choice `choice` of its request; choice 0 holds the others until its
+    # prompt is computed, then they fork from it (its KV blocks shared, Engine._fork_choices).
+    choice: int = 0
+    forks: list[Sequence] = field(default_factory=list)
+    matcher: Any = None  # llguidance.LLMatcher of a guided request (guided.py)
     num_computed: int = 0  # tokens whose K/V sit in the cache
     block_table: list[int] = field(default_factory=list)
     status: Status = Status.WAITING

@@ -29,7 +29,7 @@ import socket
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import redis
@@ -63,6 +63,21 @@ BEAT_ADAPTERS_RECENT_SECONDS = 3600
 BEAT_ADAPTERS_MAX = 256
 # Tenants whose prefix cache hit rate a heartbeat lists: those with the most prompt tokens.
 BEAT_PREFIX_TENANTS_MAX = 64
+
+
+@dataclass
+class SentChoice:
+    """What was streamed of one choice before a daemon died (read back from the response stream)."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+
+    def ended_by(self, max_tokens: int) -> SentChoice:
+        """This choice, ended with "length" if it has all its tokens already."""
+        if self.finish_reason is None and len(self.token_ids) >= max_tokens:
+            return replace(self, finish_reason="length")
+        return self
 
 
 @dataclass
@@ -263,7 +278,7 @@ class EngineService:
             self._write_and_ack(entry_id, source, stream, DoneEvent("cancelled", 0, 0, engine_id=self.engine_id),
                                 self._usage(request, UsageEvent.CANCELLED))
             return
-        sent_ids, sent_text, finished = self._already_sent(stream) if deliveries > 1 else ([], "", False)
+        sent, finished = self._already_sent(stream) if deliveries > 1 else ({}, False)
         if finished:  # the previous daemon finished it but died before the XACK
             pipe = self.redis.pipeline(transaction=False)
             _ack_and_delete(pipe, source, [entry_id])
@@ -271,10 +286,12 @@ class EngineService:
             return
         try:
             params = request.sampling_params()
-            if sent_ids and len(sent_ids) >= params.max_tokens:
-                self._finish_resumed(entry_id, source, stream, request, sent_ids)
+            resumed = [sent.get(index, SentChoice()).ended_by(params.max_tokens) for index in range(params.n)]
+            if sent and all(choice.finish_reason for choice in resumed):
+                self._finish_resumed(entry_id, source, stream, request, resumed)
                 return
             adapter = self._ensure_adapter(request)
+            single = params.n == 1 and bool(resumed[0].token_ids)  # one choice resumes after its tokens
             self.engine.add_request(
                 request.prompt,
                 params,
@@ -282,8 +299,10 @@ class EngineService:
                 adapter=adapter,
                 tenant=request.tenant_id,
                 messages=request.messages,
-                resume_token_ids=sent_ids or None,
-                resume_text=sent_text if sent_ids else None,
+                tools=request.tools,
+                resume_token_ids=resumed[0].token_ids if single else None,
+                resume_text=resumed[0].text if single else None,
+                resume_choices=[(c.token_ids, c.text, c.finish_reason) for c in resumed] if sent and params.n > 1 else None,
             )
         except (RequestError, AdapterError) as exc:
             self._fail(entry_id, source, stream, exc.code, str(exc), self._usage(request, UsageEvent.ERROR, error_code=exc.code))
@@ -292,27 +311,33 @@ class EngineService:
             self._fail(entry_id, source, stream, "invalid_request", f"malformed request: {exc}",
                        self._usage(request, UsageEvent.ERROR, error_code="invalid_request"))
             return
-        self.in_flight[request.request_id] = InFlight(entry_id, source, request, stream, sent_tokens=len(sent_ids))
+        sent_tokens = sum(len(choice.token_ids) for choice in sent.values())
+        self.in_flight[request.request_id] = InFlight(entry_id, source, request, stream, sent_tokens=sent_tokens)
 
-    def _already_sent(self, stream: str) -> tuple[list[int], str, bool]:
-        """Token ids and text a previous daemon streamed for this request, and whether it ended."""
-        token_ids: list[int] = []
-        texts: list[str] = []
+    def _already_sent(self, stream: str) -> tuple[dict[int, SentChoice], bool]:
+        """What a previous daemon streamed for each choice of this request, and whether it ended."""
+        sent: dict[int, SentChoice] = {}
         for _id, fields in self.redis.xrange(stream):
             event = protocol.response_event_from_redis(fields)
             if not isinstance(event, DeltaEvent):
-                return token_ids, "".join(texts), True
-            token_ids += event.token_ids
-            texts.append(event.text)
-        return token_ids, "".join(texts), False
+                return sent, True
+            choice = sent.setdefault(event.index, SentChoice())
+            choice.token_ids += event.token_ids
+            choice.text += event.text
+            choice.finish_reason = event.finish_reason or choice.finish_reason
+        return sent, False
 
     def _finish_resumed(
-        self, entry_id: str, source: str, stream: str, request: InferenceRequest, sent_ids: list[int]
+        self, entry_id: str, source: str, stream: str, request: InferenceRequest, choices: list[SentChoice]
     ) -> None:
-        prompt_tokens = len(self.engine.encode(request.prompt, request.messages))
-        done = DoneEvent("length", prompt_tokens, len(sent_ids), engine_id=self.engine_id)
+        """Every choice had ended before the previous daemon died: only the done event is missing."""
+        prompt_tokens = len(self.engine.encode(request.prompt, request.messages, request.tools))
+        reasons = [choice.finish_reason or "length" for choice in choices]
+        completion_tokens = sum(len(choice.token_ids) for choice in choices)
+        done = DoneEvent(reasons[0], prompt_tokens, completion_tokens, engine_id=self.engine_id, finish_reasons=reasons)
         self._write_and_ack(entry_id, source, stream, done,
-                            self._usage(request, UsageEvent.DONE, prompt_tokens=prompt_tokens, completion_tokens=len(sent_ids)))
+                            self._usage(request, UsageEvent.DONE, prompt_tokens=prompt_tokens,
+                                        completion_tokens=completion_tokens))
 
     def _ensure_adapter(self, request: InferenceRequest) -> str | None:
         """Adapters are registered under their content hash and read from the shared cache."""
@@ -338,7 +363,10 @@ class EngineService:
             if out.new_token_ids:
                 if flight.first_token_at is None:
                     flight.first_token_at = time.time()
-                pipe.xadd(flight.stream, DeltaEvent(out.new_text, out.new_token_ids, out.new_logprobs).to_redis())
+                delta = DeltaEvent(out.new_text, out.new_token_ids, out.new_logprobs, index=out.index,
+                                   logprob_content=out.logprob_content,
+                                   finish_reason=out.finish_reason if out.choice_finished else None)
+                pipe.xadd(flight.stream, delta.to_redis())
                 flight.sent_tokens += len(out.new_token_ids)
             if out.finished:
                 if out.finish_reason == "error":
@@ -350,8 +378,9 @@ class EngineService:
                                         completion_tokens=out.completion_tokens)
                 else:
                     ttft = flight.first_token_at - flight.request.created if flight.first_token_at and flight.request.created else None
-                    event = DoneEvent(out.finish_reason or "stop", out.prompt_tokens, out.completion_tokens, ttft, self.engine_id,
-                                      cached_tokens=out.cached_tokens)
+                    reasons = out.finish_reasons or [out.finish_reason or "stop"]
+                    event = DoneEvent(reasons[0], out.prompt_tokens, out.completion_tokens, ttft, self.engine_id,
+                                      cached_tokens=out.cached_tokens, finish_reasons=reasons)
                     usage = self._usage(flight.request, UsageEvent.DONE, prompt_tokens=out.prompt_tokens,
                                         cached_tokens=out.cached_tokens, completion_tokens=out.completion_tokens)
                 pipe.xadd(flight.stream, event.to_redis())

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ class Tokenizer:
         self.add_bos = add_bos
         self.bos_token_id = backend.token_to_id(bos_token) if bos_token else None
         self._template = None
+        self._token_bytes: list[bytes] | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -45,7 +48,14 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def token_bytes(self, token_id: int) -> bytes:
+        """The UTF-8 bytes a token stands for (a byte-level token may hold part of a character)."""
+        if self._token_bytes is None:
+            self._token_bytes = _vocab_bytes(self.backend)
+        return self._token_bytes[token_id] if 0 <= token_id < len(self._token_bytes) else b""
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> str:
         if not self.chat_template:
             raise ValueError("this model has no chat template; send a plain prompt instead of messages")
         if self._template is None:
@@ -55,12 +65,50 @@ class Tokenizer:
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "",
             eos_token=self.eos_token or "",
+            tools=tools,
         )
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        text = self.apply_chat_template(messages)
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        text = self.apply_chat_template(messages, tools=tools)
         # The template writes the BOS itself where the model wants one.
         return self.backend.encode(text, add_special_tokens=False).ids
+
+
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _vocab_bytes(backend: Any) -> list[bytes]:
+    """Every token's bytes: byte-level BPE spells bytes as printable characters (GPT-2's table);
+    SentencePiece-style vocabularies write a space as "▁" and a raw byte as "<0xNN>"."""
+    decoder = json.loads(backend.to_str()).get("decoder") or {}
+    byte_level = decoder.get("type") == "ByteLevel"
+    specials = {token.content for token in backend.get_added_tokens_decoder().values()}
+    table = _byte_level_table()
+    vocab = [b""] * backend.get_vocab_size(with_added_tokens=True)
+    for token, index in backend.get_vocab(with_added_tokens=True).items():
+        if token in specials:
+            vocab[index] = token.encode()
+        elif byte_level:
+            vocab[index] = bytes(table[c] for c in token if c in table)
+        elif (match := _BYTE_TOKEN.fullmatch(token)) is not None:
+            vocab[index] = bytes([int(match.group(1), 16)])
+        else:
+            vocab[index] = token.replace("\u2581", " ").encode()
+    return vocab
+
+
+@cache
+def _byte_level_table() -> dict[str, int]:
+    """GPT-2's map from the printable character standing for a byte back to the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = list(printable)
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
 
 
 def _compile_template(source: str) -> Any:

@@ -48,7 +48,7 @@ def test_sampler_follows_the_distribution_with_top_k_and_top_p():
     gen = make_generator(0, torch.device("cpu"))
 
     def frequencies(params: SamplingParams) -> torch.Tensor:
-        tokens, _ = sampler.sample(logits, [params] * len(logits), [gen] * len(logits))
+        tokens = sampler.sample(logits, [params] * len(logits), [gen] * len(logits)).tokens
         return torch.bincount(tokens, minlength=4).float() / len(logits)
 
     plain = frequencies(SamplingParams(temperature=1.0))

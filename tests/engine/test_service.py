@@ -443,3 +443,70 @@ def test_dead_letters_older_than_the_retention_are_trimmed(chat_model, redis_cli
     run_until(service, lambda: redis_client.xlen(stream) == 0)
     assert redis_client.xlen(dead) == 1  # the first one is past the retention: trimmed when the second came
     assert 0 < redis_client.ttl(dead) <= 1  # and the stream itself goes once no dead letter is left to keep
+
+
+def test_n_choices_stream_by_index_with_logprobs_and_one_done(chat_model, redis_client, redis_url, cache_dir):
+    service = make_service(chat_model, redis_client, redis_url, cache_dir)
+    sampling = {"max_tokens": 6, "temperature": 1.0, "seed": 3, "ignore_eos": True, "n": 3, "logprobs": True,
+                "top_logprobs": 2}
+    request = enqueue(redis_client, service.base_model, prompt="Ahoy matey", sampling=sampling)
+    run_until(service, lambda: finished(redis_client, request.request_id))
+    found = events(redis_client, request.request_id)
+    deltas, done = found[:-1], found[-1]
+    offline = service.engine.generate([request.prompt], SamplingParams(**sampling))[0]
+    for choice in offline.choices:
+        mine = [d for d in deltas if d.index == choice.index]
+        assert [t for d in mine for t in d.token_ids] == choice.token_ids
+        assert [d.finish_reason for d in mine].count("length") == 1 and mine[-1].finish_reason == "length"
+        entries = [entry for d in mine for entry in d.logprob_content]
+        assert [entry["logprob"] for entry in entries] == pytest.approx(choice.logprobs, abs=1e-6)
+        assert all(len(entry["top_logprobs"]) == 2 for entry in entries)
+    assert done.finish_reasons == ["length"] * 3
+    assert done.completion_tokens == 18 and done.prompt_tokens == len(offline.prompt_token_ids)
+    usage = usage_events(redis_client)[request.request_id]
+    assert usage.prompt_tokens == done.prompt_tokens and usage.completion_tokens == 18
+
+
+def test_an_abandoned_request_with_n_choices_resumes_each_after_its_own_tokens(
+    chat_model, redis_client, redis_url, cache_dir
+):
+    service = make_service(chat_model, redis_client, redis_url, cache_dir, claim_idle_seconds=0.2)
+    sampling = {**GREEDY, "max_tokens": 8, "n": 3}
+    request = enqueue(redis_client, service.base_model, prompt="Ahoy matey, the sea", sampling=sampling)
+    offline = service.engine.generate([request.prompt], SamplingParams(**sampling))[0]
+    dead_daemon_reads(redis_client, protocol.request_stream(service.base_model, "t1"), "dead-daemon")
+    tokens = offline.token_ids
+    response = protocol.response_stream(request.request_id)
+    redis_client.xadd(response, DeltaEvent("", tokens[:2], index=0).to_redis())
+    redis_client.xadd(response, DeltaEvent("", tokens, index=2, finish_reason="length").to_redis())
+    time.sleep(0.3)
+    run_until(service, lambda: finished(redis_client, request.request_id))
+    found = events(redis_client, request.request_id)
+    for index in range(3):
+        assert [t for e in found[:-1] if e.index == index for t in e.token_ids] == tokens  # each token once
+    assert found[-1].finish_reasons == ["length"] * 3 and found[-1].completion_tokens == 24
+
+
+def test_a_guided_request_with_tools_in_the_prompt_answers_with_a_call(redis_client, redis_url, cache_dir, tmp_path):
+    import json
+
+    from engine_daemon import tool_calls
+
+    # The generic tools block takes ~600 of this tokenizer's tokens: a longer context than the module's model.
+    long_model = write_tiny_model(tmp_path / "long-model", with_tokenizer=True, max_position_embeddings=2048)
+    service = make_service(long_model, redis_client, redis_url, cache_dir)
+    tools = [{"type": "function", "function": {"name": "lookup", "description": "Find a word",
+                                               "parameters": {"type": "object",
+                                                              "properties": {"word": {"type": "string", "maxLength": 8}},
+                                                              "required": ["word"], "additionalProperties": False}}}]
+    schema = tool_calls.tool_call_schema(tools, {"type": "function", "function": {"name": "lookup"}})
+    sampling = {"max_tokens": 80, "temperature": 1.0, "seed": 1, "guided_json": schema}
+    messages = [{"role": "user", "content": "Look up 'sea'"}]
+    request = enqueue(redis_client, service.base_model, messages=messages, tools=tools, sampling=sampling)
+    run_until(service, lambda: finished(redis_client, request.request_id))
+    found = events(redis_client, request.request_id)
+    assert found[-1].kind == "done" and found[-1].finish_reason == "stop"
+    call = json.loads("".join(e.text for e in found[:-1]))
+    assert call["name"] == "lookup" and isinstance(call["arguments"]["word"], str)
+    # The tools were in the prompt: it is longer than the same messages without them.
+    assert found[-1].prompt_tokens > len(service.engine.encode(None, messages))

@@ -1,0 +1,98 @@
+"""Constrained decoding: outputs that follow their JSON schema, checked by jsonschema, on every adapter."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+
+from engine_daemon import Engine, EngineConfig, SamplingParams
+from engine_daemon.engine import RequestError
+from engine_daemon.grammars import JSON_OBJECT_SCHEMA, MAX_SCHEMA_BYTES, GrammarError, check_json_schema
+from tests.engine.builders import write_adapter, write_tiny_model
+
+# Bounded schemas (short strings, few items), so that a random model ends them within max_tokens.
+SCHEMAS = [
+    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10},
+                                      "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+     "required": ["name", "age"], "additionalProperties": False},
+    {"type": "object", "properties": {"label": {"enum": ["spam", "ham", "unsure"]},
+                                      "score": {"type": "number", "minimum": 0, "maximum": 1}},
+     "required": ["label", "score"], "additionalProperties": False},
+    {"type": "array", "items": {"type": "integer", "minimum": -9, "maximum": 99}, "minItems": 1, "maxItems": 4},
+    {"type": "object", "properties": {"ok": {"type": "boolean"},
+                                      "tags": {"type": "array", "items": {"type": "string", "pattern": "^[a-z]{1,6}$"},
+                                               "maxItems": 3},
+                                      "owner": {"type": "object", "properties": {"id": {"type": "integer"}},
+                                                "required": ["id"], "additionalProperties": False}},
+     "required": ["ok", "tags", "owner"], "additionalProperties": False},
+    {"anyOf": [{"type": "null"}, {"type": "string", "format": "date"}]},
+]
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("guided-model"), with_tokenizer=True)
+
+
+@pytest.fixture(scope="module")
+def engine(chat_model, tmp_path_factory):
+    engine = Engine(EngineConfig(model=str(chat_model), device="cpu", dtype="float32", max_num_seqs=64))
+    for name, seed in (("one", 1), ("two", 2)):
+        engine.add_adapter(name, str(write_adapter(chat_model, tmp_path_factory.mktemp(name), r=4, seed=seed)))
+    yield engine
+    engine.close()
+
+
+def test_fifty_outputs_over_the_base_model_and_two_adapters_all_validate(engine):
+    prompts = [f"Request {i}: describe it as JSON" for i in range(50)]
+    schemas = [SCHEMAS[i % len(SCHEMAS)] for i in range(50)]
+    adapters = [(None, "one", "two")[i % 3] for i in range(50)]
+    params = [SamplingParams(max_tokens=120, temperature=1.0, seed=i, guided_json=schema)
+              for i, schema in enumerate(schemas)]
+    outputs = engine.generate(prompts, params, adapters)
+    for out, schema in zip(outputs, schemas, strict=True):
+        assert out.finish_reason == "stop", out.text
+        jsonschema.validate(json.loads(out.text), schema)
+
+
+def test_json_object_and_a_guided_request_beside_free_ones(engine):
+    free = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    alone = engine.generate(["Ahoy matey"], free)[0]
+    mixed = engine.generate(["Ahoy matey", "Ahoy matey"],
+                            [free, SamplingParams(max_tokens=150, temperature=1.0, seed=3, guided_json=JSON_OBJECT_SCHEMA)])
+    assert mixed[0].token_ids == alone.token_ids  # a neighbour's mask never touches another row
+    assert isinstance(json.loads(mixed[1].text), dict)
+
+
+def test_every_choice_of_a_guided_request_follows_the_schema(engine):
+    out = engine.generate(["Pick"], SamplingParams(max_tokens=120, temperature=1.0, seed=9, n=4,
+                                                   guided_json=SCHEMAS[0]), ["one"])[0]
+    assert len(out.choices) == 4
+    for choice in out.choices:
+        jsonschema.validate(json.loads(choice.text), SCHEMAS[0])
+
+
+def test_a_schema_feature_that_cannot_be_enforced_is_refused_by_name(engine):
+    for schema, named in (({"not": {"type": "string"}}, "not"), ({"type": "array", "uniqueItems": True}, "uniqueItems"),
+                          ({"type": "string", "format": "no-such-format"}, "no-such-format")):
+        with pytest.raises(GrammarError, match=named):
+            check_json_schema(schema)
+        with pytest.raises(RequestError, match=named) as refused:
+            engine.add_request("x", SamplingParams(guided_json=schema))
+        assert refused.value.code == "invalid_schema"
+    assert not engine.has_unfinished()
+
+
+def test_an_oversized_schema_is_refused_before_it_is_compiled():
+    huge = {"type": "object", "properties": {f"field_{i}": {"type": "string"} for i in range(MAX_SCHEMA_BYTES // 20)}}
+    with pytest.raises(GrammarError, match="bytes"):
+        check_json_schema(huge)
+
+
+def test_a_model_without_a_tokenizer_refuses_guided_requests(tiny_llama):
+    engine = Engine(EngineConfig(model=str(tiny_llama), device="cpu", dtype="float32"))
+    with pytest.raises(RequestError, match="no tokenizer"):
+        engine.add_request([1, 2, 3], SamplingParams(guided_json=JSON_OBJECT_SCHEMA))
+    engine.close()
