@@ -170,8 +170,8 @@ async def rate_limit_tokens_reserve_all(client: Any, *, limits: Sequence[Limit],
     for limit in limited:
         if tokens > limit.per_minute:
             raise InferenceError(
-                f"this request may use up to {tokens} tokens (max_tokens plus the prompt), more than "
-                f"{limit.allowance('tokens')}; lower max_tokens or shorten the prompt",
+                f"this request may use up to {tokens} tokens (max_tokens for each of its n choices, plus the "
+                f"prompt), more than {limit.allowance('tokens')}; lower max_tokens or n, or shorten the prompt",
                 code="invalid_value", param="max_tokens",
             )
     refused = await _take(client, limited, "tokens", tokens, refuse=True, now=now)

@@ -22,6 +22,7 @@ import uuid
 import weakref
 from collections import deque
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -251,6 +252,20 @@ def prompt_context_check(params: CompletionParams, context: int, base_model: str
         )
 
 
+@dataclass
+class Choice:
+    """One of a request's n answers, as its deltas arrive (``index`` orders them, from 0)."""
+
+    index: int
+    text_parts: list[str] = field(default_factory=list)
+    logprob_content: list[dict[str, Any]] = field(default_factory=list)  # one entry per token, OpenAI's chat shape
+    finish_reason: str | None = None  # the engine's: "stop" | "length" | "cancelled"
+
+    @property
+    def text(self) -> str:
+        return "".join(self.text_parts)
+
+
 class Completion:
     """One request on its way through the engines; see the module docstring."""
 
@@ -268,8 +283,8 @@ class Completion:
         self.prompt_tokens = 0
         self.cached_tokens = 0  # of the prompt tokens, those found in the engine's prefix cache
         self.completion_tokens = 0
-        self.text_parts: list[str] = []
-        self.finish_reason: str | None = None
+        self.choices = [Choice(0)]  # n of them once started
+        self.finish_reason: str | None = None  # choice 0's, set when the request is done
         self.first_token_after: float | None = None  # seconds from arrival to the first token
         self.reserved_tokens = 0
         self.ended = False
@@ -285,12 +300,14 @@ class Completion:
 
     @property
     def text(self) -> str:
-        return "".join(self.text_parts)
+        """Choice 0's text."""
+        return self.choices[0].text
 
     # ---- admission -------------------------------------------------------------------------
 
     async def start(self, params: CompletionParams) -> None:
         self.params = params
+        self.choices = [Choice(i) for i in range(params.n)]
         self.resolved = await serving_db(model_resolve, owner=self.tenant.pk)(tenant=self.tenant, model=params.model)
         base_model = self.resolved.base_model.name
         prompt_context_check(params, self.resolved.base_model.model_descriptor.max_position_embeddings, base_model)
@@ -306,7 +323,7 @@ class Completion:
             await inference_in_flight_admit(client, tenant=self.tenant, request_id=self.request_id,
                                             deadline=self.deadline)
             self.reserved_tokens = await inference_tokens_reserve(
-                client, key=self.key, tenant=self.tenant, tokens=params.max_tokens + params.prompt_token_estimate(),
+                client, key=self.key, tenant=self.tenant, tokens=params.tokens_reserved(),
             )
             request = InferenceRequest(
                 request_id=self.request_id,
@@ -315,6 +332,7 @@ class Completion:
                 base_model=base_model,
                 messages=params.messages,
                 prompt=params.prompt,
+                tools=params.tools,
                 adapter=self.resolved.adapter_name,
                 adapter_sha256=self.resolved.adapter_sha256,
                 sampling=params.sampling(),
@@ -364,14 +382,28 @@ class Completion:
         if isinstance(event, DeltaEvent):
             if event.token_ids and self.first_token_after is None:
                 self.first_token_after = time.monotonic() - self._clock
+            self._choice_add(event)
             self.completion_tokens += len(event.token_ids)
-            self.text_parts.append(event.text)
         else:
             self.prompt_tokens = event.prompt_tokens
             self.cached_tokens = event.cached_tokens
             self.completion_tokens = event.completion_tokens
             self.finish_reason = event.finish_reason
+            reasons = event.finish_reasons or [event.finish_reason]  # [] from engines before n
+            for choice in self.choices:
+                if choice.finish_reason is None:
+                    choice.finish_reason = reasons[choice.index] if choice.index < len(reasons) else event.finish_reason
         return event
+
+    def _choice_add(self, event: DeltaEvent) -> None:
+        if not 0 <= event.index < len(self.choices):
+            raise InferenceError(f"the engine sent choice {event.index} of a request for {len(self.choices)}",
+                                 code="engine_error")
+        choice = self.choices[event.index]
+        choice.text_parts.append(event.text)
+        choice.logprob_content.extend(event.logprob_content or ())
+        if event.finish_reason is not None:
+            choice.finish_reason = event.finish_reason
 
     async def run_to_end(self) -> DoneEvent:
         while True:

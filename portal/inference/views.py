@@ -156,16 +156,26 @@ class EventStreamResponse(StreamingHttpResponse):
 
 
 async def _relay(completion: Completion, event: DeltaEvent | DoneEvent) -> AsyncIterator[bytes]:
-    """A role chunk (chat), content chunks, a chunk with the finish reason, the usage chunk when asked
-    for, ``[DONE]``. An error after the first event is sent as an error event."""
+    """A role chunk per choice (chat), content chunks, a chunk with each choice's finish reason as it ends
+    (those the engine did not end by a delta, at the done event), the usage chunk when asked for,
+    ``[DONE]``. An error after the first event is sent as an error event."""
     try:
         if completion.kind == CHAT:
-            yield render.sse_event(render.chunk_body(completion, role="assistant", text=""))
+            for choice in completion.choices:
+                yield render.sse_event(render.chunk_body(completion, index=choice.index, role="assistant", text=""))
+        ended: set[int] = set()
+        text_offsets = [0] * len(completion.choices)  # /v1/completions' logprobs count characters per choice
         while isinstance(event, DeltaEvent):
-            if event.text:
-                yield render.sse_event(render.chunk_body(completion, text=event.text))
+            for chunk in render.delta_chunks(completion, event, text_offset=text_offsets[event.index]):
+                yield render.sse_event(chunk)
+            text_offsets[event.index] += sum(len(entry["token"]) for entry in event.logprob_content or ())
+            if event.finish_reason is not None:
+                ended.add(event.index)
             event = await completion.next_event()
-        yield render.sse_event(render.chunk_body(completion, finish_reason=completion.finish_reason))
+        for choice in completion.choices:
+            if choice.index not in ended:
+                for chunk in render.choice_end_chunks(completion, choice):
+                    yield render.sse_event(chunk)
         if completion.params.include_usage:
             yield render.sse_event(render.usage_chunk_body(completion))
         await completion.end(Usage.Status.OK)

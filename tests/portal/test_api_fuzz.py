@@ -114,7 +114,8 @@ def test_api_v1_uploads_answer_no_5xx(case, seeded):
 
 MODELS = ["random:tiny", "random:tiny@1", "nope", "", "@", "a@1", "a@¹", "a@99999999999999999999999", "x" * 300]
 ROLES = ["system", "developer", "user", "assistant", "tool", "function", "", "USER"]
-UNSUPPORTED = ["tools", "logprobs", "echo", "functions", "response_format", "top_logprobs", "best_of", "suffix"]
+UNSUPPORTED = ["echo", "functions", "best_of", "suffix"]
+TOOL_NAMES = ["get_weather", "now"]
 
 text = st.text(max_size=40)
 # Any character (NUL, controls, bidi, astral); text that is not text adds lone surrogates, which JSON can escape.
@@ -132,22 +133,39 @@ message = st.fixed_dictionaries({"role": st.sampled_from(ROLES[:4]), "content": 
 sampling = {
     "max_tokens": st.integers(1, 10**6), "temperature": st.floats(0, 2), "top_p": st.floats(0.01, 1),
     "seed": st.integers(0, 2**63 - 1), "stop": text.filter(bool) | st.lists(text.filter(bool), max_size=4),
-    "user": text, "n": st.just(1), "presence_penalty": st.floats(-2, 2), "frequency_penalty": st.floats(-2, 2),
+    "user": text, "n": st.integers(1, 3), "presence_penalty": st.floats(-2, 2), "frequency_penalty": st.floats(-2, 2),
     "logit_bias": st.dictionaries(st.integers(0, 511).map(str), st.floats(-100, 100), max_size=3),
+    "response_format": st.sampled_from([{"type": "text"}, {"type": "json_object"}, {"type": "json_schema", "json_schema": {
+        "name": "a", "schema": {"type": "object", "properties": {"a": {"type": "integer"}}}}}]),
 }
+tool = st.builds(lambda name: {"type": "function", "function": {"name": name, "parameters": {"type": "object"}}},
+                 st.sampled_from(TOOL_NAMES))
 valid_chat = st.fixed_dictionaries(
     {"model": st.just("random:tiny"), "messages": st.lists(message, min_size=1, max_size=3), "stream": st.booleans()},
-    optional={**sampling, "max_completion_tokens": st.integers(1, 8)},
+    optional={**sampling, "max_completion_tokens": st.integers(1, 8), "logprobs": st.booleans(),
+              "tools": st.lists(tool, min_size=1, max_size=2, unique_by=lambda t: t["function"]["name"])},
 )
 valid_completion = st.fixed_dictionaries({"model": st.just("random:tiny"), "prompt": any_text, "stream": st.booleans()},
-                                         optional=sampling)
+                                         optional={**sampling, "logprobs": st.integers(0, 5)})
 
 hostile_values = {
     "model": st.sampled_from(MODELS) | junk,
     "max_tokens": huge_ints | junk, "max_completion_tokens": huge_ints | junk,
     "temperature": numbers | junk, "top_p": numbers | junk, "seed": numbers | junk,
     "stop": st.lists(text | not_text | junk, max_size=6) | junk,
-    "stream": junk, "n": st.sampled_from([2, 0, -1, 1.0, True]) | junk, "user": junk,
+    "stream": junk, "n": st.sampled_from([2, 16, 17, 0, -1, 1.0, True]) | junk, "user": junk,
+    "logprobs": st.booleans() | st.integers(-1, 6) | junk, "top_logprobs": st.integers(-1, 21) | junk,
+    "response_format": st.fixed_dictionaries(
+        {"type": st.sampled_from(["text", "json_object", "json_schema", "xml"]) | junk},
+        optional={"json_schema": st.fixed_dictionaries({"name": text | junk, "schema": junk}, optional={"strict": junk})
+                  | junk}) | junk,
+    "tools": st.lists(st.fixed_dictionaries({"type": st.just("function") | junk, "function": st.fixed_dictionaries(
+        {"name": st.sampled_from(TOOL_NAMES) | junk}, optional={"parameters": junk, "description": junk}) | junk})
+        | junk, max_size=3) | junk,
+    "tool_choice": st.sampled_from(["none", "auto", "required"]) | st.fixed_dictionaries(
+        {"type": st.just("function") | junk, "function": st.fixed_dictionaries({"name": st.sampled_from(TOOL_NAMES) | junk})})
+        | junk,
+    "parallel_tool_calls": junk,
     "presence_penalty": numbers | junk, "frequency_penalty": numbers | junk,
     "logit_bias": st.dictionaries(text | st.integers().map(str), numbers | junk, max_size=4) | junk,
     "stream_options": st.dictionaries(st.sampled_from(["include_usage", "other"]) | text, junk, max_size=2) | junk,
@@ -157,7 +175,7 @@ hostile_values = {
              "content": any_text | not_text | junk | st.lists(
                  st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url"]) | junk, "text": text | junk}),
                  max_size=3)},
-            optional={"tool_calls": junk, "function_call": junk, "audio": junk},
+            optional={"tool_calls": junk, "tool_call_id": junk, "function_call": junk, "audio": junk},
         ) | junk,
         max_size=4,
     ) | junk,

@@ -33,6 +33,35 @@ def words(request: InferenceRequest, texts=("Ahoy", " there", ",", " matey")) ->
     return events + [DoneEvent(reason, 7, len(chosen), 0.01, "fake", cached_tokens=4)]
 
 
+def choices(*texts_by_choice: list[str], prompt_tokens: int = 7) -> Script:
+    """Choice i says ``texts_by_choice[i]``, one token a text, interleaved as an engine's steps are; each
+    token has a logprob entry when the request asks (its k alternatives are the token and "alt1", ...),
+    and each choice's last delta carries its finish reason, "stop"."""
+
+    def script(request: InferenceRequest) -> list[Any]:
+        sampling = request.sampling_params()
+        events: list[Any] = []
+        for step in range(max(len(texts) for texts in texts_by_choice)):
+            for index, texts in enumerate(texts_by_choice):
+                if step < len(texts):
+                    entries = [logprob_entry(texts[step], step, sampling.top_logprobs)] if sampling.logprobs else None
+                    events.append(DeltaEvent(texts[step], [100 + step], index=index, logprob_content=entries,
+                                             finish_reason="stop" if step == len(texts) - 1 else None))
+        tokens = sum(len(texts) for texts in texts_by_choice)
+        return events + [DoneEvent("stop", prompt_tokens, tokens, 0.01, "fake",
+                                   finish_reasons=["stop"] * len(texts_by_choice))]
+
+    return script
+
+
+def logprob_entry(token: str, step: int, top: int) -> dict[str, Any]:
+    """The engine's entry for one token, in OpenAI's chat shape: the token at -0.1 * (step + 1)."""
+    logprob = -0.1 * (step + 1)
+    alternatives = [(token, logprob)] + [(f"alt{j}", logprob - j) for j in range(1, top)]
+    return {"token": token, "bytes": list(token.encode()), "logprob": logprob,
+            "top_logprobs": [{"token": t, "bytes": list(t.encode()), "logprob": lp} for t, lp in alternatives[:top]]}
+
+
 @dataclass
 class FakeEngine:
     client: Any

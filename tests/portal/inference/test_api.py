@@ -88,6 +88,7 @@ def test_chat_and_completion_through_the_openai_client(engine, secret, tenant):
     assert chat_request.messages == CHAT["messages"] and chat_request.prompt is None
     assert chat_request.sampling == {"max_tokens": 3, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": 3,
                                      "stop": ["\n"], "stop_token_ids": [], "ignore_eos": False, "logprobs": False,
+                                     "top_logprobs": 0, "n": 1, "guided_json": None,
                                      "presence_penalty": 0.0, "frequency_penalty": 0.0, "logit_bias": {}}
     assert chat_request.tenant_id == str(tenant.pk) and chat_request.key_id
     assert chat_request.adapter is None and chat_request.adapter_sha256 is None
@@ -244,8 +245,8 @@ def test_409_for_an_adapter_without_a_ready_version(engine, auth, tenant, base_m
 
 
 def test_400_for_bad_parameters_names_them(engine, auth):
-    assert_error(post("/v1/chat/completions", {**CHAT, "n": 2}, auth), 400, "unsupported_parameter", "n")
-    assert_error(post("/v1/chat/completions", {**CHAT, "tools": []}, auth), 400, "unsupported_parameter", "tools")
+    assert_error(post("/v1/chat/completions", {**CHAT, "n": 17}, auth), 400, "invalid_value", "n")
+    assert_error(post("/v1/chat/completions", {**CHAT, "tools": []}, auth), 400, "invalid_value", "tools")
     assert_error(post("/v1/completions", {"model": "random:tiny"}, auth), 400, "missing_required_parameter", "prompt")
 
     async def main():
