@@ -444,15 +444,15 @@ class Engine:
                 rows += [row] * len(forked)
         if len(rows) > len(logits):
             logits = logits[torch.tensor(rows, device=logits.device)]
-        allowed = allowed_tokens([seq.matcher for seq in seqs], logits.shape[-1], self.device)
+        allowed, broken = allowed_tokens([seq.matcher for seq in seqs], logits.shape[-1], self.device)
         drawn = self.sampler.sample(logits, [seq.params for seq in seqs], [seq.generator for seq in seqs],
                                     [seq.output_ids for seq in seqs], allowed)
         tops: list[Any] = [None] * len(seqs)
         if drawn.top_tokens is not None:
             tops = list(zip(drawn.top_tokens.tolist(), drawn.top_logprobs.tolist(), strict=True))
-        return [self._append_token(seq, token, logprob, top)
-                for seq, token, logprob, top in zip(seqs, drawn.tokens.tolist(), drawn.logprobs.tolist(), tops,
-                                                    strict=True)]
+        return [self._append_token(seq, token, logprob, top, broken.get(row))
+                for row, (seq, token, logprob, top) in enumerate(zip(seqs, drawn.tokens.tolist(),
+                                                                     drawn.logprobs.tolist(), tops, strict=True))]
 
     def _fork_choices(self, seq: Sequence) -> list[Sequence]:
         """Start a request's other choices from its computed prompt (Scheduler.fork); returns those
@@ -527,7 +527,7 @@ class Engine:
         return LoraBatch(meta, self.lora_groups, frozenset().union(*(pool.targets[s] for s in slots)), timed=timed)
 
     def _append_token(self, seq: Sequence, token: int, logprob: float,
-                      top: tuple[list[int], list[float]] | None = None) -> StepOutput:
+                      top: tuple[list[int], list[float]] | None = None, grammar_error: str | None = None) -> StepOutput:
         now = time.monotonic()
         if seq.first_token_time is None:
             seq.first_token_time = now
@@ -537,7 +537,8 @@ class Engine:
         alternatives = dict(zip(top[0][: params.top_logprobs], top[1][: params.top_logprobs], strict=True)) if top else {}
         if params.top_logprobs:
             seq.output_top_logprobs.append(alternatives)
-        grammar_error = advance(seq.matcher, token) if seq.matcher is not None else None
+        if grammar_error is None and seq.matcher is not None:
+            grammar_error = advance(seq.matcher, token)
         reason = None
         if grammar_error is not None:
             reason = "error"

@@ -13,6 +13,7 @@ separators a model most often writes, and no runs of whitespace for a weak model
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 MAX_SCHEMA_BYTES = 64 * 1024  # a schema is compiled per request: its size bounds the work
@@ -35,13 +36,24 @@ def json_schema_grammar(schema: dict[str, Any]) -> str:
     if size > MAX_SCHEMA_BYTES:
         raise GrammarError(f"the schema is {size} bytes; at most {MAX_SCHEMA_BYTES} are accepted")
     try:
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_LAYOUT)
+        grammar = guarded(llguidance.LLMatcher.grammar_from_json_schema, schema, defaults=_LAYOUT)
     except (ValueError, TypeError) as exc:
         raise GrammarError(f"the schema cannot be read: {exc}") from None
-    problem = llguidance.LLMatcher.validate_grammar(grammar, None)
+    problem = guarded(llguidance.LLMatcher.validate_grammar, grammar, None)
     if problem:
         raise GrammarError(_plain(problem))
     return grammar
+
+
+def guarded(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """A call into llguidance whose Rust panic (a BaseException, which no ``except Exception``
+    stops) becomes a GrammarError: a schema that trips the library fails its own request only."""
+    try:
+        return call(*args, **kwargs)
+    except BaseException as exc:
+        if type(exc).__name__ != "PanicException":
+            raise
+        raise GrammarError(f"the grammar library failed on this schema: {_plain(str(exc))[:300]}") from None
 
 
 def check_json_schema(schema: dict[str, Any]) -> None:

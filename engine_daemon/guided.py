@@ -16,7 +16,7 @@ from typing import Any
 import llguidance
 import torch
 
-from engine_daemon.grammars import GrammarError, json_schema_grammar
+from engine_daemon.grammars import GrammarError, guarded, json_schema_grammar
 from engine_daemon.tokenizer import Tokenizer
 
 # Per-step and per-request bounds on a grammar's work (llguidance's defaults are ~10x these).
@@ -35,34 +35,48 @@ class GuidedTokenizer:
 
     def matcher(self, schema: dict[str, Any]) -> llguidance.LLMatcher:
         """A fresh matcher for a schema; GrammarError names what cannot be enforced."""
-        matcher = llguidance.LLMatcher(self.ll, json_schema_grammar(schema), limits=LIMITS, log_level=0)
+        matcher = guarded(llguidance.LLMatcher, self.ll, json_schema_grammar(schema), limits=LIMITS, log_level=0)
         if matcher.is_error():
             raise GrammarError(" ".join(matcher.get_error().split()))
         return matcher
 
 
 def allowed_tokens(matchers: list[llguidance.LLMatcher | None], vocab_size: int,
-                   device: torch.device) -> torch.Tensor | None:
-    """bool [rows, vocab_size]: what each row's grammar admits next (all for rows without one);
-    None when no row has a grammar."""
+                   device: torch.device) -> tuple[torch.Tensor | None, dict[int, str]]:
+    """(bool [rows, vocab_size]: what each row's grammar admits next, every token for rows without
+    one, None when no row has a grammar; the rows whose grammar failed, with why: they must end)."""
     guided = [row for row, matcher in enumerate(matchers) if matcher is not None]
     if not guided:
-        return None
+        return None, {}
     words = (vocab_size + 31) // 32
     packed = torch.full((len(matchers), words), -1, dtype=torch.int32)  # all bits set: every token
     row_bytes = words * packed.element_size()
+    failed = {}
     for row in guided:  # (llguidance.torch does the same, but importing it costs seconds of torch.compile)
-        matchers[row].unsafe_compute_mask_ptr(packed[row].data_ptr(), row_bytes)
+        try:
+            guarded(matchers[row].unsafe_compute_mask_ptr, packed[row].data_ptr(), row_bytes)
+        except GrammarError as exc:
+            failed[row] = str(exc)
+        if matchers[row].is_error():  # out of lexer fuel, say: the mask is not to be trusted
+            failed.setdefault(row, _error_of(matchers[row]))
     packed = packed.to(device, non_blocking=True)
     bits = (packed[:, :, None] >> _BITS.to(device)) & 1
-    return bits.reshape(len(matchers), words * 32)[:, :vocab_size].bool()
+    return bits.reshape(len(matchers), words * 32)[:, :vocab_size].bool(), failed
 
 
 def advance(matcher: llguidance.LLMatcher, token: int) -> str | None:
     """Feed the sampled token to its matcher; an error message if the grammar could not take it."""
-    if not matcher.consume_token(token) or matcher.is_error():
-        return " ".join(matcher.get_error().split()) or f"the grammar refused token {token}"
+    try:
+        taken = guarded(matcher.consume_token, token)
+    except GrammarError as exc:
+        return str(exc)
+    if not taken or matcher.is_error():
+        return _error_of(matcher) or f"the grammar refused token {token}"
     return None
+
+
+def _error_of(matcher: llguidance.LLMatcher) -> str:
+    return " ".join(matcher.get_error().split())
 
 
 __all__ = ["GrammarError", "GuidedTokenizer", "LIMITS", "advance", "allowed_tokens"]

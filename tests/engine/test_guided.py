@@ -96,3 +96,42 @@ def test_a_model_without_a_tokenizer_refuses_guided_requests(tiny_llama):
     with pytest.raises(RequestError, match="no tokenizer"):
         engine.add_request([1, 2, 3], SamplingParams(guided_json=JSON_OBJECT_SCHEMA))
     engine.close()
+
+
+HOSTILE = {
+    "nested 200 deep": json.loads('{"type": "array", "items": ' * 200 + '{"type": "integer"}' + "}" * 200),
+    "catastrophic regex": {"type": "string", "pattern": "^(a|b)*a(a|b){20}$"},
+    "huge repetition": {"type": "string", "pattern": "^a{1000}b{1000}$"},
+    "300 alternatives": {"anyOf": [{"type": "object", "properties": {f"k{i}": {"type": "string"}},
+                                    "required": [f"k{i}"]} for i in range(300)]},
+    "recursive": {"$defs": {"n": {"type": "object", "properties": {"c": {"type": "array", "items": {"$ref": "#/$defs/n"}}}}},
+                  "$ref": "#/$defs/n"},
+    "remote ref": {"$ref": "http://127.0.0.1:9/schema.json"},
+    "100000 items": {"type": "array", "items": {"type": "string"}, "minItems": 100_000},
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_a_hostile_schema_is_refused_or_decodes_under_the_step_bound(engine, name):
+    """Each compiles within llguidance's limits and decodes a few steps, or is refused by name; the
+    engine loop serves the next request either way (no remote fetch, no recursion without end)."""
+    try:
+        check_json_schema(HOSTILE[name])
+    except GrammarError as exc:
+        assert str(exc)
+        with pytest.raises(RequestError):
+            engine.add_request("x", SamplingParams(guided_json=HOSTILE[name]))
+    else:
+        out = engine.generate(["x"], SamplingParams(max_tokens=6, temperature=1.0, seed=1,
+                                                    guided_json=HOSTILE[name]))[0]
+        assert out.finish_reason in ("length", "stop", "error")
+    after = engine.generate(["Ahoy"], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))[0]
+    assert len(after.token_ids) == 3
+
+
+def test_a_schema_that_makes_the_grammar_library_panic_fails_only_its_request(engine):
+    panics = {"maxItems": {"a" * 14: 1, "é" * 60: 1}}  # llguidance cuts its message inside a character
+    with pytest.raises(GrammarError, match="grammar library failed"):
+        check_json_schema(panics)
+    with pytest.raises(RequestError, match="grammar library failed"):
+        engine.add_request("x", SamplingParams(guided_json=panics))
