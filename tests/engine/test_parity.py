@@ -177,6 +177,26 @@ def test_chunked_prefill_beside_decodes_matches_peft(tmp_path, kernels):
 
 
 @pytest.mark.parametrize("kernels", KERNELS)
+def test_forked_choices_match_peft(tmp_path, kernels):
+    """n choices forked from one prompt (small blocks: shared full ones, a copied partial one), with
+    and without the prefix cache: each greedy choice is HF + PEFT's greedy answer."""
+    base = write_tiny_model(tmp_path / "base", "llama")
+    adapters = {"r4-all": write_adapter(base, tmp_path / "a1", r=4, target_modules=ALL, seed=7)}
+    reference = PeftReference.from_dir(base, adapters)
+    prompts, names = [PROMPTS[2], PROMPTS[0]], ["r4-all", None]  # 21 and 8 tokens
+    for caching in (True, False):
+        engine = Engine(EngineConfig(model=str(base), device="cpu", dtype="float32", max_loras=2, max_lora_rank=8,
+                                     block_size=4, kernels=kernels, enable_prefix_caching=caching))
+        engine.add_adapter("r4-all", str(adapters["r4-all"]))
+        outputs = engine.generate(prompts, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, n=3),
+                                  adapters=names)
+        for out, prompt, adapter in zip(outputs, prompts, names, strict=True):
+            want = reference.greedy(prompt, adapter, 4)
+            assert [choice.token_ids for choice in out.choices] == [want] * 3, (adapter, caching)
+        engine.close()
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
 def test_prefills_over_cached_prefixes_match_peft(tmp_path, kernels):
     """The prefix cache on (the default), small blocks: the second round of the same prompts finds
     their full blocks cached and prefills only the rest, attending over the cached K/V."""

@@ -137,8 +137,8 @@ def test_abort_frees_blocks_and_adapter_at_once(tmp_path, tiny_llama):
 
 @pytest.mark.parametrize("caching", [True, False], ids=["prefix-cache", "no-cache"])
 def test_kv_block_accounting_never_leaks_under_random_churn(tiny_llama, caching):
-    """Random arrivals, aborts and preemptions; half the prompts share a 20-token system prompt and
-    some repeat a finished one, so with the cache on blocks are shared and reclaimed. After every
+    """Random arrivals (some with n choices), aborts and preemptions; half the prompts share a 20-token
+    system prompt and some repeat a finished one, so with the cache on blocks are shared and reclaimed. After every
     step each block's owners are exactly the running sequences that hold it, the cache's index
     agrees with itself, and at the end every block is free (idle cached blocks count as free)."""
     rng = random.Random(7)
@@ -149,6 +149,7 @@ def test_kv_block_accounting_never_leaks_under_random_churn(tiny_llama, caching)
     system = prompts(1, seed=99, low=20, high=21)[0]
     sent: list[list[int]] = []
     live: list[str] = []
+    steps_with_choices = 0  # steps running two choices of one request
     for step in range(150):
         if rng.random() < 0.4:
             prompt = prompts(1, seed=step)[0]
@@ -157,7 +158,9 @@ def test_kv_block_accounting_never_leaks_under_random_churn(tiny_llama, caching)
             elif sent and rng.random() < 0.3:
                 prompt = rng.choice(sent)
             sent.append(prompt)
-            params = SamplingParams(max_tokens=rng.randrange(1, 30), temperature=0.0, ignore_eos=True)
+            # Some ask for several choices: they fork from one prompt's blocks, or wait when there is no room.
+            params = SamplingParams(max_tokens=rng.randrange(1, 30), temperature=0.0, ignore_eos=True,
+                                    n=rng.choice([1, 1, 2, 3]))
             live.append(engine.add_request(prompt, params))
         if live and rng.random() < 0.1:
             engine.abort(live.pop(rng.randrange(len(live))))
@@ -165,6 +168,8 @@ def test_kv_block_accounting_never_leaks_under_random_churn(tiny_llama, caching)
             if out.finished:
                 engine.pop_finished(out.request_id)
                 live.remove(out.request_id)
+        running_ids = [seq.request_id for seq in engine.scheduler.running]
+        steps_with_choices += len(set(running_ids)) < len(running_ids)
         owners = [0] * blocks.num_blocks
         for seq in engine.scheduler.running:
             for block in seq.block_table:
@@ -173,6 +178,7 @@ def test_kv_block_accounting_never_leaks_under_random_churn(tiny_llama, caching)
         assert blocks.num_used == sum(1 for n in owners if n), f"step {step}"
         assert all(blocks._hash_of[block] == digest for digest, block in blocks._cached.items())
         assert all(owners[block] == 0 for block in blocks._idle)
+    assert steps_with_choices > 10
     if caching:
         assert engine.scheduler.prefix_tokens and any(c for _, c in engine.scheduler.prefix_tokens.values())
     else:
