@@ -267,6 +267,22 @@ def test_the_bundled_smollm2_through_the_openai_client(stack):
         assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected.text
         assert "Paris" in expected.text
         assert smol in [m.id for m in client.models.list()]
+        # Structured output and logprobs on the real model: what the offline engine gives, and valid.
+        import json
+
+        import jsonschema
+
+        schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
+                                                   "country": {"type": "string", "maxLength": 40}},
+                  "required": ["city", "country"], "additionalProperties": False}
+        ask = [{"role": "user", "content": "Which city is the capital of France? Answer in JSON."}]
+        guided = engine.chat([ask], SamplingParams(max_tokens=40, temperature=0.0, guided_json=schema, logprobs=True))[0]
+        reply = client.chat.completions.create(model=smol, messages=ask, max_tokens=40, temperature=0, logprobs=True,
+                                               response_format={"type": "json_schema",
+                                                                "json_schema": {"name": "capital", "schema": schema}})
+        assert reply.choices[0].message.content == guided.text and reply.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(guided.text), schema)
+        assert [e.logprob for e in reply.choices[0].logprobs.content] == pytest.approx(guided.logprobs, abs=1e-4)
     finally:
         assert daemon.stop() == 0
     assert pending(stack, smol) == 0
