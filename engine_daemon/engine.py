@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import time
 import uuid
@@ -170,6 +171,7 @@ class Engine:
         self.sampler = Sampler(self.device)
         self.eos_token_ids = set(self.tokenizer.eos_token_ids if self.tokenizer else self.model_config.eos_token_ids)
         self._guided_tokenizer: GuidedTokenizer | None = None  # built for the first guided request
+        self.tokenizer_unguidable = ""  # why it could not be built, if it could not
         self.sequences: dict[str, Sequence] = {}  # by request id: choice 0 of each request
         self.choices: dict[str, list[Sequence]] = {}  # every choice of the requests with n > 1
         self.stats = EngineStats()
@@ -342,7 +344,12 @@ class Engine:
         if self.tokenizer is None:
             raise RequestError(f"{self.model_name} ships no tokenizer, so its output cannot follow a schema")
         if self._guided_tokenizer is None:
-            self._guided_tokenizer = GuidedTokenizer(self.tokenizer, self.model_config.vocab_size)
+            try:
+                self._guided_tokenizer = GuidedTokenizer(self.tokenizer, self.model_config.vocab_size)
+            except ValueError as exc:  # e.g. a tokenizer with more tokens than the model has logits
+                self.tokenizer_unguidable = f"this model's tokenizer cannot drive constrained decoding: {exc}"
+        if self.tokenizer_unguidable:
+            raise RequestError(self.tokenizer_unguidable)
         try:
             return self._guided_tokenizer.matcher(params.guided_json)
         except GrammarError as exc:
@@ -423,6 +430,7 @@ class Engine:
         outputs = self._fail_adapter_errors()
         batch = self.scheduler.schedule()
         outputs += self._collect_failed()
+        batch = [item for item in batch if item.seq.status is Status.RUNNING]  # a failed choice ends its siblings
         if not batch:
             return outputs
         sampled = [item for item in batch if item.samples]
@@ -450,9 +458,12 @@ class Engine:
         tops: list[Any] = [None] * len(seqs)
         if drawn.top_tokens is not None:
             tops = list(zip(drawn.top_tokens.tolist(), drawn.top_logprobs.tolist(), strict=True))
-        return [self._append_token(seq, token, logprob, top, broken.get(row))
-                for row, (seq, token, logprob, top) in enumerate(zip(seqs, drawn.tokens.tolist(),
-                                                                     drawn.logprobs.tolist(), tops, strict=True))]
+        outputs = []
+        for row, (seq, token, logprob, top) in enumerate(zip(seqs, drawn.tokens.tolist(), drawn.logprobs.tolist(),
+                                                             tops, strict=True)):
+            if seq.status is not Status.FINISHED:  # else a sibling's error ended it earlier in this step
+                outputs.append(self._append_token(seq, token, logprob, top, broken.get(row)))
+        return outputs
 
     def _fork_choices(self, seq: Sequence) -> list[Sequence]:
         """Start a request's other choices from its computed prompt (Scheduler.fork); returns those
@@ -529,6 +540,13 @@ class Engine:
     def _append_token(self, seq: Sequence, token: int, logprob: float,
                       top: tuple[list[int], list[float]] | None = None, grammar_error: str | None = None) -> StepOutput:
         now = time.monotonic()
+        if grammar_error is None and seq.matcher is not None:
+            grammar_error = advance(seq.matcher, token)
+        if grammar_error is not None:  # the token is not the schema's: it is not sent, and the request ends
+            seq.finish_reason, seq.finish_time = "error", now
+            seq.error, seq.error_code = f"constrained decoding failed: {grammar_error}", "engine_error"
+            self.scheduler.finish(seq)
+            return self._error_output(seq)
         if seq.first_token_time is None:
             seq.first_token_time = now
         seq.output_ids.append(token)
@@ -537,13 +555,8 @@ class Engine:
         alternatives = dict(zip(top[0][: params.top_logprobs], top[1][: params.top_logprobs], strict=True)) if top else {}
         if params.top_logprobs:
             seq.output_top_logprobs.append(alternatives)
-        if grammar_error is None and seq.matcher is not None:
-            grammar_error = advance(seq.matcher, token)
         reason = None
-        if grammar_error is not None:
-            reason = "error"
-            seq.error, seq.error_code = f"constrained decoding failed: {grammar_error}", "engine_error"
-        elif token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
+        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
             reason = "stop"
         elif detokenizer.append_token_text(seq, self.tokenizer):
             reason = "stop"
@@ -556,8 +569,6 @@ class Engine:
             seq.finish_time = now
             self.scheduler.finish(seq)
         choices = self._choices_of(seq)
-        if reason == "error":
-            self._end_choices(choices[0], "error")
         request_done = reason is not None and not choices[0].forks and all(c.finish_reason for c in choices)
         out = StepOutput(
             seq.request_id,
@@ -573,8 +584,6 @@ class Engine:
             choice_finished=reason is not None,
             finish_reasons=[c.finish_reason or "" for c in choices] if request_done else [],
         )
-        if reason == "error":
-            out.error, out.error_code = seq.error, seq.error_code
         if params.logprobs:
             out.logprob_content = [self._logprob_entry(token, logprob, alternatives)]
         return out
@@ -670,7 +679,8 @@ class Engine:
                     messages=request.get("messages"),
                 )
             except (RequestError, AdapterError) as exc:
-                results[request_id] = RequestOutput(request_id, [], [], "", "error", error=str(exc))
+                results[request_id] = RequestOutput(request_id, [], [], "", "error", error=str(exc),
+                                                    choices=[Choice(0, [], "", "error")])
         bar = _progress_bar(count, progress)
         bar.update(len(results))
         while len(results) < count:
@@ -768,8 +778,11 @@ class Engine:
 
 
 def _choice_seed(seed: int | None, choice: int) -> int | None:
-    """Choice i of a seeded request draws from its own stream: the n choices differ, and repeat."""
-    return None if seed is None else (seed + choice) % 2**64
+    """Choice i of a seeded request draws from its own stream: the n choices differ, and repeat.
+    Choice 0 keeps the seed (n=1 as before); the others hash it, so no other seed's stream is theirs."""
+    if seed is None or choice == 0:
+        return seed
+    return int.from_bytes(hashlib.sha256(f"lorafleet-choice\0{seed}\0{choice}".encode()).digest()[:8], "big")
 
 
 def _consume_all(matcher: Any, tokens: list[int]) -> str | None:

@@ -254,6 +254,7 @@ class Scheduler:
         sequence, computes its prompt when admitted (the prefix cache then holds the full blocks)."""
         size = self.blocks.block_size
         full, partial = divmod(parent.num_computed, size)
+        child.num_cached_tokens, child.admission = parent.num_cached_tokens, parent.admission  # one request
         if len(self.running) >= self.max_num_seqs or not self.blocks.can_allocate(1 if partial else 0):
             self.waiting[child.tenant].appendleft(child)
             return None
@@ -263,7 +264,6 @@ class Scheduler:
         child.num_computed = parent.num_computed
         child.block_hashes = list(parent.block_hashes[:full])
         child.num_registered_blocks = min(parent.num_registered_blocks, full)
-        child.num_cached_tokens, child.admission = parent.num_cached_tokens, parent.admission
         child.status, child.slot = Status.RUNNING, parent.slot
         if child.adapter is not None:
             self.residency.hold(child.adapter)

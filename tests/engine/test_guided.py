@@ -135,3 +135,39 @@ def test_a_schema_that_makes_the_grammar_library_panic_fails_only_its_request(en
         check_json_schema(panics)
     with pytest.raises(RequestError, match="grammar library failed"):
         engine.add_request("x", SamplingParams(guided_json=panics))
+
+
+def test_a_grammar_that_fails_mid_step_ends_every_choice_of_its_request_once(engine, monkeypatch):
+    """Choice 0's mask fails (out of lexer fuel, say) in the step where its sibling reaches
+    max_tokens: the request ends once, in error, without the refused token, and the loop lives on."""
+    import engine_daemon.engine as engine_module
+
+    real, calls = engine_module.allowed_tokens, []
+
+    def failing_on_the_second_step(matchers, vocab_size, device):
+        allowed, broken = real(matchers, vocab_size, device)
+        calls.append(1)
+        return allowed, ({0: "lexer fuel exhausted"} if len(calls) == 2 else broken)
+
+    monkeypatch.setattr(engine_module, "allowed_tokens", failing_on_the_second_step)
+    request = engine.add_request("hello", SamplingParams(max_tokens=2, temperature=1.0, seed=1, n=2,
+                                                         guided_json=JSON_OBJECT_SCHEMA))
+    ends = []
+    while engine.has_unfinished():
+        ends += [out for out in engine.step() if out.finished]
+    assert len(ends) == 1 and ends[0].finish_reason == "error" and "lexer fuel" in ends[0].error
+    assert ends[0].new_token_ids == []
+    result = engine.pop_finished(request)
+    assert [choice.finish_reason for choice in result.choices] == ["error", "error"]
+    assert [len(choice.token_ids) for choice in result.choices] == [1, 1]  # the refused tokens were not kept
+    monkeypatch.undo()
+    assert len(engine.generate(["Ahoy"], SamplingParams(max_tokens=3, ignore_eos=True))[0].token_ids) == 3
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary_refuses_guided_requests_by_name(tmp_path):
+    model = write_tiny_model(tmp_path / "short-vocab", with_tokenizer=True, vocab_size=400)
+    engine = Engine(EngineConfig(model=str(model), device="cpu", dtype="float32"))
+    for _ in range(2):  # and keeps saying so, without building it again
+        with pytest.raises(RequestError, match="cannot drive constrained decoding"):
+            engine.add_request("x", SamplingParams(guided_json=JSON_OBJECT_SCHEMA))
+    engine.close()
