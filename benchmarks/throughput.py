@@ -12,7 +12,10 @@ no-adapter engine holds even while a shared host speeds up and slows down:
 - the multi-LoRA runs again with the adapters stored in bfloat16 (``lora_dtype="bfloat16"``:
   files cast to bf16, as bf16 training saves them; half the bytes a decode step reads);
 - plus the pure matrix-multiply limit of the same model at the same batch size: the time of
-  the model's GEMMs alone, the physical ceiling of this machine.
+  the model's GEMMs alone, the physical ceiling of this machine;
+- with --guided, structured output: --guided-requests (32) requests constrained to a JSON schema
+  (``GUIDED_SCHEMA``, which never closes within max_tokens, so every step of every request pays
+  for its mask) interleaved with the same requests unconstrained: the cost of the masks.
 
 Reports output tokens/s, time to first token and inter-token latency (p50/p99), writes
 ``throughput.json`` and ``throughput.png`` under --out.
@@ -21,6 +24,7 @@ Reports output tokens/s, time to first token and inter-token latency (p50/p99), 
     python benchmarks/throughput.py --requests 16 --max-output 32 --adapters 8   # a quick look
     python benchmarks/throughput.py --skip-hf            # the engine's ratios only (~15 minutes)
     python benchmarks/throughput.py --skip-hf --aa-rounds 3   # and first how far 1.0 reads from 1.0
+    python benchmarks/throughput.py --skip-hf --adapters "" --guided   # only the json_schema row (~5 minutes)
 """
 
 from __future__ import annotations
@@ -47,6 +51,11 @@ from engine_daemon import Engine, EngineConfig, SamplingParams  # noqa: E402
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANKS = (8, 16, 32, 64)
+# A list of records longer than any output here: the grammar stays open, so the mask is built at every step.
+GUIDED_SCHEMA = {"type": "array", "minItems": 10_000, "items": {
+    "type": "object", "properties": {"id": {"type": "integer"}, "name": {"type": "string", "maxLength": 24},
+                                     "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}}},
+    "required": ["id", "name", "tags"], "additionalProperties": False}}
 
 
 @dataclass
@@ -116,7 +125,8 @@ class EngineRun:
     """One engine working through one workload, timed on its own clock: the sum of its own steps'
     wall times. Runs that take turns (`run_interleaved`) then each read as if they ran alone."""
 
-    def __init__(self, engine: Engine, workload: list[Request], label: str, adapters: int) -> None:
+    def __init__(self, engine: Engine, workload: list[Request], label: str, adapters: int,
+                 guided_json: dict | None = None) -> None:
         self.engine, self.label, self.adapters = engine, label, adapters
         for request in workload:
             if request.adapter:
@@ -126,7 +136,8 @@ class EngineRun:
         self.clock = 0.0
         self.token_times: dict[str, list[float]] = {}
         for i, request in enumerate(workload):
-            params = SamplingParams(max_tokens=request.max_tokens, temperature=0.0, ignore_eos=True)
+            params = SamplingParams(max_tokens=request.max_tokens, temperature=0.0, ignore_eos=True,
+                                    guided_json=guided_json)
             engine.add_request(request.prompt, params, request_id=f"{label}-{i}", adapter=request.adapter,
                                tenant=f"tenant-{i % 4}")
         self.bar = tqdm(total=sum(r.max_tokens for r in workload), desc=label, unit="tok")
@@ -330,7 +341,7 @@ def cast_adapters(paths: dict[str, Path], dtype: str, folder: Path) -> dict[str,
 
 def make_engine(args, adapter_paths: dict[str, Path], count: int, lora_dtype: str = "auto") -> Engine:
     engine = Engine(EngineConfig(model=args.model, device="cpu", dtype="float32", lora_dtype=lora_dtype,
-                                 max_loras=count, max_cpu_loras=count, max_lora_rank=max(RANKS),
+                                 max_loras=max(count, 1), max_cpu_loras=max(count, 1), max_lora_rank=max(RANKS),
                                  max_num_seqs=args.max_num_seqs, kernels=args.kernels))
     for name, path in adapter_paths.items():
         engine.add_adapter(name, str(path))
@@ -415,6 +426,8 @@ def main() -> None:
     parser.add_argument("--replot", type=Path, metavar="JSON",
                         help="only redraw the chart of a saved throughput.json (beside it, as .png)")
     parser.add_argument("--skip-hf", action="store_true", help="leave out HF + PEFT (the slowest part)")
+    parser.add_argument("--guided", action="store_true", help="add the row of json_schema requests vs unconstrained")
+    parser.add_argument("--guided-requests", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kernels", default="auto", choices=kernels.KINDS, help="the engines' kernel backend")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
@@ -430,14 +443,14 @@ def main() -> None:
 
     hf_model = load_hf_model(args.model)
     hf_model.eval()
-    adapter_paths = make_adapters(hf_model, max(counts), args.adapter_cache / args.model.replace("/", "_"))
+    adapter_paths = make_adapters(hf_model, max(counts, default=0), args.adapter_cache / args.model.replace("/", "_"))
     lora_dtypes = [d for d in args.lora_dtypes.split(",") if d]
-    engine = make_engine(args, adapter_paths, max(counts))
+    engine = make_engine(args, adapter_paths, max(counts, default=0))
     workload = make_workload(args.requests, engine.model_config.vocab_size, args.seed, args.min_prompt,
                              args.max_prompt, args.min_output, args.max_output)
     aa = []
     if args.aa_rounds:
-        twin = make_engine(args, adapter_paths, max(counts))
+        twin = make_engine(args, adapter_paths, max(counts, default=0))
         aa = aa_ratios(engine, twin, workload, args.turn_steps, args.aa_rounds)
         twin.close()
     # Each multi-LoRA configuration runs interleaved with its own no-adapter run of the same
@@ -448,7 +461,7 @@ def main() -> None:
     for lora_dtype in lora_dtypes:
         paths = adapter_paths if lora_dtype == "auto" else cast_adapters(
             adapter_paths, lora_dtype, args.adapter_cache / f"{args.model.replace('/', '_')}-{lora_dtype}")
-        runner = make_engine(args, paths, max(counts), lora_dtype)
+        runner = make_engine(args, paths, max(counts, default=0), lora_dtype)
         label = "lorafleet, multi-LoRA" + ("" if lora_dtype == "auto" else f", {lora_dtype} adapters")
         for count in counts:
             names = [f"bench-{i}" for i in range(count)]
@@ -459,6 +472,17 @@ def main() -> None:
             no_adapter_runs.append(alone)
             results.append(multi)
         runner.close()
+    if args.guided:
+        guided_workload = workload[: args.guided_requests]
+        twin = make_engine(args, adapter_paths, max(counts, default=0))  # configured alike; its requests guided
+        free, guided = run_interleaved([
+            EngineRun(engine, guided_workload, "lorafleet, no adapters, unconstrained", 0),
+            EngineRun(twin, guided_workload, "lorafleet, no adapters, json_schema", 0, guided_json=GUIDED_SCHEMA)],
+            args.turn_steps)
+        twin.close()
+        guided.paired_no_adapters = free.tokens_per_second
+        no_adapter_runs = no_adapter_runs or [free]
+        results.append(guided)
     results.insert(0, _median_result(no_adapter_runs))
     if not args.skip_hf:
         from peft import PeftModel

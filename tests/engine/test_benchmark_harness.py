@@ -73,3 +73,20 @@ def test_the_tenants_benchmark_measures_all_three_runs(tmp_path):
     # In the flood's own queue the victim waits behind it; with a stream of its own it does not.
     assert report["runs"]["one queue"]["p50"] > report["runs"]["flood"]["p50"]
     assert (tmp_path / "tenants.json").exists() and (tmp_path / "tenants.png").stat().st_size > 0
+
+
+def test_the_json_schema_row_constrains_every_request_for_its_whole_output(tmp_path):
+    """The row that prices the masks: its schema stays open past max_tokens, so each step of each
+    request is masked, and what comes out is a prefix of that schema's JSON."""
+    from benchmarks.throughput import GUIDED_SCHEMA
+    from tests.engine.builders import write_tiny_model
+
+    engine = Engine(EngineConfig(model=str(write_tiny_model(tmp_path / "m", with_tokenizer=True)), device="cpu",
+                                 dtype="float32", max_num_seqs=4))
+    workload = make_workload(4, 512, seed=5, min_prompt=3, max_prompt=10, min_out=20, max_out=30)
+    run = EngineRun(engine, workload, "json_schema", 0, guided_json=GUIDED_SCHEMA)
+    sequences = [seq for queue in engine.scheduler.waiting.values() for seq in queue]
+    (result,) = run_interleaved([run])
+    assert len(sequences) == 4 and result.output_tokens == sum(r.max_tokens for r in workload)  # none closed early
+    assert all(seq.text.startswith('[{"id": ') and seq.finish_reason == "length" for seq in sequences)
+    engine.close()
