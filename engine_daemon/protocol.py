@@ -146,7 +146,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
-    logprobs: bool = False  # report each generated token's log-probability under the model
+    logprobs: bool = False  # report each generated token's log-probability under the model (an int k: and top k)
     top_logprobs: int = 0  # and this many most likely tokens at each position (needs logprobs)
     n: int = 1  # choices: the prompt is computed once and its KV blocks shared by the n sequences
     # A JSON schema the output must follow (constrained decoding, engine_daemon/guided.py): {"type":
@@ -161,6 +161,9 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool):
+            # vLLM's spelling, logprobs=k: the sampled token's and the k most likely.
+            self.logprobs, self.top_logprobs = True, self.logprobs
         if isinstance(self.logit_bias, dict):
             self.logit_bias = {_token_id_key(key): value for key, value in self.logit_bias.items()}
         for name, hint in _type_hints(SamplingParams).items():

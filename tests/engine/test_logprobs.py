@@ -108,3 +108,14 @@ def test_smollm2_logprobs_match_hf_on_the_bundled_model():
     want = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)
     assert_matches_reference(out, want, 4)
     engine.close()
+
+
+def test_logprobs_k_is_vllms_spelling_of_top_logprobs():
+    from engine_daemon.protocol import SamplingParams as Params
+
+    params = Params(logprobs=3)
+    assert (params.logprobs, params.top_logprobs) == (True, 3)
+    assert Params.from_wire(params.to_wire()) == params
+    assert (Params(logprobs=0).logprobs, Params(logprobs=0).top_logprobs) == (True, 0)
+    with pytest.raises(ValueError, match="top_logprobs"):
+        Params(logprobs=21)
