@@ -420,6 +420,14 @@ class Engine:
             return 0
         return min(seq.num_cached_tokens, self.prompt_tokens_computed(request_id))
 
+    def admission_of(self, request_id: str) -> int | None:
+        """Where this engine first admitted the request (any of its choices: a resumed one may have run
+        only some); None if it never ran here."""
+        seq = self.sequences.get(request_id)
+        if seq is None:
+            return None
+        return next((c.admission for c in self._choices_of(seq) if c.admission is not None), None)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 

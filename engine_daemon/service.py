@@ -395,10 +395,9 @@ class EngineService:
 
     def _usage(self, request: InferenceRequest, end: str, *, prompt_tokens: int = 0, cached_tokens: int = 0,
                completion_tokens: int = 0, error_code: str = "") -> UsageEvent:
-        seq = self.engine.sequences.get(request.request_id)
         return UsageEvent.for_request(request, end=end, prompt_tokens=prompt_tokens, cached_tokens=cached_tokens,
                                       completion_tokens=completion_tokens, engine_id=self.engine_id,
-                                      error_code=error_code, admission=seq.admission if seq is not None else None)
+                                      error_code=error_code, admission=self.engine.admission_of(request.request_id))
 
     def _fail(self, entry_id: str, source: str, stream: str, code: str, message: str, usage: UsageEvent) -> None:
         log.info("request entry %s failed: %s", entry_id, message)

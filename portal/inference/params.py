@@ -69,6 +69,7 @@ class CompletionParams:
     # there are none, or when tool_choice is "none" (the model is told of no tools then).
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] = "none"
+    parallel_tool_calls: bool = True  # False: an answer holds at most one call (the first the model wrote)
 
     @property
     def prompt_param(self) -> str:
@@ -331,8 +332,7 @@ def _response_format(value: Any) -> dict[str, Any] | None:
 
 def _tool_fields(given: dict[str, Any], *, response_schema: dict[str, Any] | None) -> dict[str, Any]:
     """tools, tool_choice, and for a forced call ("required", a named function) the schema of that call."""
-    if "parallel_tool_calls" in given:
-        _boolean(given, "parallel_tool_calls", True)
+    parallel = _boolean(given, "parallel_tool_calls", True)
     if "tools" not in given:
         if "tool_choice" in given:
             raise _invalid("tool_choice", "is only allowed when 'tools' are given; add the tools or remove it")
@@ -344,7 +344,7 @@ def _tool_fields(given: dict[str, Any], *, response_schema: dict[str, Any] | Non
     if response_schema is not None:
         raise _invalid("response_format", "cannot shape the answer while the model may call tools: a call is JSON "
                                           "of its own; drop response_format, or set tool_choice to 'none'")
-    fields: dict[str, Any] = {"tools": tools, "tool_choice": choice}
+    fields: dict[str, Any] = {"tools": tools, "tool_choice": choice, "parallel_tool_calls": parallel}
     if choice != "auto":
         fields["guided_json"] = _enforceable(tool_calls.tool_call_schema(tools, choice), "tools")
     return fields

@@ -49,6 +49,8 @@ def _answer(completion: Completion, choice: Choice) -> tuple[str | None, list[di
     if completion.params.tools is None:
         return choice.text, [], choice.finish_reason
     content, calls = tool_calls.parse_tool_calls(choice.text, completion.params.tools)
+    if not completion.params.parallel_tool_calls:
+        calls = calls[:1]  # the client asked for one call at a time: the first is answered, the rest dropped
     return content, calls, "tool_calls" if calls else choice.finish_reason
 
 

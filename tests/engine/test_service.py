@@ -477,14 +477,15 @@ def test_an_abandoned_request_with_n_choices_resumes_each_after_its_own_tokens(
     dead_daemon_reads(redis_client, protocol.request_stream(service.base_model, "t1"), "dead-daemon")
     tokens = offline.token_ids
     response = protocol.response_stream(request.request_id)
-    redis_client.xadd(response, DeltaEvent("", tokens[:2], index=0).to_redis())
-    redis_client.xadd(response, DeltaEvent("", tokens, index=2, finish_reason="length").to_redis())
+    redis_client.xadd(response, DeltaEvent("", tokens, index=0, finish_reason="length").to_redis())
+    redis_client.xadd(response, DeltaEvent("", tokens[:2], index=2).to_redis())
     time.sleep(0.3)
     run_until(service, lambda: finished(redis_client, request.request_id))
     found = events(redis_client, request.request_id)
     for index in range(3):
         assert [t for e in found[:-1] if e.index == index for t in e.token_ids] == tokens  # each token once
     assert found[-1].finish_reasons == ["length"] * 3 and found[-1].completion_tokens == 24
+    assert usage_events(redis_client)[request.request_id].admission is not None  # choice 0 ran elsewhere
 
 
 def test_a_guided_request_with_tools_in_the_prompt_answers_with_a_call(redis_client, redis_url, cache_dir, tmp_path):

@@ -249,6 +249,19 @@ def test_auto_reads_tagged_calls_and_leaves_plain_answers_as_content(engine, sec
     assert streamed[-1].choices[0].finish_reason == "stop"
 
 
+def test_parallel_tool_calls_false_answers_with_the_first_call_only(engine, secret):
+    noon = '{"name": "now", "arguments": {}}'
+    engine.script = choices([f"<tool_call>{OSLO}</tool_call>", f"<tool_call>{noon}</tool_call>"])
+    both = chat(secret, messages=MESSAGES, tools=TOOLS)
+    assert [call.function.name for call in both.choices[0].message.tool_calls] == ["get_weather", "now"]
+    one = chat(secret, messages=MESSAGES, tools=TOOLS, parallel_tool_calls=False)
+    assert [call.function.name for call in one.choices[0].message.tool_calls] == ["get_weather"]
+    assert one.choices[0].finish_reason == "tool_calls"
+    streamed = chat_stream(secret, messages=MESSAGES, tools=TOOLS, parallel_tool_calls=False)
+    calls = [call for c in streamed if c.choices and c.choices[0].delta.tool_calls for call in c.choices[0].delta.tool_calls]
+    assert [call.function.name for call in calls] == ["get_weather"]
+
+
 def test_tool_choice_none_tells_the_engine_of_no_tools_and_reads_no_calls(engine, secret):
     engine.script = choices([OSLO])
     answer = chat(secret, messages=MESSAGES, tools=TOOLS, tool_choice="none")
