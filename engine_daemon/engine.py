@@ -63,10 +63,13 @@ class StepOutput:
     error_code: str | None = None  # with error: the code the client's error event carries
     cached_tokens: int = 0  # of the prompt tokens, those found in the prefix cache
     index: int = 0  # the choice
-    choice_finished: bool = False
     # With params.logprobs: per new token, OpenAI's {"token", "bytes", "logprob", "top_logprobs"}.
     logprob_content: list[dict[str, Any]] | None = None
     finish_reasons: list[str] = field(default_factory=list)  # with finished: every choice's, by index
+
+    @property
+    def choice_finished(self) -> bool:
+        return self.finish_reason is not None
 
 
 @dataclass
@@ -170,6 +173,9 @@ class Engine:
         )
         self.sampler = Sampler(self.device)
         self.eos_token_ids = set(self.tokenizer.eos_token_ids if self.tokenizer else self.model_config.eos_token_ids)
+        # Whether the chat template renders tools itself (else tool_calls' generic block does): read once.
+        self.template_knows_tools = bool(self.tokenizer) and tool_calls.template_supports_tools(
+            self.tokenizer.chat_template)
         self._guided_tokenizer: GuidedTokenizer | None = None  # built for the first guided request
         self.tokenizer_unguidable = ""  # why it could not be built, if it could not
         self.sequences: dict[str, Sequence] = {}  # by request id: choice 0 of each request
@@ -363,10 +369,9 @@ class Engine:
             if self.tokenizer is None:
                 raise RequestError(f"{self.model_name} ships no tokenizer; send token ids")
             try:
-                native = tool_calls.template_supports_tools(self.tokenizer.chat_template)
                 if tools or any(m.get("role") == "tool" or m.get("tool_calls") for m in messages):
-                    messages = tool_calls.messages_for_template(messages, tools or [], native)
-                return self.tokenizer.encode_chat(messages, tools if tools and native else None)
+                    messages = tool_calls.messages_for_template(messages, tools or [], self.template_knows_tools)
+                return self.tokenizer.encode_chat(messages, tools if tools and self.template_knows_tools else None)
             except Exception as exc:  # a template error is the caller's bad messages
                 raise RequestError(f"the messages do not fit the model's chat template: {exc}") from None
         if isinstance(prompt, str):
@@ -589,7 +594,6 @@ class Engine:
             cached_tokens=choices[0].num_cached_tokens,
             completion_tokens=sum(len(c.output_ids) for c in choices),
             index=seq.choice,
-            choice_finished=reason is not None,
             finish_reasons=[c.finish_reason or "" for c in choices] if request_done else [],
         )
         if params.logprobs:
@@ -619,12 +623,11 @@ class Engine:
 
     def _error_output(self, seq: Sequence) -> StepOutput:
         """A request's error end, whichever of its choices failed: the others end with it."""
-        first = self._choices_of(seq)[0]
-        self._end_choices(first, "error")
+        choices = self._choices_of(seq)
+        self._end_choices(choices[0], "error")
         return StepOutput(
             seq.request_id, [], [], "", True, "error", seq.error, len(seq.prompt_ids),
-            sum(len(c.output_ids) for c in self._choices_of(seq)), error_code=seq.error_code, index=seq.choice,
-            choice_finished=True,
+            sum(len(c.output_ids) for c in choices), error_code=seq.error_code, index=seq.choice,
         )
 
     def _record_step(

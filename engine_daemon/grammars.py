@@ -41,7 +41,7 @@ def json_schema_grammar(schema: dict[str, Any]) -> str:
         raise GrammarError(f"the schema cannot be read: {exc}") from None
     problem = guarded(llguidance.LLMatcher.validate_grammar, grammar, None)
     if problem:
-        raise GrammarError(_plain(problem))
+        raise GrammarError(one_line(problem))
     return grammar
 
 
@@ -53,7 +53,7 @@ def guarded(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     except BaseException as exc:
         if type(exc).__name__ != "PanicException":
             raise
-        raise GrammarError(f"the grammar library failed on this schema: {_plain(str(exc))[:300]}") from None
+        raise GrammarError(f"the grammar library failed on this schema: {one_line(str(exc))[:300]}") from None
 
 
 def check_json_schema(schema: dict[str, Any]) -> None:
@@ -61,6 +61,6 @@ def check_json_schema(schema: dict[str, Any]) -> None:
     json_schema_grammar(schema)
 
 
-def _plain(problem: str) -> str:
+def one_line(problem: str) -> str:
     """llguidance's message, on one line, with its name for the cause kept ("Unimplemented keys: ["not"]")."""
     return " ".join(problem.split())

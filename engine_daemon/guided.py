@@ -11,17 +11,17 @@ writes can stall the step loop.
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
 import llguidance
 import torch
 
-from engine_daemon.grammars import GrammarError, guarded, json_schema_grammar
+from engine_daemon.grammars import GrammarError, guarded, json_schema_grammar, one_line
 from engine_daemon.tokenizer import Tokenizer
 
 # Per-step and per-request bounds on a grammar's work (llguidance's defaults are ~10x these).
 LIMITS = llguidance.LLParserLimits(step_lexer_fuel=200_000, initial_lexer_fuel=1_000_000, max_grammar_size=200_000)
-_BITS = torch.arange(32, dtype=torch.int32)
 
 
 class GuidedTokenizer:
@@ -31,13 +31,12 @@ class GuidedTokenizer:
         eos = tokenizer.eos_token_ids[-1] if tokenizer.eos_token_ids else None
         # n_vocab = the logits' width, which may pad the tokenizer's vocabulary.
         self.ll = llguidance.LLTokenizer(tokenizer.backend.to_str(), n_vocab=vocab_size, eos_token=eos)
-        self.vocab_size = vocab_size
 
     def matcher(self, schema: dict[str, Any]) -> llguidance.LLMatcher:
         """A fresh matcher for a schema; GrammarError names what cannot be enforced."""
         matcher = guarded(llguidance.LLMatcher, self.ll, json_schema_grammar(schema), limits=LIMITS, log_level=0)
         if matcher.is_error():
-            raise GrammarError(" ".join(matcher.get_error().split()))
+            raise GrammarError(one_line(matcher.get_error()))
         return matcher
 
 
@@ -58,9 +57,9 @@ def allowed_tokens(matchers: list[llguidance.LLMatcher | None], vocab_size: int,
         except GrammarError as exc:
             failed[row] = str(exc)
         if matchers[row].is_error():  # out of lexer fuel, say: the mask is not to be trusted
-            failed.setdefault(row, _error_of(matchers[row]))
+            failed.setdefault(row, one_line(matchers[row].get_error()))
     packed = packed.to(device, non_blocking=True)
-    bits = (packed[:, :, None] >> _BITS.to(device)) & 1
+    bits = (packed[:, :, None] >> _bit_positions(device)) & 1
     return bits.reshape(len(matchers), words * 32)[:, :vocab_size].bool(), failed
 
 
@@ -71,12 +70,14 @@ def advance(matcher: llguidance.LLMatcher, token: int) -> str | None:
     except GrammarError as exc:
         return str(exc)
     if not taken or matcher.is_error():
-        return _error_of(matcher) or f"the grammar refused token {token}"
+        return one_line(matcher.get_error()) or f"the grammar refused token {token}"
     return None
 
 
-def _error_of(matcher: llguidance.LLMatcher) -> str:
-    return " ".join(matcher.get_error().split())
+@cache
+def _bit_positions(device: torch.device) -> torch.Tensor:
+    """0..31 on the device, made once: a step's unpacking then copies only the packed mask."""
+    return torch.arange(32, dtype=torch.int32, device=device)
 
 
 __all__ = ["GrammarError", "GuidedTokenizer", "LIMITS", "advance", "allowed_tokens"]

@@ -365,7 +365,7 @@ class EngineService:
                     flight.first_token_at = time.time()
                 delta = DeltaEvent(out.new_text, out.new_token_ids, out.new_logprobs, index=out.index,
                                    logprob_content=out.logprob_content,
-                                   finish_reason=out.finish_reason if out.choice_finished else None)
+                                   finish_reason=out.finish_reason)  # set on the choice's last delta only
                 pipe.xadd(flight.stream, delta.to_redis())
                 flight.sent_tokens += len(out.new_token_ids)
             if out.finished:
